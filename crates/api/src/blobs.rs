@@ -1,0 +1,209 @@
+//! Blob and upload endpoints.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use oci::{Digest, ErrorCode, RepoName, UploadId};
+use registry::Registry;
+
+use crate::error::{ApiError, ApiResult};
+use crate::request::{body_stream, byte_range, chunk_range, content_length, Query};
+
+fn hv(s: impl AsRef<str>) -> HeaderValue {
+    HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+pub async fn get(
+    reg: &Registry,
+    name: &RepoName,
+    d: &Digest,
+    headers: &HeaderMap,
+    with_body: bool,
+) -> ApiResult {
+    let blob = reg.blob_open(name, d).await?;
+    let size = blob.size;
+    let range = byte_range(headers, size)?;
+    let mut resp = if with_body {
+        Response::new(Body::from_stream(blob.read(range.clone()).await?))
+    } else {
+        Response::new(Body::empty())
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert("docker-content-digest", hv(d.as_str()));
+    h.insert(header::ETAG, hv(format!("\"{d}\"")));
+    match range {
+        Some(r) => {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_LENGTH, hv((r.end - r.start).to_string()));
+            h.insert(
+                header::CONTENT_RANGE,
+                hv(format!("bytes {}-{}/{size}", r.start, r.end - 1)),
+            );
+        }
+        None => {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, hv(size.to_string()));
+        }
+    }
+    Ok(resp)
+}
+
+pub async fn delete(reg: &Registry, name: &RepoName, d: &Digest) -> ApiResult {
+    reg.blob_delete(name, d).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+fn upload_location(name: &RepoName, id: &UploadId) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+/// 202 with the headers that tell a client where an upload stands.
+fn upload_progress(status: StatusCode, name: &RepoName, id: &UploadId, size: u64) -> Response {
+    let range = if size == 0 {
+        "0-0".to_string()
+    } else {
+        format!("0-{}", size - 1)
+    };
+    (
+        status,
+        [
+            (header::LOCATION, hv(upload_location(name, id))),
+            (header::RANGE, hv(range)),
+            (
+                header::HeaderName::from_static("docker-upload-uuid"),
+                hv(id.as_str()),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response()
+}
+
+/// 201 for a blob now in the repository.
+fn blob_created(name: &RepoName, d: &Digest) -> Response {
+    (
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, hv(format!("/v2/{name}/blobs/{d}"))),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                hv(d.as_str()),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response()
+}
+
+fn digest_param(q: &Query) -> Result<Option<Digest>, ApiError> {
+    Ok(q.get("digest").map(str::parse).transpose()?)
+}
+
+/// POST `/blobs/uploads/`: a mount (`?mount=`), a monolithic upload
+/// (`?digest=` with the body), or the start of an upload session.
+pub async fn start(
+    reg: &Registry,
+    name: &RepoName,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if let Some(mount) = q.get("mount") {
+        let d: Digest = mount.parse()?;
+        // An invalid `from` cannot name a repository holding the blob: the
+        // mount fails and the client uploads, as the spec prescribes.
+        let from = q.get("from").map(|f| f.parse::<RepoName>());
+        let mounted = match &from {
+            Some(Ok(from)) => reg.mount(name, &d, Some(from)).await?,
+            Some(Err(_)) => None,
+            None => reg.mount(name, &d, None).await?,
+        };
+        if mounted.is_some() {
+            return Ok(blob_created(name, &d));
+        }
+    } else if let Some(d) = digest_param(q)? {
+        let id = reg.upload_start(name).await?;
+        let result = reg
+            .upload_finish(name, &id, &d, Some(body_stream(body)))
+            .await;
+        if result.is_err() {
+            let _ = reg.upload_cancel(name, &id).await;
+        }
+        result?;
+        return Ok(blob_created(name, &d));
+    }
+    let _ = headers;
+    let id = reg.upload_start(name).await?;
+    Ok(upload_progress(StatusCode::ACCEPTED, name, &id, 0))
+}
+
+pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId) -> ApiResult {
+    let size = reg.upload_status(name, id).await?;
+    Ok(upload_progress(StatusCode::NO_CONTENT, name, id, size))
+}
+
+/// PATCH: a chunk (with `Content-Range`) or a stream (without).
+pub async fn patch(
+    reg: &Registry,
+    name: &RepoName,
+    id: &UploadId,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let range = chunk_range(headers)?;
+    if let (Some((a, b)), Some(len)) = (range, content_length(headers)) {
+        if b - a + 1 != len {
+            return Err(ApiError::new(
+                ErrorCode::RangeInvalid,
+                format!(
+                    "Content-Range {a}-{b} covers {} bytes but Content-Length is {len}",
+                    b - a + 1
+                ),
+            ));
+        }
+    }
+    let size = reg
+        .upload_append(name, id, range.map(|(a, _)| a), body_stream(body))
+        .await
+        .map_err(|e| {
+            let mut err = ApiError::from(e);
+            if err.error.code == ErrorCode::RangeInvalid {
+                err = err.with_header(header::LOCATION, hv(upload_location(name, id)));
+            }
+            err
+        })?;
+    Ok(upload_progress(StatusCode::ACCEPTED, name, id, size))
+}
+
+/// PUT `?digest=`: the optional last chunk, then verify and commit.
+pub async fn finish(
+    reg: &Registry,
+    name: &RepoName,
+    id: &UploadId,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let Some(d) = digest_param(q)? else {
+        return Err(ApiError::new(
+            ErrorCode::DigestInvalid,
+            "completing an upload needs ?digest=<algorithm>:<hex> of the whole blob",
+        ));
+    };
+    let has_body = content_length(headers).is_some_and(|n| n > 0)
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    let last = has_body.then(|| body_stream(body));
+    reg.upload_finish(name, id, &d, last).await?;
+    Ok(blob_created(name, &d))
+}
+
+pub async fn cancel(reg: &Registry, name: &RepoName, id: &UploadId) -> ApiResult {
+    reg.upload_cancel(name, id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,77 @@
+//! Catalog, tags list and referrers.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use oci::{Digest, RepoName};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use registry::listing::Page;
+use registry::Registry;
+use serde_json::json;
+
+use crate::error::ApiResult;
+use crate::request::Query;
+
+/// A JSON response with, when more entries follow, the `Link` header to the
+/// next page (RFC 5988, as the spec uses it).
+fn paged(body: serde_json::Value, page: &Page, base: &str, n: Option<usize>) -> Response {
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    if let (true, Some(last)) = (page.more, page.items.last()) {
+        let n = n.unwrap_or(page.items.len());
+        let last = utf8_percent_encode(last, NON_ALPHANUMERIC);
+        if let Ok(v) = HeaderValue::from_str(&format!("<{base}?n={n}&last={last}>; rel=\"next\"")) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    resp
+}
+
+pub async fn catalog(reg: &Registry, q: &Query) -> ApiResult {
+    let n = q.n()?;
+    let page = reg.catalog(n, q.get("last")).await?;
+    Ok(paged(
+        json!({ "repositories": page.items }),
+        &page,
+        "/v2/_catalog",
+        n,
+    ))
+}
+
+pub async fn tags(reg: &Registry, name: &RepoName, q: &Query) -> ApiResult {
+    let n = q.n()?;
+    let page = reg.tags(name, n, q.get("last")).await?;
+    let base = format!("/v2/{name}/tags/list");
+    Ok(paged(
+        json!({ "name": name.as_str(), "tags": page.items }),
+        &page,
+        &base,
+        n,
+    ))
+}
+
+pub async fn referrers(reg: &Registry, name: &RepoName, subject: &Digest, q: &Query) -> ApiResult {
+    let artifact_type = q.get("artifactType").filter(|t| !t.is_empty());
+    let list = reg.referrers(name, subject, artifact_type).await?;
+    let body = json!({
+        "schemaVersion": 2,
+        "mediaType": oci::media::OCI_INDEX,
+        "manifests": list,
+    });
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, oci::media::OCI_INDEX)],
+        body.to_string(),
+    )
+        .into_response();
+    if artifact_type.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(resp)
+}

@@ -1,0 +1,81 @@
+//! Manifest endpoints.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use oci::{ErrorCode, Reference, RepoName, Tag};
+use registry::Registry;
+
+use crate::error::{ApiError, ApiResult};
+use crate::request::Query;
+
+fn hv(s: impl AsRef<str>) -> HeaderValue {
+    HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+pub async fn get(reg: &Registry, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
+    let m = reg.manifest_get(name, r, with_body).await?;
+    let body = m.bytes.map(Body::from).unwrap_or_else(Body::empty);
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, hv(&m.media_type));
+    h.insert(header::CONTENT_LENGTH, hv(m.size.to_string()));
+    h.insert("docker-content-digest", hv(m.digest.as_str()));
+    h.insert(header::ETAG, hv(format!("\"{}\"", m.digest)));
+    Ok(resp)
+}
+
+pub async fn put(
+    reg: &Registry,
+    name: &RepoName,
+    r: &Reference,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let limit = reg.config().max_manifest_size;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::SizeTooLarge,
+            format!("manifest is larger than the {limit}-byte limit"),
+        )
+    };
+    if crate::request::content_length(headers).is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    // Read one byte past the limit, so an oversized body without a length is caught.
+    let bytes = axum::body::to_bytes(body, limit + 1)
+        .await
+        .map_err(|_| too_large())?;
+    let tags = q
+        .all("tag")
+        .map(|t| t.parse::<Tag>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let put = reg.manifest_put(name, r, content_type, bytes, tags).await?;
+    let mut resp = (
+        StatusCode::CREATED,
+        [
+            (
+                header::LOCATION,
+                hv(format!("/v2/{name}/manifests/{}", put.digest)),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
+        ],
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("docker-content-digest", hv(put.digest.as_str()));
+    if let Some(subject) = put.subject {
+        resp.headers_mut()
+            .insert("oci-subject", hv(subject.as_str()));
+    }
+    Ok(resp)
+}
+
+pub async fn delete(reg: &Registry, name: &RepoName, r: &Reference) -> ApiResult {
+    reg.manifest_delete(name, r).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}

@@ -1,0 +1,163 @@
+//! `berth serve` configuration: a TOML file, environment variables and
+//! flags. A flag beats its environment variable (clap does that), and both
+//! beat the file, which beats the built-in default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file. Its keys are the long option names with '_'
+    /// for '-', e.g. `listen = "127.0.0.1:5000"`, `data_dir = "/var/lib/berth"`.
+    #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on. [default: 127.0.0.1:5000]
+    #[arg(long, env = "BERTH_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory for blobs, uploads and the metadata database.
+    /// [default: $XDG_DATA_HOME/berth, else ~/.local/share/berth]
+    #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Accept image indexes whose child manifests are not in the repository.
+    #[arg(long, env = "BERTH_SPARSE_INDEX", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub sparse_index: Option<bool>,
+
+    /// Largest manifest accepted, in bytes. [default: 4194304]
+    #[arg(long, env = "BERTH_MAX_MANIFEST_SIZE", value_name = "BYTES")]
+    pub max_manifest_size: Option<usize>,
+
+    /// Seconds to let in-flight requests finish after SIGTERM or Ctrl-C.
+    /// [default: 30]
+    #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+
+    /// Allow listening on a non-loopback address without authentication.
+    /// Anyone who can reach the address can then push, pull and delete.
+    #[arg(long, env = "BERTH_INSECURE_ALLOW_ANONYMOUS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_allow_anonymous: Option<bool>,
+
+    /// Log filter, e.g. `info` or `berth=debug,info`. [default: info]
+    #[arg(long, env = "BERTH_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The file's keys: the same settings, all optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    sparse_index: Option<bool>,
+    max_manifest_size: Option<usize>,
+    shutdown_timeout: Option<u64>,
+    insecure_allow_anonymous: Option<bool>,
+    log: Option<String>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub sparse_index: bool,
+    pub max_manifest_size: usize,
+    pub shutdown_timeout: u64,
+    pub insecure_allow_anonymous: bool,
+    pub log: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("berth");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/berth"),
+        None => PathBuf::from("berth-data"),
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {e}", path.display()))
+}
+
+impl ServeArgs {
+    /// Merges flags and environment (already in `self`) over the file.
+    pub fn resolve(self) -> Result<ServeConfig, String> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Ok(ServeConfig {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:5000".parse().expect("valid")),
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+            sparse_index: self.sparse_index.or(file.sparse_index).unwrap_or(false),
+            max_manifest_size: self
+                .max_manifest_size
+                .or(file.max_manifest_size)
+                .unwrap_or(oci::manifest::MAX_MANIFEST_SIZE),
+            shutdown_timeout: self
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .unwrap_or(30),
+            insecure_allow_anonymous: self
+                .insecure_allow_anonymous
+                .or(file.insecure_allow_anonymous)
+                .unwrap_or(false),
+            log: self.log.or(file.log).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:6000\"\ndata_dir = \"/srv/berth\"\nsparse_index = true\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/srv/berth"));
+        assert!(c.sparse_index);
+        assert_eq!(c.max_manifest_size, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The metadata store: repositories, tags, manifests, repository-to-blob
+//! links, the referrers index and upload sessions. Every operation that must
+//! be atomic (a manifest with its tags, references and referrers entry) is
+//! one call, so every backend can make it one transaction.
+//!
+//! Invariants kept by every backend:
+//! - a repository can read a blob only through a link (`link_blob`);
+//! - a manifest is stored only if every blob it requires is linked into its
+//!   repository and every child manifest it requires is in the repository;
+//! - a tag always points at a manifest of its repository.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
+use serde::{Deserialize, Serialize};
+
+pub mod redb_store;
+pub mod testsuite;
+
+pub use redb_store::RedbMetadata;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A manifest names a blob or child manifest its repository lacks.
+    #[error("referenced content {0} is not in the repository")]
+    MissingReference(Digest),
+    /// `link_blob` of a blob that is not committed.
+    #[error("blob {0} is not stored")]
+    BlobNotStored(Digest),
+    #[error("metadata backend error: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+/// What the store keeps about a manifest. The bytes live in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub media_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// Digests of the blobs (config, layers) this manifest references.
+    pub blobs: Vec<String>,
+    /// Digests of the child manifests of an index.
+    pub children: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// A manifest to store, with what must already be present for it.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    pub digest: Digest,
+    pub record: ManifestRecord,
+    /// Blobs that must be linked into the repository.
+    pub required_blobs: Vec<Digest>,
+    /// Child manifests that must be in the repository.
+    pub required_manifests: Vec<Digest>,
+    /// Tags to point at the manifest, in the same transaction.
+    pub tags: Vec<Tag>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub repo: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Records that blob `digest` of `size` bytes is committed in the blob
+    /// store, and links it into `repo`. Idempotent.
+    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()>;
+
+    /// The size of a committed blob, whatever repository links it.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// Links a committed blob into `repo` (a cross-repo mount). Fails with
+    /// `BlobNotStored` if the blob is not committed. Idempotent.
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
+
+    /// The blob's size if it is linked into `repo`.
+    async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
+
+    /// Removes the link. Returns whether there was one.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+
+    /// Stores a manifest, its tags and its referrers entry atomically.
+    async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()>;
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>>;
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
+
+    /// Deletes a manifest, every tag pointing at it and its referrers entry.
+    /// Returns whether it existed.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+
+    /// Deletes one tag. Returns whether it existed.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
+
+    /// Whether the repository holds at least one manifest.
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool>;
+
+    /// Up to `n` tags of `repo` in lexical order, strictly after `last`.
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize)
+        -> Result<Vec<String>>;
+
+    /// Up to `n` repositories in lexical order, strictly after `last`.
+    async fn list_repos(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;
+
+    /// Descriptors of the manifests in `repo` whose subject is `subject`.
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>>;
+
+    async fn put_upload(&self, id: &UploadId, rec: &UploadRecord) -> Result<()>;
+    async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRecord>>;
+    async fn delete_upload(&self, id: &UploadId) -> Result<()>;
+}

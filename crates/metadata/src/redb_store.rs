@@ -1,0 +1,489 @@
+//! Embedded backend on redb: one file, ACID transactions, durable commits.
+//!
+//! redb is synchronous, so every call runs on the blocking pool. Writes are
+//! serialized by redb's single writer; reads run concurrently on snapshots.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::{ManifestRecord, MetaError, MetadataStore, NewManifest, Result, UploadRecord};
+
+/// digest -> size of every committed blob.
+const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
+/// (repo, digest) -> size: which repository may read which blob.
+const LINKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("links");
+/// (repo, digest) -> ManifestRecord as JSON.
+const MANIFESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("manifests");
+/// (repo, tag) -> manifest digest.
+const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("tags");
+/// repo -> number of manifests; a repository exists while this is positive.
+const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
+/// (repo, subject digest, referrer digest) -> Descriptor as JSON.
+const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("referrers");
+/// upload id -> UploadRecord as JSON.
+const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+
+pub struct RedbMetadata {
+    db: Arc<Database>,
+}
+
+fn be(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Backend(e.to_string())
+}
+
+impl RedbMetadata {
+    /// Opens (creating if needed) the database file at `path`.
+    pub fn open(path: &Path) -> Result<RedbMetadata> {
+        let db = Database::create(path).map_err(be)?;
+        // Create every table up front, so read transactions never meet a
+        // missing table.
+        let w = db.begin_write().map_err(be)?;
+        {
+            w.open_table(BLOBS).map_err(be)?;
+            w.open_table(LINKS).map_err(be)?;
+            w.open_table(MANIFESTS).map_err(be)?;
+            w.open_table(TAGS).map_err(be)?;
+            w.open_table(REPOS).map_err(be)?;
+            w.open_table(REFERRERS).map_err(be)?;
+            w.open_table(UPLOADS).map_err(be)?;
+        }
+        w.commit().map_err(be)?;
+        Ok(RedbMetadata { db: Arc::new(db) })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(be)?
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest> {
+    s.parse().map_err(be)
+}
+
+/// Keys of a table keyed by (repo, x), for one repo, strictly after `last`.
+fn second_keys_after<V: redb::Value + 'static>(
+    t: &impl ReadableTable<(&'static str, &'static str), V>,
+    repo: &str,
+    last: Option<&str>,
+    n: usize,
+) -> Result<Vec<String>> {
+    let start = match last {
+        Some(l) => Bound::Excluded((repo, l)),
+        None => Bound::Included((repo, "")),
+    };
+    let mut out = Vec::new();
+    for item in t
+        .range::<(&str, &str)>((start, Bound::Unbounded))
+        .map_err(be)?
+    {
+        if out.len() >= n {
+            break;
+        }
+        let (k, _) = item.map_err(be)?;
+        let (r, x) = k.value();
+        if r != repo {
+            break;
+        }
+        out.push(x.to_string());
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl MetadataStore for RedbMetadata {
+    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                w.open_table(BLOBS)
+                    .map_err(be)?
+                    .insert(digest.as_str(), size)
+                    .map_err(be)?;
+                w.open_table(LINKS)
+                    .map_err(be)?
+                    .insert((repo.as_str(), digest.as_str()), size)
+                    .map_err(be)?;
+            }
+            w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let digest = digest.to_string();
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(BLOBS).map_err(be)?;
+            Ok(t.get(digest.as_str()).map_err(be)?.map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        let (repo, d) = (repo.to_string(), digest.clone());
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                let size = w
+                    .open_table(BLOBS)
+                    .map_err(be)?
+                    .get(d.as_str())
+                    .map_err(be)?
+                    .map(|v| v.value());
+                let Some(size) = size else {
+                    return Err(MetaError::BlobNotStored(d));
+                };
+                w.open_table(LINKS)
+                    .map_err(be)?
+                    .insert((repo.as_str(), d.as_str()), size)
+                    .map_err(be)?;
+            }
+            w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(LINKS).map_err(be)?;
+            Ok(t.get((repo.as_str(), digest.as_str()))
+                .map_err(be)?
+                .map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            let existed = w
+                .open_table(LINKS)
+                .map_err(be)?
+                .remove((repo.as_str(), digest.as_str()))
+                .map_err(be)?
+                .is_some();
+            w.commit().map_err(be)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
+        let repo = repo.to_string();
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                let links = w.open_table(LINKS).map_err(be)?;
+                for b in &m.required_blobs {
+                    if links
+                        .get((repo.as_str(), b.as_str()))
+                        .map_err(be)?
+                        .is_none()
+                    {
+                        return Err(MetaError::MissingReference(b.clone()));
+                    }
+                }
+                let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
+                for c in &m.required_manifests {
+                    if manifests
+                        .get((repo.as_str(), c.as_str()))
+                        .map_err(be)?
+                        .is_none()
+                    {
+                        return Err(MetaError::MissingReference(c.clone()));
+                    }
+                }
+                let json = serde_json::to_vec(&m.record).map_err(be)?;
+                let existed = manifests
+                    .insert((repo.as_str(), m.digest.as_str()), json.as_slice())
+                    .map_err(be)?
+                    .is_some();
+                if !existed {
+                    let mut repos = w.open_table(REPOS).map_err(be)?;
+                    let n = repos
+                        .get(repo.as_str())
+                        .map_err(be)?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    repos.insert(repo.as_str(), n + 1).map_err(be)?;
+                }
+                let mut tags = w.open_table(TAGS).map_err(be)?;
+                for t in &m.tags {
+                    tags.insert((repo.as_str(), t.as_str()), m.digest.as_str())
+                        .map_err(be)?;
+                }
+                if let Some(subject) = &m.record.subject {
+                    let desc = Descriptor {
+                        media_type: m.record.media_type.clone(),
+                        digest: m.digest.clone(),
+                        size: m.record.size,
+                        artifact_type: m.record.artifact_type.clone(),
+                        annotations: m.record.annotations.clone(),
+                        platform: None,
+                        urls: None,
+                    };
+                    let json = serde_json::to_vec(&desc).map_err(be)?;
+                    w.open_table(REFERRERS)
+                        .map_err(be)?
+                        .insert(
+                            (repo.as_str(), subject.as_str(), m.digest.as_str()),
+                            json.as_slice(),
+                        )
+                        .map_err(be)?;
+                }
+            }
+            w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(MANIFESTS).map_err(be)?;
+            match t.get((repo.as_str(), digest.as_str())).map_err(be)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(TAGS).map_err(be)?;
+            t.get((repo.as_str(), tag.as_str()))
+                .map_err(be)?
+                .map(|v| parse_digest(v.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
+                let Some(old) = manifests
+                    .remove((repo.as_str(), digest.as_str()))
+                    .map_err(be)?
+                else {
+                    return Ok(false);
+                };
+                let record: ManifestRecord = serde_json::from_slice(old.value()).map_err(be)?;
+                drop(old);
+                let mut repos = w.open_table(REPOS).map_err(be)?;
+                let n = repos
+                    .get(repo.as_str())
+                    .map_err(be)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                if n <= 1 {
+                    repos.remove(repo.as_str()).map_err(be)?;
+                } else {
+                    repos.insert(repo.as_str(), n - 1).map_err(be)?;
+                }
+                // Tags pointing at the manifest go with it.
+                let mut tags = w.open_table(TAGS).map_err(be)?;
+                let mut doomed = Vec::new();
+                for item in tags.range((repo.as_str(), "")..).map_err(be)? {
+                    let (k, v) = item.map_err(be)?;
+                    let (r, t) = k.value();
+                    if r != repo {
+                        break;
+                    }
+                    if v.value() == digest {
+                        doomed.push(t.to_string());
+                    }
+                }
+                for t in doomed {
+                    tags.remove((repo.as_str(), t.as_str())).map_err(be)?;
+                }
+                if let Some(subject) = record.subject {
+                    w.open_table(REFERRERS)
+                        .map_err(be)?
+                        .remove((repo.as_str(), subject.as_str(), digest.as_str()))
+                        .map_err(be)?;
+                }
+            }
+            w.commit().map_err(be)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            let existed = w
+                .open_table(TAGS)
+                .map_err(be)?
+                .remove((repo.as_str(), tag.as_str()))
+                .map_err(be)?
+                .is_some();
+            w.commit().map_err(be)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool> {
+        let repo = repo.to_string();
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(REPOS).map_err(be)?;
+            Ok(t.get(repo.as_str()).map_err(be)?.is_some())
+        })
+        .await
+    }
+
+    async fn list_tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<String>> {
+        let (repo, last) = (repo.to_string(), last.map(str::to_string));
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(TAGS).map_err(be)?;
+            second_keys_after(&t, &repo, last.as_deref(), n)
+        })
+        .await
+    }
+
+    async fn list_repos(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let last = last.map(str::to_string);
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(REPOS).map_err(be)?;
+            let start = match &last {
+                Some(l) => Bound::Excluded(l.as_str()),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for item in t.range::<&str>((start, Bound::Unbounded)).map_err(be)? {
+                if out.len() >= n {
+                    break;
+                }
+                out.push(item.map_err(be)?.0.value().to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>> {
+        let (repo, subject) = (repo.to_string(), subject.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(REFERRERS).map_err(be)?;
+            let mut out = Vec::new();
+            for item in t
+                .range((repo.as_str(), subject.as_str(), "")..)
+                .map_err(be)?
+            {
+                let (k, v) = item.map_err(be)?;
+                let (r, s, _) = k.value();
+                if r != repo || s != subject {
+                    break;
+                }
+                out.push(serde_json::from_slice(v.value()).map_err(be)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_upload(&self, id: &UploadId, rec: &UploadRecord) -> Result<()> {
+        let id = id.to_string();
+        let json = serde_json::to_vec(rec).map_err(be)?;
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            w.open_table(UPLOADS)
+                .map_err(be)?
+                .insert(id.as_str(), json.as_slice())
+                .map_err(be)?;
+            w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRecord>> {
+        let id = id.to_string();
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(UPLOADS).map_err(be)?;
+            match t.get(id.as_str()).map_err(be)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &UploadId) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            w.open_table(UPLOADS)
+                .map_err(be)?
+                .remove(id.as_str())
+                .map_err(be)?;
+            w.commit().map_err(be)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn redb_backend_passes_the_shared_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbMetadata::open(&dir.path().join("meta.redb")).unwrap();
+        crate::testsuite::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let repo: RepoName = "a/b".parse().unwrap();
+        let d = Digest::sha256(b"x");
+        {
+            let store = RedbMetadata::open(&path).unwrap();
+            store.add_blob(&repo, &d, 1).await.unwrap();
+        }
+        let store = RedbMetadata::open(&path).unwrap();
+        assert_eq!(store.linked_blob(&repo, &d).await.unwrap(), Some(1));
+    }
+}

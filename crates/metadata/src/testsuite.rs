@@ -1,0 +1,235 @@
+//! The shared test suite every `MetadataStore` backend must pass. Backends
+//! call `run_all` from their own tests with a fresh, empty store.
+
+use oci::{Digest, RepoName, Tag, UploadId};
+
+use crate::{ManifestRecord, MetaError, MetadataStore, NewManifest, UploadRecord};
+
+fn repo(s: &str) -> RepoName {
+    s.parse().expect("valid repo")
+}
+
+fn tag(s: &str) -> Tag {
+    s.parse().expect("valid tag")
+}
+
+fn record(blobs: &[&Digest], subject: Option<&Digest>) -> ManifestRecord {
+    ManifestRecord {
+        media_type: oci::media::OCI_MANIFEST.into(),
+        size: 100,
+        artifact_type: subject.map(|_| "application/x-sig".to_string()),
+        subject: subject.map(|d| d.to_string()),
+        annotations: None,
+        blobs: blobs.iter().map(|d| d.to_string()).collect(),
+        children: vec![],
+        created: 1,
+    }
+}
+
+fn new_manifest(
+    digest: &Digest,
+    blobs: &[&Digest],
+    tags: &[&str],
+    subject: Option<&Digest>,
+) -> NewManifest {
+    NewManifest {
+        digest: digest.clone(),
+        record: record(blobs, subject),
+        required_blobs: blobs.iter().map(|d| (*d).clone()).collect(),
+        required_manifests: vec![],
+        tags: tags.iter().map(|t| tag(t)).collect(),
+    }
+}
+
+pub async fn run_all(store: &dyn MetadataStore) {
+    blobs_and_links(store).await;
+    manifests_tags_and_repos(store).await;
+    manifest_requires_linked_blobs(store).await;
+    referrers_index(store).await;
+    pagination(store).await;
+    uploads(store).await;
+}
+
+pub async fn blobs_and_links(store: &dyn MetadataStore) {
+    let (a, b) = (repo("links/a"), repo("links/b"));
+    let d = Digest::sha256(b"blob-1");
+    assert_eq!(store.blob_size(&d).await.unwrap(), None);
+    assert!(matches!(
+        store.link_blob(&a, &d).await,
+        Err(MetaError::BlobNotStored(_))
+    ));
+    store.add_blob(&a, &d, 6).await.unwrap();
+    store.add_blob(&a, &d, 6).await.unwrap();
+    assert_eq!(store.blob_size(&d).await.unwrap(), Some(6));
+    assert_eq!(store.linked_blob(&a, &d).await.unwrap(), Some(6));
+    // Another repository cannot read it until it is linked (mounted).
+    assert_eq!(store.linked_blob(&b, &d).await.unwrap(), None);
+    store.link_blob(&b, &d).await.unwrap();
+    assert_eq!(store.linked_blob(&b, &d).await.unwrap(), Some(6));
+    assert!(store.unlink_blob(&b, &d).await.unwrap());
+    assert!(!store.unlink_blob(&b, &d).await.unwrap());
+    assert_eq!(store.linked_blob(&b, &d).await.unwrap(), None);
+    assert_eq!(store.linked_blob(&a, &d).await.unwrap(), Some(6));
+}
+
+pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
+    let r = repo("mt/app");
+    let layer = Digest::sha256(b"mt-layer");
+    store.add_blob(&r, &layer, 8).await.unwrap();
+    let m1 = Digest::sha256(b"mt-m1");
+    let m2 = Digest::sha256(b"mt-m2");
+    assert!(!store.repo_exists(&r).await.unwrap());
+    store
+        .put_manifest(&r, new_manifest(&m1, &[&layer], &["v1", "latest"], None))
+        .await
+        .unwrap();
+    assert!(store.repo_exists(&r).await.unwrap());
+    assert_eq!(
+        store.resolve_tag(&r, &tag("v1")).await.unwrap(),
+        Some(m1.clone())
+    );
+    assert_eq!(
+        store.get_manifest(&r, &m1).await.unwrap(),
+        Some(record(&[&layer], None))
+    );
+    // Moving a tag.
+    store
+        .put_manifest(&r, new_manifest(&m2, &[&layer], &["latest"], None))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.resolve_tag(&r, &tag("latest")).await.unwrap(),
+        Some(m2.clone())
+    );
+    assert_eq!(
+        store.list_tags(&r, None, 100).await.unwrap(),
+        vec!["latest", "v1"]
+    );
+    // Deleting a tag leaves the manifest.
+    assert!(store.delete_tag(&r, &tag("v1")).await.unwrap());
+    assert!(!store.delete_tag(&r, &tag("v1")).await.unwrap());
+    assert!(store.get_manifest(&r, &m1).await.unwrap().is_some());
+    // Deleting a manifest removes the tags that point at it.
+    assert!(store.delete_manifest(&r, &m2).await.unwrap());
+    assert!(!store.delete_manifest(&r, &m2).await.unwrap());
+    assert_eq!(store.resolve_tag(&r, &tag("latest")).await.unwrap(), None);
+    assert!(store.repo_exists(&r).await.unwrap());
+    assert!(store.delete_manifest(&r, &m1).await.unwrap());
+    assert!(!store.repo_exists(&r).await.unwrap());
+    assert!(store.list_tags(&r, None, 100).await.unwrap().is_empty());
+}
+
+pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
+    let (r, other) = (repo("req/app"), repo("req/other"));
+    let layer = Digest::sha256(b"req-layer");
+    let m = Digest::sha256(b"req-m");
+    // The blob exists, but only in another repository.
+    store.add_blob(&other, &layer, 9).await.unwrap();
+    let err = store
+        .put_manifest(&r, new_manifest(&m, &[&layer], &["v1"], None))
+        .await;
+    assert!(matches!(err, Err(MetaError::MissingReference(d)) if d == layer));
+    // Nothing partial: no manifest, no tag, no repository.
+    assert_eq!(store.get_manifest(&r, &m).await.unwrap(), None);
+    assert_eq!(store.resolve_tag(&r, &tag("v1")).await.unwrap(), None);
+    assert!(!store.repo_exists(&r).await.unwrap());
+    // An index requires its children in the same repository.
+    let idx = Digest::sha256(b"req-index");
+    let mut nm = new_manifest(&idx, &[], &[], None);
+    nm.required_manifests = vec![m.clone()];
+    assert!(matches!(
+        store.put_manifest(&r, nm).await,
+        Err(MetaError::MissingReference(_))
+    ));
+}
+
+pub async fn referrers_index(store: &dyn MetadataStore) {
+    let r = repo("ref/app");
+    let cfg = Digest::sha256(b"ref-cfg");
+    store.add_blob(&r, &cfg, 2).await.unwrap();
+    let subject = Digest::sha256(b"ref-subject");
+    store
+        .put_manifest(&r, new_manifest(&subject, &[&cfg], &["v1"], None))
+        .await
+        .unwrap();
+    let sig = Digest::sha256(b"ref-sig");
+    let sbom = Digest::sha256(b"ref-sbom");
+    store
+        .put_manifest(&r, new_manifest(&sig, &[&cfg], &[], Some(&subject)))
+        .await
+        .unwrap();
+    store
+        .put_manifest(&r, new_manifest(&sbom, &[&cfg], &[], Some(&subject)))
+        .await
+        .unwrap();
+    let mut got: Vec<Digest> = store
+        .referrers(&r, &subject)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.digest)
+        .collect();
+    got.sort();
+    let mut want = vec![sig.clone(), sbom.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(store
+        .referrers(&repo("ref/other"), &subject)
+        .await
+        .unwrap()
+        .is_empty());
+    store.delete_manifest(&r, &sig).await.unwrap();
+    let got: Vec<Digest> = store
+        .referrers(&r, &subject)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.digest)
+        .collect();
+    assert_eq!(got, vec![sbom]);
+}
+
+pub async fn pagination(store: &dyn MetadataStore) {
+    let cfg = Digest::sha256(b"page-cfg");
+    for name in ["page/c", "page/a", "page/b"] {
+        let r = repo(name);
+        store.add_blob(&r, &cfg, 2).await.unwrap();
+        let m = Digest::sha256(name.as_bytes());
+        store
+            .put_manifest(&r, new_manifest(&m, &[&cfg], &["t3", "t1", "t2"], None))
+            .await
+            .unwrap();
+    }
+    let all: Vec<String> = store.list_repos(None, 10_000).await.unwrap();
+    let page: Vec<&String> = all.iter().filter(|r| r.starts_with("page/")).collect();
+    assert_eq!(page, vec!["page/a", "page/b", "page/c"]);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "catalog is sorted");
+    assert_eq!(
+        store.list_repos(Some("page/a"), 1).await.unwrap(),
+        vec!["page/b"]
+    );
+    let r = repo("page/b");
+    assert_eq!(
+        store.list_tags(&r, None, 2).await.unwrap(),
+        vec!["t1", "t2"]
+    );
+    assert_eq!(
+        store.list_tags(&r, Some("t2"), 2).await.unwrap(),
+        vec!["t3"]
+    );
+    assert!(store.list_tags(&r, Some("t3"), 2).await.unwrap().is_empty());
+    assert!(store.list_tags(&r, None, 0).await.unwrap().is_empty());
+}
+
+pub async fn uploads(store: &dyn MetadataStore) {
+    let id: UploadId = "0b7f6f1e-upload".parse().unwrap();
+    assert_eq!(store.get_upload(&id).await.unwrap(), None);
+    let rec = UploadRecord {
+        repo: "up/app".into(),
+        created: 42,
+    };
+    store.put_upload(&id, &rec).await.unwrap();
+    assert_eq!(store.get_upload(&id).await.unwrap(), Some(rec));
+    store.delete_upload(&id).await.unwrap();
+    assert_eq!(store.get_upload(&id).await.unwrap(), None);
+}

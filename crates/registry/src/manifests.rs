@@ -1,0 +1,180 @@
+//! Manifest push, pull and delete.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use metadata::{ManifestRecord, MetaError, NewManifest};
+use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
+
+use crate::{now, Registry, RegistryError, Result};
+
+/// What a manifest PUT stored.
+#[derive(Debug, Clone)]
+pub struct PutManifest {
+    pub digest: Digest,
+    /// The manifest's subject, for the `OCI-Subject` response header.
+    pub subject: Option<Digest>,
+}
+
+/// A manifest as served.
+#[derive(Debug, Clone)]
+pub struct ManifestBody {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    /// `None` for HEAD.
+    pub bytes: Option<Bytes>,
+}
+
+fn manifest_unknown(reference: &Reference) -> RegistryError {
+    RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown")
+        .with_detail(reference.to_string())
+}
+
+impl Registry {
+    /// Stores a manifest under `reference` (a tag, or the digest the content
+    /// must have) and the extra `tags` (`?tag=`).
+    pub async fn manifest_put(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        body: Bytes,
+        tags: Vec<Tag>,
+    ) -> Result<PutManifest> {
+        if body.len() > self.config.max_manifest_size {
+            return Err(RegistryError::new(
+                ErrorCode::SizeTooLarge,
+                format!(
+                    "manifest is {} bytes; the limit is {} bytes",
+                    body.len(),
+                    self.config.max_manifest_size
+                ),
+            ));
+        }
+        let digest = match reference {
+            Reference::Digest(d) => {
+                if !d.verify(&body) {
+                    return Err(RegistryError::new(
+                        ErrorCode::DigestInvalid,
+                        "manifest content does not match the digest in the URL",
+                    )
+                    .with_detail(d.to_string()));
+                }
+                d.clone()
+            }
+            Reference::Tag(_) => Digest::sha256(&body),
+        };
+        let manifest = Manifest::parse(&body, content_type)?;
+        let mut all_tags = tags;
+        if let Reference::Tag(t) = reference {
+            all_tags.push(t.clone());
+        }
+        let required_blobs: Vec<Digest> = manifest
+            .required_blobs()
+            .map(|d| d.digest.clone())
+            .collect();
+        let children: Vec<Digest> = manifest
+            .manifests
+            .iter()
+            .map(|d| d.digest.clone())
+            .collect();
+        let required_manifests = if self.config.sparse_index {
+            vec![]
+        } else {
+            children.clone()
+        };
+        let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
+        let record = ManifestRecord {
+            media_type: manifest.media_type.clone(),
+            size: body.len() as u64,
+            artifact_type: manifest.effective_artifact_type(),
+            subject: subject.as_ref().map(|d| d.to_string()),
+            annotations: manifest.annotations.clone(),
+            blobs: required_blobs.iter().map(|d| d.to_string()).collect(),
+            children: children.iter().map(|d| d.to_string()).collect(),
+            created: now(),
+        };
+        // Bytes first, durably; the metadata commit is what makes them visible.
+        self.blobs.put(&digest, body).await?;
+        let new = NewManifest {
+            digest: digest.clone(),
+            record,
+            required_blobs,
+            required_manifests,
+            tags: all_tags,
+        };
+        match self.meta.put_manifest(repo, new).await {
+            Ok(()) => Ok(PutManifest { digest, subject }),
+            Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
+                ErrorCode::ManifestBlobUnknown,
+                format!("manifest references {missing}, which is not in repository {repo}; push it first"),
+            )
+            .with_detail(missing.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn resolve(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Digest, ManifestRecord)> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => self
+                .meta
+                .resolve_tag(repo, t)
+                .await?
+                .ok_or_else(|| manifest_unknown(reference))?,
+        };
+        let record = self
+            .meta
+            .get_manifest(repo, &digest)
+            .await?
+            .ok_or_else(|| manifest_unknown(reference))?;
+        Ok((digest, record))
+    }
+
+    /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not read.
+    pub async fn manifest_get(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        with_body: bool,
+    ) -> Result<ManifestBody> {
+        let (digest, record) = self.resolve(repo, reference).await?;
+        let bytes = if with_body {
+            let mut out = Vec::with_capacity(record.size as usize);
+            let mut stream = self.blobs.get(&digest, None).await.map_err(|e| {
+                tracing::error!(%repo, %digest, error = %e, "manifest is recorded but its bytes are unreadable; run `berth fsck`");
+                manifest_unknown(reference)
+            })?;
+            while let Some(chunk) = stream.next().await {
+                out.extend_from_slice(&chunk.map_err(storage::StorageError::from)?);
+            }
+            Some(Bytes::from(out))
+        } else {
+            None
+        };
+        Ok(ManifestBody {
+            digest,
+            media_type: record.media_type,
+            size: record.size,
+            bytes,
+        })
+    }
+
+    /// Deletes by digest (the manifest and every tag pointing at it) or by
+    /// tag (only the tag).
+    pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let existed = match reference {
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
+            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+        };
+        if existed {
+            Ok(())
+        } else {
+            Err(manifest_unknown(reference))
+        }
+    }
+}

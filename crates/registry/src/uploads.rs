@@ -1,0 +1,255 @@
+//! Blob uploads: sessions, chunks, mounts and the verified commit.
+//!
+//! Bytes are hashed (sha256) while they stream to the backend. The hash
+//! state lives in memory beside a count of the bytes it has seen; whenever
+//! that count disagrees with the upload's real size (after a restart, a
+//! failed append, or a sha512 digest) the commit re-reads the upload and
+//! hashes it again, so a commit is always verified against what is stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use metadata::{MetaError, UploadRecord};
+use oci::{Algorithm, Digest, ErrorCode, Hasher, RepoName, UploadId};
+use storage::ByteStream;
+
+use crate::{now, Registry, RegistryError, Result};
+
+struct HashState {
+    hasher: Hasher,
+    /// Bytes fed to `hasher`, from the start of the upload.
+    hashed: u64,
+}
+
+/// One upload's in-memory state.
+struct Slot {
+    /// Serializes appends and the commit of one upload.
+    lock: tokio::sync::Mutex<()>,
+    hash: Arc<Mutex<HashState>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Sessions {
+    slots: Mutex<HashMap<UploadId, Arc<Slot>>>,
+}
+
+impl Sessions {
+    fn slot(&self, id: &UploadId) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .entry(id.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    lock: tokio::sync::Mutex::new(()),
+                    hash: Arc::new(Mutex::new(HashState {
+                        hasher: Algorithm::Sha256.hasher(),
+                        hashed: 0,
+                    })),
+                })
+            })
+            .clone()
+    }
+
+    fn remove(&self, id: &UploadId) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+fn upload_unknown(id: &UploadId) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUploadUnknown,
+        "upload unknown: it was cancelled, completed, or never started; start a new upload with POST",
+    )
+    .with_detail(id.to_string())
+}
+
+/// Wraps `data` so every chunk also feeds the hash state, provided the
+/// state is in step with the upload (`hashed == offset`).
+fn hashing(data: ByteStream, hash: Arc<Mutex<HashState>>, offset: u64) -> ByteStream {
+    let in_step = hash.lock().map(|h| h.hashed == offset).unwrap_or(false);
+    if !in_step {
+        return data;
+    }
+    Box::pin(data.map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            if let Ok(mut h) = hash.lock() {
+                h.hasher.update(bytes);
+                h.hashed += bytes.len() as u64;
+            }
+        }
+        chunk
+    }))
+}
+
+impl Registry {
+    /// Starts an upload session in `repo`.
+    pub async fn upload_start(&self, repo: &RepoName) -> Result<UploadId> {
+        let id: UploadId = uuid::Uuid::new_v4()
+            .to_string()
+            .parse()
+            .map_err(|e| RegistryError::internal("creating an upload id", e))?;
+        self.blobs.upload_create(&id).await?;
+        let rec = UploadRecord {
+            repo: repo.to_string(),
+            created: now(),
+        };
+        if let Err(e) = self.meta.put_upload(&id, &rec).await {
+            let _ = self.blobs.upload_delete(&id).await;
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    /// Checks that `id` is an upload of `repo`, and returns its size.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
+        let size = match self.meta.get_upload(id).await? {
+            Some(rec) if rec.repo == repo.as_str() => self.blobs.upload_size(id).await?,
+            _ => None,
+        };
+        size.ok_or_else(|| {
+            // Drop any in-memory slot a request for this id created.
+            self.uploads.remove(id);
+            upload_unknown(id)
+        })
+    }
+
+    /// Appends a chunk. With `start`, the chunk must begin exactly at the
+    /// upload's current size (`Content-Range`), else `RANGE_INVALID`.
+    /// Returns the new size.
+    pub async fn upload_append(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        start: Option<u64>,
+        data: ByteStream,
+    ) -> Result<u64> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        let size = self.upload_status(repo, id).await?;
+        if let Some(start) = start {
+            if start != size {
+                return Err(RegistryError::new(
+                    ErrorCode::RangeInvalid,
+                    format!("chunk starts at byte {start}, but the upload has {size} bytes; send the next chunk from byte {size}"),
+                ));
+            }
+        }
+        let data = hashing(data, slot.hash.clone(), size);
+        match self.blobs.upload_append(id, data).await {
+            Ok(n) => Ok(n),
+            Err(storage::StorageError::NotFound) => Err(upload_unknown(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Completes an upload: appends the last chunk, verifies the digest,
+    /// commits the blob and links it into `repo`. On a digest mismatch the
+    /// upload is discarded and nothing is stored.
+    pub async fn upload_finish(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        last_chunk: Option<ByteStream>,
+    ) -> Result<u64> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        let mut size = self.upload_status(repo, id).await?;
+        if let Some(data) = last_chunk {
+            let data = hashing(data, slot.hash.clone(), size);
+            size = self.blobs.upload_append(id, data).await?;
+        }
+        let actual = self
+            .upload_digest(id, &slot, size, digest.algorithm())
+            .await?;
+        if actual != *digest {
+            self.discard(id).await;
+            return Err(RegistryError::new(
+                ErrorCode::DigestInvalid,
+                format!("uploaded content has digest {actual}, not the {digest} given; the upload was discarded, push the blob again"),
+            )
+            .with_detail(digest.to_string()));
+        }
+        let size = match self.blobs.upload_commit(id, digest).await {
+            Ok(n) => n,
+            Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
+            Err(e) => return Err(e.into()),
+        };
+        self.meta.add_blob(repo, digest, size).await?;
+        self.meta.delete_upload(id).await?;
+        self.uploads.remove(id);
+        Ok(size)
+    }
+
+    /// The digest of the upload's `size` bytes: from the streaming hash when
+    /// it is in step, else by reading the upload back.
+    async fn upload_digest(
+        &self,
+        id: &UploadId,
+        slot: &Slot,
+        size: u64,
+        alg: Algorithm,
+    ) -> Result<Digest> {
+        if alg == Algorithm::Sha256 {
+            if let Ok(h) = slot.hash.lock() {
+                if h.hashed == size {
+                    return Ok(h.hasher.clone().finish());
+                }
+            }
+        }
+        let mut hasher = alg.hasher();
+        let mut stream = self.blobs.upload_read(id).await?;
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk.map_err(storage::StorageError::from)?);
+        }
+        Ok(hasher.finish())
+    }
+
+    async fn discard(&self, id: &UploadId) {
+        if let Err(e) = self.blobs.upload_delete(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not remove a discarded upload");
+        }
+        if let Err(e) = self.meta.delete_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not remove a discarded upload record");
+        }
+        self.uploads.remove(id);
+    }
+
+    /// Cancels an upload of `repo`.
+    pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        self.upload_status(repo, id).await?;
+        self.discard(id).await;
+        Ok(())
+    }
+
+    /// A cross-repository mount. With `from`, the blob must be linked into
+    /// `from`; without it, any committed blob can be mounted. Returns the
+    /// blob's size, or `None` when it cannot be mounted (the client then
+    /// uploads it).
+    pub async fn mount(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<Option<u64>> {
+        if let Some(size) = self.meta.linked_blob(repo, digest).await? {
+            return Ok(Some(size));
+        }
+        let size = match from {
+            Some(from) => self.meta.linked_blob(from, digest).await?,
+            None => self.meta.blob_size(digest).await?,
+        };
+        let Some(size) = size else { return Ok(None) };
+        match self.meta.link_blob(repo, digest).await {
+            Ok(()) => Ok(Some(size)),
+            Err(MetaError::BlobNotStored(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

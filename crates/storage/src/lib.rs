@@ -1,0 +1,72 @@
+//! The blob store: content-addressed bytes, and the upload files that become
+//! blobs. It knows nothing of repositories, manifests or HTTP; which
+//! repository may read which blob is the metadata store's business.
+//!
+//! Invariant: a blob is visible under its digest only after its bytes are
+//! fully written and synced, and the caller has verified the digest.
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use oci::{Digest, UploadId};
+
+pub mod fs;
+pub mod testsuite;
+
+pub use fs::FsBlobStore;
+
+/// A stream of blob bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("blob or upload not found")]
+    NotFound,
+    #[error("storage I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The size of a committed blob, or `None` if it is not stored.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// The bytes of a committed blob, or of `range` of it (end exclusive,
+    /// already checked against the size by the caller).
+    async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream>;
+
+    /// Stores small content in one call (manifests). The caller has verified
+    /// that `data` hashes to `digest`. Durable when it returns.
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()>;
+
+    /// Removes a committed blob. Removing a missing blob is not an error.
+    async fn delete(&self, digest: &Digest) -> Result<()>;
+
+    /// Creates an empty upload.
+    async fn upload_create(&self, id: &UploadId) -> Result<()>;
+
+    /// Appends `data` to the upload and returns its new size. The caller
+    /// serializes appends to one upload. On error, some prefix of `data` may
+    /// have been written: `upload_size` tells the truth afterwards.
+    async fn upload_append(&self, id: &UploadId, data: ByteStream) -> Result<u64>;
+
+    /// The current size of an upload, or `None` if there is no such upload.
+    async fn upload_size(&self, id: &UploadId) -> Result<Option<u64>>;
+
+    /// Reads an upload back, to hash it when the in-memory hash state was lost
+    /// (a restart, or another node continuing the upload).
+    async fn upload_read(&self, id: &UploadId) -> Result<ByteStream>;
+
+    /// Makes the upload durable and visible as blob `digest`, which the
+    /// caller has verified, and removes the upload. Returns the blob size.
+    async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64>;
+
+    /// Removes an upload. Removing a missing upload is not an error.
+    async fn upload_delete(&self, id: &UploadId) -> Result<()>;
+}

@@ -1,0 +1,132 @@
+//! The shared test suite every `BlobStore` backend must pass. Backends call
+//! `run_all` from their own tests with a fresh, empty store.
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use oci::{Digest, UploadId};
+
+use crate::{BlobStore, ByteStream, StorageError};
+
+async fn collect(mut s: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.expect("stream chunk"));
+    }
+    out
+}
+
+fn chunks(parts: &[&'static [u8]]) -> ByteStream {
+    let v: Vec<std::io::Result<Bytes>> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+    Box::pin(stream::iter(v))
+}
+
+fn upload_id(n: u32) -> UploadId {
+    format!("suite-{n}").parse().expect("valid id")
+}
+
+pub async fn run_all(store: &dyn BlobStore) {
+    put_get_stat_delete(store).await;
+    ranged_reads(store).await;
+    upload_lifecycle(store).await;
+    missing_things(store).await;
+}
+
+pub async fn put_get_stat_delete(store: &dyn BlobStore) {
+    let data = Bytes::from_static(b"hello blob");
+    let d = Digest::sha256(&data);
+    assert_eq!(store.stat(&d).await.unwrap(), None);
+    store.put(&d, data.clone()).await.unwrap();
+    // Idempotent: content addressing makes a second put a no-op.
+    store.put(&d, data.clone()).await.unwrap();
+    assert_eq!(store.stat(&d).await.unwrap(), Some(data.len() as u64));
+    assert_eq!(collect(store.get(&d, None).await.unwrap()).await, data);
+    store.delete(&d).await.unwrap();
+    assert_eq!(store.stat(&d).await.unwrap(), None);
+    store.delete(&d).await.unwrap();
+}
+
+pub async fn ranged_reads(store: &dyn BlobStore) {
+    let data: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+    let d = Digest::sha256(&data);
+    store.put(&d, Bytes::from(data.clone())).await.unwrap();
+    for r in [0..1, 0..(1 << 20), 1000..70_000, (1 << 20) - 1..(1 << 20)] {
+        let got = collect(store.get(&d, Some(r.clone())).await.unwrap()).await;
+        assert_eq!(got, &data[r.start as usize..r.end as usize], "range {r:?}");
+    }
+    store.delete(&d).await.unwrap();
+}
+
+pub async fn upload_lifecycle(store: &dyn BlobStore) {
+    let id = upload_id(1);
+    store.upload_create(&id).await.unwrap();
+    assert_eq!(store.upload_size(&id).await.unwrap(), Some(0));
+    assert_eq!(
+        store
+            .upload_append(&id, chunks(&[b"abc", b"def"]))
+            .await
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        store.upload_append(&id, chunks(&[b"ghi"])).await.unwrap(),
+        9
+    );
+    assert_eq!(store.upload_size(&id).await.unwrap(), Some(9));
+    assert_eq!(
+        collect(store.upload_read(&id).await.unwrap()).await,
+        b"abcdefghi"
+    );
+    let d = Digest::sha256(b"abcdefghi");
+    assert_eq!(store.upload_commit(&id, &d).await.unwrap(), 9);
+    assert_eq!(store.upload_size(&id).await.unwrap(), None);
+    assert_eq!(store.stat(&d).await.unwrap(), Some(9));
+    assert_eq!(
+        collect(store.get(&d, None).await.unwrap()).await,
+        b"abcdefghi"
+    );
+
+    // Committing the same content again (a concurrent push of the same layer)
+    // keeps one blob with the same bytes.
+    let id2 = upload_id(2);
+    store.upload_create(&id2).await.unwrap();
+    store
+        .upload_append(&id2, chunks(&[b"abcdefghi"]))
+        .await
+        .unwrap();
+    assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), 9);
+    assert_eq!(
+        collect(store.get(&d, None).await.unwrap()).await,
+        b"abcdefghi"
+    );
+
+    // A cancelled upload leaves nothing.
+    let id3 = upload_id(3);
+    store.upload_create(&id3).await.unwrap();
+    store.upload_append(&id3, chunks(&[b"xyz"])).await.unwrap();
+    store.upload_delete(&id3).await.unwrap();
+    assert_eq!(store.upload_size(&id3).await.unwrap(), None);
+    store.upload_delete(&id3).await.unwrap();
+    store.delete(&d).await.unwrap();
+}
+
+pub async fn missing_things(store: &dyn BlobStore) {
+    let d = Digest::sha256(b"never stored");
+    assert!(matches!(
+        store.get(&d, None).await,
+        Err(StorageError::NotFound)
+    ));
+    let id = upload_id(9);
+    assert_eq!(store.upload_size(&id).await.unwrap(), None);
+    assert!(matches!(
+        store.upload_append(&id, chunks(&[b"x"])).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        store.upload_read(&id).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        store.upload_commit(&id, &d).await,
+        Err(StorageError::NotFound)
+    ));
+}
