@@ -40,10 +40,9 @@ pub async fn put(
             format!("manifest is larger than the {limit}-byte limit"),
         )
     };
-    if crate::request::content_length(headers).is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    // Read one byte past the limit, so an oversized body without a length is caught.
+    // Read up to one byte past the limit. Reading (rather than refusing on
+    // Content-Length alone) lets the client finish sending and see the 413
+    // instead of a reset connection.
     let bytes = axum::body::to_bytes(body, limit + 1)
         .await
         .map_err(|_| too_large())?;

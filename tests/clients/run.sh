@@ -1,0 +1,802 @@
+#!/usr/bin/env bash
+# Real-client integration tests for an OCI distribution registry (berth).
+#
+#   tests/clients/run.sh [--registry HOST:PORT] [TEST...]
+#
+# Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
+# on a free loopback port with a fresh data dir, and stopped on exit.
+#
+# Tests: docker skopeo buildah_podman containerd oras dxf (default: all).
+#
+# Environment:
+#   BERTH_BIN          berth binary (default $ROOT/target/debug/berth)
+#   BERTH_TEST_VENV    python venv with oras + python-dxf (default $ROOT/target/test-venv)
+#   KEEP_TMP=1         keep the per-run temp dir (logs, client state)
+#   TEST_TIMEOUT       per-test timeout in seconds (default 240)
+#   ALLOW_NO_REFERRERS=1  let the oras test pass when the registry has no referrers API
+#                      (for reference registries such as distribution 2.8; never for berth)
+#
+# Dependencies: scripts/install-test-deps.sh
+#
+# Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
+# with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
+
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf)
+
+# ---------------------------------------------------------------------------
+# helpers shared by the tests (available in the per-test child process)
+# ---------------------------------------------------------------------------
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+x() { printf '+ %s\n' "$*" >&2; "$@"; }
+# First failure reason of a test, shown on its FAIL line.
+reason() { [[ -s $TEST_DIR/.reason ]] || printf '%s\n' "$*" | head -n 1 >"$TEST_DIR/.reason"; }
+fail() { printf 'ASSERTION FAILED: %s\n' "$*" >&2; reason "$*"; exit 1; }
+skip() { printf '%s\n' "$*" >"$TEST_DIR/.skip"; printf 'SKIP: %s\n' "$*" >&2; exit 77; }
+
+assert_eq() { # expected actual description
+    if [[ $1 != "$2" ]]; then
+        printf 'ASSERTION FAILED: %s\n  expected: %s\n  actual:   %s\n' "$3" "$1" "$2" >&2
+        reason "$3: expected '$1', got '$2'"
+        exit 1
+    fi
+    printf 'ok: %s (%s)\n' "$3" "$2" >&2
+}
+assert_contains() { # haystack needle description
+    if [[ $1 != *"$2"* ]]; then
+        printf 'ASSERTION FAILED: %s\n  expected to contain: %s\n  actual: %s\n' "$3" "$2" "$1" >&2
+        reason "$3: '$2' not found"
+        exit 1
+    fi
+    printf 'ok: %s\n' "$3" >&2
+}
+assert_fails() { # description cmd...
+    local what=$1; shift
+    printf '+ (expect failure) %s\n' "$*" >&2
+    if "$@" >&2; then fail "$what: command unexpectedly succeeded: $*"; fi
+    printf 'ok: %s\n' "$what" >&2
+}
+
+sha256_file() { printf 'sha256:%s' "$(sha256sum "$1" | cut -d' ' -f1)"; }
+sha256_stdin() { printf 'sha256:%s' "$(sha256sum | cut -d' ' -f1)"; }
+rand_hex() { od -An -N"${1:-4}" -tx1 /dev/urandom | tr -d ' \n'; }
+
+MT_OCI_MANIFEST=application/vnd.oci.image.manifest.v1+json
+MT_OCI_INDEX=application/vnd.oci.image.index.v1+json
+MT_DOCKER_MANIFEST=application/vnd.docker.distribution.manifest.v2+json
+MT_DOCKER_LIST=application/vnd.docker.distribution.manifest.list.v2+json
+ACCEPT_ALL="$MT_OCI_MANIFEST, $MT_OCI_INDEX, $MT_DOCKER_MANIFEST, $MT_DOCKER_LIST"
+
+# curl against the registry under test (plain HTTP).
+rcurl() { curl -sS --max-time 30 "$@"; }
+
+# Raw manifest bytes of NAME:REF, fetched with plain HTTP into FILE.
+get_manifest() { # name ref file
+    rcurl -f -H "Accept: $ACCEPT_ALL" -o "$3" "http://$REG/v2/$1/manifests/$2"
+}
+manifest_digest() { # name ref -> digest of the served bytes
+    local f
+    f=$(mktemp)
+    get_manifest "$1" "$2" "$f"
+    sha256_file "$f"
+    rm -f "$f"
+}
+tag_list() { # name -> sorted tags, space separated ("" for no tags or 404 NAME_UNKNOWN)
+    local out code
+    out=$(mktemp)
+    code=$(rcurl -o "$out" -w '%{http_code}' "http://$REG/v2/$1/tags/list")
+    case $code in
+        200) jq -r '.tags // [] | sort | join(" ")' "$out" ;;
+        404) ;;
+        *) echo "GET /v2/$1/tags/list answered $code: $(head -c 300 "$out")" >&2; rm -f "$out"; return 1 ;;
+    esac
+    rm -f "$out"
+}
+
+# Run a command with /var/lib bind-mounted to a per-run directory in a private mount
+# namespace, so that containers/image's blob-info cache (/var/lib/containers/cache for
+# root, no flag or env var to move it) lives in the temp dir instead of the host.
+ns_wrap() {
+    if [[ ${HAVE_NS_WRAP:-0} == 1 ]]; then
+        # shellcheck disable=SC2016
+        unshare -m --propagation private -- sh -c 'mount --bind "$0" /var/lib && exec "$@"' "$VARLIB" "$@"
+    else
+        "$@"
+    fi
+}
+sko() { printf '+ skopeo %s\n' "$*" >&2; ns_wrap skopeo --policy "$TMP/policy.json" "$@"; }
+
+# Build an OCI image layout with umoci (offline): tags "amd64" (2 layers), "arm64"
+# (1 layer) and "multi" (hand-written index of both).
+make_oci_layout() { # layout-dir label
+    local L=$1 label=$2 arch src
+    x umoci init --layout "$L" >&2
+    for arch in amd64 arm64; do
+        src=$TEST_DIR/rootfs-$label-$arch
+        mkdir -p "$src/a" "$src/b"
+        printf 'berth %s %s %s\n' "$label" "$arch" "$(rand_hex 8)" >"$src/a/hello.txt"
+        head -c 8192 /dev/urandom >"$src/b/random.bin"
+        x umoci new --image "$L:$arch" >&2
+        x umoci insert --image "$L:$arch" "$src/a" /app >&2
+        if [[ $arch == amd64 ]]; then
+            x umoci insert --image "$L:$arch" "$src/b" /data >&2
+        fi
+        x umoci config --image "$L:$arch" --architecture "$arch" --os linux \
+            --config.cmd /app/hello.txt >&2
+    done
+    local idx=$TEST_DIR/index-$label.json dgst size
+    jq -c --arg mt "$MT_OCI_INDEX" '{schemaVersion: 2, mediaType: $mt, manifests: [
+            .manifests[] | select(.annotations["org.opencontainers.image.ref.name"] as $t
+                                  | $t == "amd64" or $t == "arm64")
+            | {mediaType, digest, size,
+               platform: {architecture: .annotations["org.opencontainers.image.ref.name"], os: "linux"}}
+          ] | sort_by(.platform.architecture)}' "$L/index.json" >"$idx"
+    [[ $(jq '.manifests | length' "$idx") == 2 ]] || fail "index should reference 2 manifests"
+    dgst=$(sha256_file "$idx")
+    size=$(stat -c %s "$idx")
+    cp "$idx" "$L/blobs/sha256/${dgst#sha256:}"
+    jq --arg mt "$MT_OCI_INDEX" --arg d "$dgst" --argjson s "$size" \
+        '.manifests += [{mediaType: $mt, digest: $d, size: $s,
+                          annotations: {"org.opencontainers.image.ref.name": "multi"}}]' \
+        "$L/index.json" >"$L/index.json.new"
+    mv "$L/index.json.new" "$L/index.json"
+    printf 'layout %s: %s\n' "$L" "$(jq -c '[.manifests[] | {t: .annotations["org.opencontainers.image.ref.name"], d: .digest}]' "$L/index.json")" >&2
+}
+layout_digest() { # layout-dir tag
+    jq -r --arg t "$2" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$1/index.json"
+}
+
+# ---------------------------------------------------------------------------
+# docker (Docker Engine)
+# ---------------------------------------------------------------------------
+test_docker() {
+    if ! docker info >/dev/null 2>&1; then
+        skip "docker info fails (no Docker Engine reachable)"
+    fi
+    local single=$REG/$NS/docker/single:v1 multi=$REG/$NS/docker/multi:v1 ctx
+    DOCKER_CREATED=()
+    DOCKER_IMAGES=("$single" "$multi")
+    # shellcheck disable=SC2317
+    docker_cleanup() {
+        local rc=$? c ids pass
+        for c in "${DOCKER_CREATED[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
+        docker rmi -f "${DOCKER_IMAGES[@]}" >/dev/null 2>&1 || true
+        # Leftovers of an interrupted build (every layer carries the run label). The daemon
+        # may still commit a build step after the CLI died, so look twice after a failure.
+        for pass in 1 2; do
+            ids=$(docker images -aq --filter "label=org.berth.test.run=$NS" 2>/dev/null | sort -u)
+            # shellcheck disable=SC2086
+            [[ -z $ids ]] || docker rmi -f $ids >/dev/null 2>&1 || true
+            ((rc != 0 && pass == 1)) || break
+            sleep 2
+        done
+    }
+    trap docker_cleanup EXIT
+
+    step "build images FROM scratch"
+    ctx=$TEST_DIR/single
+    mkdir -p "$ctx"
+    printf 'single %s\n' "$(rand_hex 8)" >"$ctx/hello.txt"
+    printf 'FROM scratch\nLABEL org.berth.test.run=%s\nCOPY hello.txt /hello.txt\nLABEL org.berth.test=single\n' "$NS" >"$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 x docker build -q -t "$single" "$ctx"
+
+    ctx=$TEST_DIR/multi
+    mkdir -p "$ctx"
+    local i
+    for i in 1 2 3 4; do head -c $((i * 50000)) /dev/urandom >"$ctx/f$i.bin"; done
+    {
+        echo 'FROM scratch'
+        echo "LABEL org.berth.test.run=$NS"
+        for i in 1 2 3 4; do echo "COPY f$i.bin /data/f$i.bin"; done
+        echo 'LABEL org.berth.test=multi'
+    } >"$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 x docker build -q -t "$multi" "$ctx"
+
+    local img digest nlayers
+    declare -A ids digests
+    for img in "$single" "$multi"; do
+        step "push $img"
+        ids[$img]=$(docker image inspect -f '{{.Id}}' "$img")
+        x docker push "$img" | tee "$TEST_DIR/push.out"
+        digest=$(grep -oE 'digest: sha256:[0-9a-f]{64}' "$TEST_DIR/push.out" | cut -d' ' -f2)
+        [[ -n $digest ]] || fail "docker push printed no digest"
+        digests[$img]=$digest
+        local repo=${img#"$REG"/}
+        repo=${repo%:v1}
+        assert_eq "$digest" "$(manifest_digest "$repo" v1)" "registry serves manifest with the digest docker push reported"
+        get_manifest "$repo" v1 "$TEST_DIR/m.json"
+        assert_eq "$MT_DOCKER_MANIFEST" "$(jq -r .mediaType "$TEST_DIR/m.json")" "manifest mediaType"
+        assert_eq "${ids[$img]}" "$(jq -r .config.digest "$TEST_DIR/m.json")" "config digest == local image id"
+        nlayers=$(jq '.layers | length' "$TEST_DIR/m.json")
+        if [[ $img == "$multi" ]]; then
+            ((nlayers >= 3)) || fail "multi-layer image has only $nlayers layers"
+        fi
+        assert_eq "$(docker image inspect -f '{{len .RootFS.Layers}}' "$img")" "$nlayers" "layer count"
+        assert_eq "v1" "$(tag_list "$repo")" "tag list of $repo"
+    done
+
+    step "remove local images and pull them back"
+    x docker rmi "$single" "$multi"
+    for img in "$single" "$multi"; do
+        assert_fails "image $img removed locally" docker image inspect "$img"
+        x docker pull "$img"
+        assert_eq "${ids[$img]}" "$(docker image inspect -f '{{.Id}}' "$img")" "image id after pull"
+        assert_contains "$(docker image inspect -f '{{json .RepoDigests}}' "$img")" \
+            "${img%:v1}@${digests[$img]}" "RepoDigests contains pushed digest"
+    done
+
+    step "check file contents of the pulled images"
+    local c
+    c=$(docker create "$single" /nonexistent)
+    DOCKER_CREATED+=("$c")
+    docker cp "$c:/hello.txt" - | tar -xO >"$TEST_DIR/hello.out"
+    cmp "$TEST_DIR/single/hello.txt" "$TEST_DIR/hello.out" || fail "hello.txt differs after pull"
+    echo "ok: /hello.txt content matches" >&2
+    c=$(docker create "$multi" /nonexistent)
+    DOCKER_CREATED+=("$c")
+    for i in 1 2 3 4; do
+        docker cp "$c:/data/f$i.bin" - | tar -xO >"$TEST_DIR/f$i.out"
+        cmp "$TEST_DIR/multi/f$i.bin" "$TEST_DIR/f$i.out" || fail "f$i.bin differs after pull"
+    done
+    echo "ok: /data/f{1..4}.bin contents match" >&2
+
+    x docker rm "${DOCKER_CREATED[@]}" >&2
+    DOCKER_CREATED=()
+
+    step "pull by digest"
+    DOCKER_IMAGES+=("${multi%:v1}@${digests[$multi]}")
+    x docker rmi "$multi"
+    x docker pull "${multi%:v1}@${digests[$multi]}"
+    assert_eq "${ids[$multi]}" "$(docker image inspect -f '{{.Id}}' "${multi%:v1}@${digests[$multi]}")" "image id after pull by digest"
+    x docker rmi "$single" "${multi%:v1}@${digests[$multi]}" >&2
+    assert_fails "no test image left behind" docker image inspect "$single"
+}
+
+# ---------------------------------------------------------------------------
+# skopeo (+ umoci)
+# ---------------------------------------------------------------------------
+test_skopeo() {
+    local L=$TEST_DIR/layout base=$NS/skopeo
+    local app=$REG/$base/app multi=$REG/$base/multi
+    local tv=(--tls-verify=false)
+
+    step "build OCI layout with umoci"
+    make_oci_layout "$L" skopeo
+    local d_amd64 d_arm64 d_multi
+    d_amd64=$(layout_digest "$L" amd64)
+    d_arm64=$(layout_digest "$L" arm64)
+    d_multi=$(layout_digest "$L" multi)
+
+    step "copy oci: -> docker:// (OCI manifest kept byte-identical)"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false \
+        --digestfile "$TEST_DIR/digest" "oci:$L:amd64" "docker://$app:v1"
+    assert_eq "$d_amd64" "$(cat "$TEST_DIR/digest")" "skopeo --digestfile"
+    sko inspect --raw "${tv[@]}" "docker://$app:v1" >"$TEST_DIR/raw.json"
+    assert_eq "$d_amd64" "$(sha256_file "$TEST_DIR/raw.json")" "digest of inspect --raw == layout digest"
+    # umoci writes manifests without the optional "mediaType" field, so the registry has to
+    # derive the Content-Type from the content (or remember the one given on PUT).
+    assert_eq "absent" "$(jq -r '.mediaType // "absent"' "$TEST_DIR/raw.json")" "umoci manifest has no mediaType field"
+    rcurl -f -H "Accept: $ACCEPT_ALL" -D "$TEST_DIR/h" -o /dev/null "http://$REG/v2/$base/app/manifests/v1"
+    assert_contains "$(tr -d '\r' <"$TEST_DIR/h" | grep -i '^content-type:')" "$MT_OCI_MANIFEST" "Content-Type of the OCI manifest"
+    assert_eq 2 "$(jq '.layers | length' "$TEST_DIR/raw.json")" "layer count"
+
+    step "copy docker:// -> oci: and compare"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --src-tls-verify=false \
+        "docker://$app:v1" "oci:$TEST_DIR/back:v1"
+    assert_eq "$d_amd64" "$(layout_digest "$TEST_DIR/back" v1)" "round-tripped manifest digest"
+    local blob
+    for blob in $(jq -r '.config.digest, .layers[].digest' "$TEST_DIR/raw.json"); do
+        cmp "$L/blobs/sha256/${blob#sha256:}" "$TEST_DIR/back/blobs/sha256/${blob#sha256:}" ||
+            fail "blob $blob differs after round trip"
+    done
+    echo "ok: config and layer blobs identical after round trip" >&2
+
+    step "skopeo inspect"
+    sko inspect "${tv[@]}" "docker://$app:v1" >"$TEST_DIR/inspect.json"
+    assert_eq "$d_amd64" "$(jq -r .Digest "$TEST_DIR/inspect.json")" "inspect .Digest"
+    assert_eq "amd64 linux 2" "$(jq -r '"\(.Architecture) \(.Os) \(.Layers | length)"' "$TEST_DIR/inspect.json")" "inspect arch/os/layers"
+    assert_eq "v1" "$(jq -r '.RepoTags | join(" ")' "$TEST_DIR/inspect.json")" "inspect .RepoTags"
+
+    step "copy --format v2s2"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false --format v2s2 \
+        --digestfile "$TEST_DIR/digest-v2s2" "oci:$L:amd64" "docker://$app:v2s2"
+    sko inspect --raw "${tv[@]}" "docker://$app:v2s2" >"$TEST_DIR/raw-v2s2.json"
+    assert_eq "$MT_DOCKER_MANIFEST" "$(jq -r .mediaType "$TEST_DIR/raw-v2s2.json")" "v2s2 manifest mediaType"
+    assert_eq "$(cat "$TEST_DIR/digest-v2s2")" "$(sha256_file "$TEST_DIR/raw-v2s2.json")" "v2s2 manifest digest"
+    assert_eq "application/vnd.docker.image.rootfs.diff.tar.gzip" \
+        "$(jq -r '[.layers[].mediaType] | unique | join(",")' "$TEST_DIR/raw-v2s2.json")" "v2s2 layer mediaType"
+    # A plain GET with only the docker Accept header must return the same bytes.
+    rcurl -f -H "Accept: $MT_DOCKER_MANIFEST" -D "$TEST_DIR/h" -o "$TEST_DIR/get-v2s2.json" \
+        "http://$REG/v2/$base/app/manifests/v2s2"
+    cmp "$TEST_DIR/raw-v2s2.json" "$TEST_DIR/get-v2s2.json" || fail "GET manifest differs from skopeo inspect --raw"
+    assert_contains "$(tr -d '\r' <"$TEST_DIR/h" | grep -i '^content-type:')" "$MT_DOCKER_MANIFEST" "Content-Type of v2s2 manifest"
+
+    step "copy --all of a two-arch OCI index"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false --all \
+        "oci:$L:multi" "docker://$multi:v1"
+    sko inspect --raw "${tv[@]}" "docker://$multi:v1" >"$TEST_DIR/raw-index.json"
+    assert_eq "$d_multi" "$(sha256_file "$TEST_DIR/raw-index.json")" "index digest"
+    assert_eq "$MT_OCI_INDEX" "$(jq -r .mediaType "$TEST_DIR/raw-index.json")" "index mediaType"
+    assert_eq 2 "$(jq '.manifests | length' "$TEST_DIR/raw-index.json")" "index has 2 manifests"
+    assert_eq "amd64=$d_amd64 arm64=$d_arm64" \
+        "$(jq -r '[.manifests[] | "\(.platform.architecture)=\(.digest)"] | sort | join(" ")' "$TEST_DIR/raw-index.json")" \
+        "index platforms and digests"
+    sko inspect --raw "${tv[@]}" "docker://$multi@$d_arm64" >"$TEST_DIR/raw-arm64.json"
+    assert_eq "$d_arm64" "$(sha256_file "$TEST_DIR/raw-arm64.json")" "arm64 child manifest by digest"
+    sko inspect "${tv[@]}" --override-arch arm64 --override-os linux "docker://$multi:v1" >"$TEST_DIR/inspect-arm64.json"
+    # .Digest is the digest of the index here (skopeo reports the top-level manifest); the
+    # platform resolution shows in Architecture and Layers.
+    assert_eq "arm64 $d_multi $(jq -c '[.layers[].digest]' "$TEST_DIR/raw-arm64.json")" \
+        "$(jq -c -r '"\(.Architecture) \(.Digest) \(.Layers)"' "$TEST_DIR/inspect-arm64.json")" "platform resolution (arm64)"
+
+    step "list-tags"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --src-tls-verify=false --dest-tls-verify=false \
+        "docker://$app:v1" "docker://$app:latest"
+    sko list-tags "${tv[@]}" "docker://$app" >"$TEST_DIR/tags.json"
+    assert_eq "latest v1 v2s2" "$(jq -r '.Tags | sort | join(" ")' "$TEST_DIR/tags.json")" "list-tags of $base/app"
+    sko list-tags "${tv[@]}" "docker://$multi" >"$TEST_DIR/tags-multi.json"
+    assert_eq "v1" "$(jq -r '.Tags | sort | join(" ")' "$TEST_DIR/tags-multi.json")" "list-tags of $base/multi"
+
+    step "sync --all docker -> docker (same registry, other path)"
+    local dest=$REG/$NS/skopeo-synced
+    sko sync --all --src docker --dest docker --src-tls-verify=false --dest-tls-verify=false \
+        "$REG/$base/multi" "$dest"
+    sko sync --all --src docker --dest docker --src-tls-verify=false --dest-tls-verify=false \
+        "$REG/$base/app" "$dest"
+    assert_eq "$d_multi" "$(manifest_digest "$NS/skopeo-synced/multi" v1)" "synced index digest"
+    assert_eq "$d_arm64" "$(manifest_digest "$NS/skopeo-synced/multi" "$d_arm64")" "synced arm64 child"
+    assert_eq "latest v1 v2s2" "$(tag_list "$NS/skopeo-synced/app")" "synced tags"
+    assert_eq "$d_amd64" "$(manifest_digest "$NS/skopeo-synced/app" v1)" "synced app:v1 digest"
+    assert_eq "$(cat "$TEST_DIR/digest-v2s2")" "$(manifest_digest "$NS/skopeo-synced/app" v2s2)" "synced app:v2s2 digest"
+
+    step "delete"
+    sko delete "${tv[@]}" "docker://$app:v2s2"
+    assert_fails "inspect of deleted tag fails" sko inspect --raw "${tv[@]}" "docker://$app:v2s2"
+    local code
+    code=$(rcurl -o /dev/null -w '%{http_code}' -H "Accept: $ACCEPT_ALL" \
+        "http://$REG/v2/$base/app/manifests/$(cat "$TEST_DIR/digest-v2s2")")
+    assert_eq 404 "$code" "GET deleted manifest by digest"
+    assert_eq "latest v1" "$(tag_list "$base/app")" "tags after delete"
+    # skopeo delete removes the manifest by digest, so every tag pointing at it goes too.
+    sko delete "${tv[@]}" "docker://$app:latest"
+    assert_fails "inspect of v1 fails (same digest as latest)" sko inspect --raw "${tv[@]}" "docker://$app:v1"
+    assert_eq "" "$(tag_list "$base/app")" "tags after deleting the shared manifest"
+    assert_eq "$d_multi" "$(manifest_digest "$base/multi" v1)" "other repo unaffected"
+}
+
+# ---------------------------------------------------------------------------
+# buildah + podman (vfs storage, all config in the temp dir)
+# ---------------------------------------------------------------------------
+containers_env() { # dir -> per-store config for buildah/podman
+    local d=$1
+    mkdir -p "$d/root" "$d/runroot" "$d/tmp"
+    cat >"$d/storage.conf" <<EOF
+[storage]
+driver = "vfs"
+runroot = "$d/runroot"
+graphroot = "$d/root"
+EOF
+    cat >"$d/containers.conf" <<EOF
+[engine]
+tmp_dir = "$d/tmp"
+events_logger = "file"
+events_logfile_path = "$d/events.log"
+cgroup_manager = "cgroupfs"
+EOF
+    export CONTAINERS_STORAGE_CONF=$d/storage.conf CONTAINERS_CONF=$d/containers.conf
+}
+bud() { printf '+ buildah %s\n' "$*" >&2; ns_wrap buildah "$@"; }
+pod() { printf '+ podman %s\n' "$*" >&2; ns_wrap podman "$@"; }
+
+test_buildah_podman() {
+    export BUILDAH_ISOLATION=chroot
+    local img=$REG/$NS/buildah/img:v1 c content
+    content="buildah $(rand_hex 8)"
+    printf '%s\n' "$content" >"$TEST_DIR/hello.txt"
+    head -c 100000 /dev/urandom >"$TEST_DIR/blob.bin"
+
+    step "buildah: build from scratch and push (store A)"
+    containers_env "$TEST_DIR/storeA"
+    c=$(bud from scratch)
+    bud copy "$c" "$TEST_DIR/hello.txt" /hello.txt
+    bud copy "$c" "$TEST_DIR/blob.bin" /data/blob.bin
+    bud config --arch amd64 --os linux --cmd /hello.txt --label org.berth.test=buildah "$c"
+    bud commit "$c" "$img" >&2
+    bud push --tls-verify=false --digestfile "$TEST_DIR/digest" "$img"
+    local digest
+    digest=$(cat "$TEST_DIR/digest")
+    [[ $digest == sha256:* ]] || fail "buildah push wrote no digest"
+    assert_eq "$digest" "$(manifest_digest "$NS/buildah/img" v1)" "registry digest == buildah push digest"
+    get_manifest "$NS/buildah/img" v1 "$TEST_DIR/m.json"
+    assert_eq "$MT_OCI_MANIFEST" "$(jq -r .mediaType "$TEST_DIR/m.json")" "buildah pushes an OCI manifest"
+    local config_digest
+    config_digest=$(jq -r .config.digest "$TEST_DIR/m.json")
+
+    step "podman: pull into a fresh store (store B)"
+    containers_env "$TEST_DIR/storeB"
+    pod pull --tls-verify=false "$img" >&2
+    pod image inspect "$img" >"$TEST_DIR/inspect.json"
+    assert_eq "$digest" "$(jq -r '.[0].Digest' "$TEST_DIR/inspect.json")" "podman image inspect .Digest"
+    assert_eq "${config_digest#sha256:}" "$(jq -r '.[0].Id' "$TEST_DIR/inspect.json")" "podman image id == config digest"
+    assert_eq "buildah" "$(jq -r '.[0].Labels["org.berth.test"]' "$TEST_DIR/inspect.json")" "label survives"
+    assert_contains "$(jq -r '.[0].RepoDigests | join(" ")' "$TEST_DIR/inspect.json")" "$REG/$NS/buildah/img@$digest" "RepoDigests"
+
+    step "check file contents (buildah mount in store B, no container run)"
+    c=$(bud from "$img")
+    # buildah mount needs to happen in the same mount namespace as the read.
+    # shellcheck disable=SC2016
+    ns_wrap sh -c 'm=$(buildah mount "$1") && cat "$m/hello.txt" >"$2" && cat "$m/data/blob.bin" >"$3" && buildah umount "$1" >/dev/null' \
+        sh "$c" "$TEST_DIR/hello.out" "$TEST_DIR/blob.out"
+    cmp "$TEST_DIR/hello.txt" "$TEST_DIR/hello.out" || fail "hello.txt differs after pull"
+    cmp "$TEST_DIR/blob.bin" "$TEST_DIR/blob.out" || fail "blob.bin differs after pull"
+    echo "ok: file contents match" >&2
+    bud rm "$c" >&2
+
+    step "podman push to a new repository, check with the registry"
+    pod tag "$img" "$REG/$NS/podman/copy:v2"
+    pod push --tls-verify=false --digestfile "$TEST_DIR/digest2" "$REG/$NS/podman/copy:v2"
+    assert_eq "$(cat "$TEST_DIR/digest2")" "$(manifest_digest "$NS/podman/copy" v2)" "registry digest == podman push digest"
+    get_manifest "$NS/podman/copy" v2 "$TEST_DIR/m2.json"
+    assert_eq "$(jq -c '[.config.digest, .layers[].digest]' "$TEST_DIR/m.json")" \
+        "$(jq -c '[.config.digest, .layers[].digest]' "$TEST_DIR/m2.json")" "same config and layers"
+    assert_eq "v2" "$(tag_list "$NS/podman/copy")" "tags of podman/copy"
+}
+
+# ---------------------------------------------------------------------------
+# containerd (private daemon, ctr)
+# ---------------------------------------------------------------------------
+test_containerd() {
+    local d=$TEST_DIR/containerd
+    mkdir -p "$d/root" "$d/state" "$d/opt"
+    export CONTAINERD_ADDRESS=$d/c.sock CONTAINERD_NAMESPACE=berth-test CONTAINERD_SNAPSHOTTER=native
+    cat >"$d/config.toml" <<EOF
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$d/c.sock"
+[ttrpc]
+  address = "$d/c.sock.ttrpc"
+[debug]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$d/opt"
+EOF
+    step "start containerd"
+    setsid containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
+    CONTAINERD_PID=$!
+    local pid=$CONTAINERD_PID
+    echo "$pid" >>"$PIDS_FILE"
+    # shellcheck disable=SC2317
+    containerd_stop() {
+        kill "$CONTAINERD_PID" 2>/dev/null || return 0
+        local i
+        for i in $(seq 50); do kill -0 "$CONTAINERD_PID" 2>/dev/null || return 0; sleep 0.1; done
+        kill -9 "$CONTAINERD_PID" 2>/dev/null || true
+    }
+    trap containerd_stop EXIT
+    local i ok=0
+    for i in $(seq 100); do
+        if ctr version >/dev/null 2>&1; then ok=1; break; fi
+        kill -0 "$pid" 2>/dev/null || { tail -30 "$d/containerd.log" >&2; fail "containerd exited"; }
+        sleep 0.2
+    done
+    ((ok)) || { tail -30 "$d/containerd.log" >&2; fail "containerd did not answer within 20 s"; }
+    x ctr version >&2
+
+    step "push fixtures with skopeo"
+    local L=$TEST_DIR/layout base=$NS/containerd
+    make_oci_layout "$L" containerd
+    local d_amd64 d_arm64 d_multi
+    d_amd64=$(layout_digest "$L" amd64)
+    d_arm64=$(layout_digest "$L" arm64)
+    d_multi=$(layout_digest "$L" multi)
+    sko copy --dest-tls-verify=false "oci:$L:amd64" "docker://$REG/$base/app:v1"
+    sko copy --dest-tls-verify=false --all "oci:$L:multi" "docker://$REG/$base/multi:v1"
+
+    step "ctr images pull --plain-http (single image)"
+    x ctr images pull --plain-http --platform linux/amd64 "$REG/$base/app:v1" >&2
+    ctr images ls >"$TEST_DIR/ls.txt"
+    cat "$TEST_DIR/ls.txt" >&2
+    assert_eq "$d_amd64" "$(awk -v r="$REG/$base/app:v1" '$1 == r {print $3}' "$TEST_DIR/ls.txt")" "ctr image target digest"
+    ctr content get "$d_amd64" >"$TEST_DIR/m.json"
+    assert_eq "$d_amd64" "$(sha256_file "$TEST_DIR/m.json")" "manifest bytes in the content store"
+    local blob
+    for blob in $(jq -r '.config.digest, .layers[].digest' "$TEST_DIR/m.json"); do
+        assert_eq "$blob" "$(ctr content get "$blob" | sha256_stdin)" "blob in content store"
+        cmp <(ctr content get "$blob") "$L/blobs/sha256/${blob#sha256:}" || fail "blob $blob differs from the layout"
+    done
+    x ctr snapshots --snapshotter native ls >&2
+
+    step "ctr images pull --all-platforms (two-arch index)"
+    x ctr images pull --plain-http --all-platforms "$REG/$base/multi:v1" >&2
+    ctr images ls >"$TEST_DIR/ls.txt"
+    assert_eq "$d_multi" "$(awk -v r="$REG/$base/multi:v1" '$1 == r {print $3}' "$TEST_DIR/ls.txt")" "ctr index target digest"
+    assert_eq "linux/amd64,linux/arm64" "$(awk -v r="$REG/$base/multi:v1" '$1 == r {print $6}' "$TEST_DIR/ls.txt")" "platforms"
+    ctr content get "$d_arm64" >"$TEST_DIR/arm64.json"
+    assert_eq "$d_arm64" "$(sha256_file "$TEST_DIR/arm64.json")" "arm64 manifest fetched"
+    for blob in $(jq -r '.config.digest, .layers[].digest' "$TEST_DIR/arm64.json"); do
+        assert_eq "$blob" "$(ctr content get "$blob" | sha256_stdin)" "arm64 blob in content store"
+    done
+
+    step "ctr images push --plain-http to new repositories"
+    x ctr images push --plain-http --platform linux/amd64 "$REG/$base/pushed:v1" "$REG/$base/app:v1" >&2
+    sko inspect --raw --tls-verify=false "docker://$REG/$base/pushed:v1" >"$TEST_DIR/pushed.json"
+    assert_eq "$d_amd64" "$(sha256_file "$TEST_DIR/pushed.json")" "skopeo inspect --raw digest of ctr-pushed image"
+    assert_eq "$d_amd64" "$(sko inspect --tls-verify=false "docker://$REG/$base/pushed:v1" | jq -r .Digest)" "skopeo inspect .Digest"
+    x ctr images push --plain-http "$REG/$base/pushed-multi:v1" "$REG/$base/multi:v1" >&2
+    sko inspect --raw --tls-verify=false "docker://$REG/$base/pushed-multi:v1" >"$TEST_DIR/pushed-multi.json"
+    assert_eq "$d_multi" "$(sha256_file "$TEST_DIR/pushed-multi.json")" "ctr-pushed index digest"
+    assert_eq "$d_arm64" "$(manifest_digest "$base/pushed-multi" "$d_arm64")" "ctr-pushed arm64 child"
+
+    step "stop containerd"
+    containerd_stop
+    trap - EXIT
+}
+
+# ---------------------------------------------------------------------------
+# oras (ORAS Python SDK): chunked upload, subject, referrers API
+# ---------------------------------------------------------------------------
+test_oras() {
+    [[ -x $VENV/bin/python ]] || fail "venv $VENV missing: run scripts/install-test-deps.sh"
+    local rc=0
+    x "$VENV/bin/python" "$SCRIPT_DIR/oras_test.py" --registry "$REG" --repo "$NS/oras/artifact" \
+        --workdir "$TEST_DIR/work" 2>&1 | tee "$TEST_DIR/oras.out" || rc=$?
+    case $rc in
+        0) ;;
+        3) fail "registry does not implement the OCI 1.1 referrers API (GET /v2/<name>/referrers/<digest> -> 404); expected for distribution 2.8, a bug in berth" ;;
+        *) fail "$(grep -m1 '^ASSERTION FAILED' "$TEST_DIR/oras.out" 2>/dev/null | sed 's/^ASSERTION FAILED: //' || echo "oras_test.py exited with $rc")" ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
+# dxf (python-dxf CLI)
+# ---------------------------------------------------------------------------
+test_dxf() {
+    [[ -x $VENV/bin/dxf ]] || fail "venv $VENV has no dxf: run scripts/install-test-deps.sh"
+    export DXF_HOST=$REG DXF_INSECURE=1 DXF_PROGRESS=0
+    local r1=$NS/dxf/one r2=$NS/dxf/two f=$TEST_DIR/blob.bin dgst
+    local dxf=$VENV/bin/dxf
+    head -c 300000 /dev/urandom >"$f"
+
+    step "push-blob"
+    dgst=$(x "$dxf" push-blob "$r1" "$f" @v1)
+    assert_eq "$(sha256_file "$f")" "$dgst" "push-blob digest"
+    step "pull-blob"
+    x "$dxf" pull-blob "$r1" "$dgst" >"$TEST_DIR/pulled.bin"
+    cmp "$f" "$TEST_DIR/pulled.bin" || fail "pulled blob differs"
+    echo "ok: pulled bytes identical" >&2
+    x "$dxf" pull-blob "$r1" @v1 >"$TEST_DIR/pulled-alias.bin"
+    cmp "$f" "$TEST_DIR/pulled-alias.bin" || fail "blob pulled via alias differs"
+    assert_eq 300000 "$(x "$dxf" blob-size "$r1" "$dgst")" "blob-size"
+    assert_eq "$dgst" "$(x "$dxf" get-alias "$r1" v1)" "get-alias v1"
+
+    step "mount-blob into another repository"
+    assert_eq "$dgst" "$(x "$dxf" mount-blob "$r2" "$r1" "$dgst")" "mount-blob digest"
+    local code
+    code=$(rcurl -o /dev/null -w '%{http_code}' -I "http://$REG/v2/$r2/blobs/$dgst")
+    assert_eq 200 "$code" "HEAD mounted blob in $r2"
+    x "$dxf" pull-blob "$r2" "$dgst" >"$TEST_DIR/mounted.bin"
+    cmp "$f" "$TEST_DIR/mounted.bin" || fail "mounted blob differs"
+    echo "ok: mounted blob bytes identical" >&2
+    x "$dxf" set-alias "$r2" v2 "$dgst" >/dev/null
+    assert_eq "v2" "$(x "$dxf" list-aliases "$r2" | sort | tr '\n' ' ' | sed 's/ $//')" "list-aliases of $r2"
+
+    step "list-repos"
+    x "$dxf" list-repos >"$TEST_DIR/repos.txt"
+    grep -qxF "$r1" "$TEST_DIR/repos.txt" || fail "list-repos does not list $r1: $(tr '\n' ' ' <"$TEST_DIR/repos.txt")"
+    grep -qxF "$r2" "$TEST_DIR/repos.txt" || fail "list-repos does not list $r2: $(tr '\n' ' ' <"$TEST_DIR/repos.txt")"
+    echo "ok: list-repos lists $r1 and $r2 ($(wc -l <"$TEST_DIR/repos.txt") repos in total)" >&2
+}
+
+# ---------------------------------------------------------------------------
+# harness
+# ---------------------------------------------------------------------------
+
+# ERR trap of the per-test child process: print the failed command and the call stack.
+on_err() { # rc command
+    local i where=""
+    for ((i = 1; i < ${#FUNCNAME[@]}; i++)); do
+        where+=" ${FUNCNAME[i]}:${BASH_LINENO[i - 1]}"
+    done
+    printf 'ERROR: command failed (exit %s): %s\n  at%s\n' "$1" "$2" "$where" >&2
+    reason "command failed (exit $1): $2 (at${where% run_one*})"
+}
+
+# Entry point of the per-test child process.
+run_one() { # test-name
+    set -eEuo pipefail
+    trap 'exit 143' TERM
+    trap 'on_err $? "$BASH_COMMAND"' ERR
+    cd "$TEST_DIR"
+    "test_$1"
+}
+
+if [[ ${BERTH_CLIENTS_LIB:-0} == 1 ]]; then
+    # shellcheck disable=SC2317
+    return 0 2>/dev/null || exit 0
+fi
+
+set -uo pipefail
+
+SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
+SCRIPT_DIR=$(dirname "$SCRIPT")
+ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+
+usage() {
+    sed -n '2,20p' "$SCRIPT" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+REGISTRY=""
+SELECTED=()
+while (($#)); do
+    case $1 in
+        --registry) [[ $# -ge 2 ]] || usage 2; REGISTRY=$2; shift 2 ;;
+        --registry=*) REGISTRY=${1#--registry=}; shift ;;
+        -h|--help) usage 0 ;;
+        --list) printf '%s\n' "${ALL_TESTS[@]}"; exit 0 ;;
+        -*) echo "unknown option: $1" >&2; usage 2 ;;
+        *) SELECTED+=("$1"); shift ;;
+    esac
+done
+if ((${#SELECTED[@]} == 0)); then SELECTED=("${ALL_TESTS[@]}"); fi
+for t in "${SELECTED[@]}"; do
+    if ! declare -F "test_$t" >/dev/null; then
+        echo "unknown test: $t (known: ${ALL_TESTS[*]})" >&2
+        exit 2
+    fi
+done
+
+for c in curl jq python3 timeout unshare sha256sum; do
+    command -v "$c" >/dev/null || { echo "missing command: $c (run scripts/install-test-deps.sh)" >&2; exit 2; }
+done
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/berth-clients.XXXXXX")
+chmod 755 "$TMP"
+PIDS_FILE=$TMP/pids
+: >"$PIDS_FILE"
+BERTH_PID=""
+TEST_PID=""
+
+cleanup() {
+    local pid
+    if [[ -n $TEST_PID ]] && kill -0 "$TEST_PID" 2>/dev/null; then
+        echo "interrupted: stopping the running test" >&2
+        kill -TERM "$TEST_PID" 2>/dev/null   # timeout forwards it to the test's process group
+        for _ in $(seq 150); do kill -0 "$TEST_PID" 2>/dev/null || break; sleep 0.1; done
+    fi
+    if [[ -n $BERTH_PID ]]; then
+        kill "$BERTH_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$BERTH_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$BERTH_PID" 2>/dev/null
+        wait "$BERTH_PID" 2>/dev/null
+    fi
+    # daemons started by tests (containerd), in case a test was killed before its own cleanup
+    while read -r pid; do
+        [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && kill "$pid" 2>/dev/null
+    done <"$PIDS_FILE"
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        echo "kept temp dir: $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# No registry to test against: every selected test counts as failed.
+no_registry() {
+    echo "clients: 0 passed, ${#SELECTED[@]} failed, 0 skipped"
+    exit 1
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+if [[ -z $REGISTRY ]]; then
+    BERTH_BIN=${BERTH_BIN:-$ROOT/target/debug/berth}
+    if [[ ! -x $BERTH_BIN ]]; then
+        echo "berth binary not found at $BERTH_BIN (build it, set BERTH_BIN, or pass --registry HOST:PORT)" >&2
+        no_registry
+    fi
+    PORT=$(free_port)
+    REGISTRY=127.0.0.1:$PORT
+    mkdir -p "$TMP/data"
+    echo "starting $BERTH_BIN serve --listen $REGISTRY --data-dir $TMP/data (log: $TMP/berth.log)" >&2
+    "$BERTH_BIN" serve --listen "$REGISTRY" --data-dir "$TMP/data" >"$TMP/berth.log" 2>&1 &
+    BERTH_PID=$!
+    deadline=$((SECONDS + 20))
+    until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/") == 200 ]]; do
+        if ! kill -0 "$BERTH_PID" 2>/dev/null; then
+            echo "berth exited during startup; last log lines:" >&2
+            tail -30 "$TMP/berth.log" >&2
+            BERTH_PID=""
+            no_registry
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "berth did not answer GET /v2/ with 200 within 20 s; last log lines:" >&2
+            tail -30 "$TMP/berth.log" >&2
+            no_registry
+        fi
+        sleep 0.2
+    done
+else
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://$REGISTRY/v2/")
+    if [[ $code != 200 ]]; then
+        echo "registry $REGISTRY: GET /v2/ answered '$code', expected 200" >&2
+        no_registry
+    fi
+fi
+
+# Environment for the per-test child processes: all client state in $TMP.
+NS="t$(rand_hex 4)"   # per-run repository namespace, so runs against a shared registry do not collide
+export REG=$REGISTRY NS
+export TMP PIDS_FILE SCRIPT SCRIPT_DIR ROOT
+export VENV=${BERTH_TEST_VENV:-$ROOT/target/test-venv}
+export HOME=$TMP/home XDG_RUNTIME_DIR=$TMP/run XDG_CONFIG_HOME=$TMP/home/.config XDG_DATA_HOME=$TMP/home/.local/share
+export XDG_CACHE_HOME=$TMP/home/.cache DOCKER_CONFIG=$TMP/docker-config
+export VARLIB=$TMP/varlib TMPDIR=$TMP/tmp
+export REGISTRY_AUTH_FILE=$TMP/auth.json
+export CONTAINERS_REGISTRIES_CONF=$TMP/registries.conf
+export TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+mkdir -p "$HOME" "$XDG_RUNTIME_DIR" "$XDG_CONFIG_HOME" "$XDG_DATA_HOME" "$XDG_CACHE_HOME" "$DOCKER_CONFIG" "$VARLIB" "$TMPDIR" "$TMP/logs"
+chmod 700 "$XDG_RUNTIME_DIR"
+echo '{"auths":{}}' >"$REGISTRY_AUTH_FILE"
+echo '{"auths":{}}' >"$DOCKER_CONFIG/config.json"
+printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$REG" >"$CONTAINERS_REGISTRIES_CONF"
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$TMP/policy.json"
+# Private mount namespace for the blob-info cache, if the sandbox allows it.
+# shellcheck disable=SC2016
+if unshare -m --propagation private -- sh -c 'mount --bind "$0" /var/lib' "$VARLIB" 2>/dev/null; then
+    export HAVE_NS_WRAP=1
+else
+    export HAVE_NS_WRAP=0
+    echo "note: unshare -m not permitted; skopeo/buildah/podman use the host blob-info cache" >&2
+fi
+
+echo "registry: $REG   namespace: $NS   temp: $TMP" >&2
+
+passed=0 failed=0 skipped=0
+for t in "${SELECTED[@]}"; do
+    export TEST_DIR=$TMP/$t
+    mkdir -p "$TEST_DIR"
+    log=$TMP/logs/$t.log
+    start=$SECONDS
+    # In the background + wait, so that INT/TERM to this script interrupts the wait at once;
+    # timeout runs the test in its own process group and kills all of it on expiry.
+    # shellcheck disable=SC2016
+    BERTH_CLIENTS_LIB=1 timeout -k 10 "$TEST_TIMEOUT" \
+        bash -c 'source "$SCRIPT" && run_one "$1"' run-test "$t" >"$log" 2>&1 </dev/null &
+    TEST_PID=$!
+    wait "$TEST_PID"
+    rc=$?
+    TEST_PID=""
+    dur=$((SECONDS - start))
+    if ((rc == 0)); then
+        echo "PASS $t (${dur}s)"
+        passed=$((passed + 1))
+    elif ((rc == 77)); then
+        echo "SKIP $t: $(cat "$TEST_DIR/.skip" 2>/dev/null || echo 'no reason given')"
+        skipped=$((skipped + 1))
+    else
+        if ((rc == 124 || rc == 137)); then
+            echo "FAIL $t (timed out after ${TEST_TIMEOUT}s)"
+        else
+            echo "FAIL $t (exit $rc, ${dur}s): $(cat "$TEST_DIR/.reason" 2>/dev/null || echo 'see log')"
+        fi
+        tail -n 30 "$log" | sed 's/^/    | /'
+        if [[ ${KEEP_TMP:-0} == 1 ]]; then
+            echo "    full log: $log"
+        else
+            echo "    (rerun with KEEP_TMP=1 to keep the full log and client state)"
+        fi
+        failed=$((failed + 1))
+    fi
+done
+
+echo "clients: $passed passed, $failed failed, $skipped skipped"
+((failed == 0))
