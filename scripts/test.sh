@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test berth has: formatting, lints, unit and integration tests
+# (which start the real binary), and the real-client tests (docker, skopeo,
+# buildah, podman, containerd, oras, python-dxf). Installs what the tests
+# need first (idempotent). Exits non-zero if anything fails.
+#
+#   scripts/test.sh            everything
+#   SKIP_CLIENTS=1 scripts/test.sh   without the real-client tests
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+section() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+start=$(date +%s)
+
+section "installing test dependencies"
+scripts/install-test-deps.sh
+
+section "cargo fmt --check"
+cargo fmt --all -- --check
+
+section "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+section "unit and integration tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
+
+if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
+    section "real-client tests"
+    cargo build --locked --bin berth
+    BERTH_BIN="$ROOT/target/debug/berth" tests/clients/run.sh
+fi
+
+section "all tests passed in $(($(date +%s) - start)) s"
