@@ -203,3 +203,25 @@ mod tests {
         assert!(Query::parse(Some("n=x")).n().is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use axum::http::{header, HeaderMap, HeaderValue};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn header_parsers_never_panic(v in "[ -~]{0,40}", size in any::<u64>()) {
+            let mut h = HeaderMap::new();
+            if let Ok(val) = HeaderValue::from_str(&v) {
+                h.insert(header::RANGE, val.clone());
+                h.insert(header::CONTENT_RANGE, val);
+            }
+            if let Ok(Some(r)) = super::byte_range(&h, size) {
+                prop_assert!(r.start < r.end && r.end <= size);
+            }
+            let _ = super::chunk_range(&h);
+            let _ = super::Query::parse(Some(&v)).n();
+        }
+    }
+}

@@ -125,7 +125,8 @@ mod tests {
         assert_eq!(code("A/manifests/v1"), ErrorCode::NameInvalid);
         assert_eq!(code("../etc/manifests/v1"), ErrorCode::NameInvalid);
         assert_eq!(code("a%2F..%2Fb/manifests/v1"), ErrorCode::NameInvalid);
-        assert_eq!(code("a/manifests/bad:tag"), ErrorCode::DigestInvalid);
+        assert_eq!(code("a/manifests/sha256:tag"), ErrorCode::DigestInvalid);
+        assert_eq!(code("a/manifests/bad:tag"), ErrorCode::Unsupported);
         assert_eq!(code("a/manifests/-bad"), ErrorCode::TagInvalid);
         assert_eq!(code("a/blobs/sha256:00"), ErrorCode::DigestInvalid);
         assert_eq!(
@@ -141,5 +142,28 @@ mod tests {
         assert!(parse("manifests/v1").is_none());
         assert!(parse("a/foo/bar").is_none());
         assert!(parse("blobs/uploads/").is_none());
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn route_parser_never_panics(s in any::<String>()) {
+            let _ = super::parse(&s);
+        }
+
+        #[test]
+        fn route_parser_on_path_like_input(s in "([a-z0-9%.:_-]{0,12}/){0,6}(blobs|manifests|uploads|tags|list|referrers|_catalog|)(/[a-zA-Z0-9%.:_-]{0,70}){0,2}") {
+            // Whatever it accepts names a valid repository.
+            if let Some(Ok(r)) = super::parse(&s) {
+                let dbg = format!("{r:?}");
+                prop_assert!(!dbg.contains(".."), "{}", dbg);
+            }
+        }
     }
 }

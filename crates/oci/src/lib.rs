@@ -14,3 +14,6 @@ pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use error::ErrorCode;
 pub use manifest::{Descriptor, Manifest, ManifestError};
 pub use name::{NameError, Reference, RepoName, Tag, UploadId};
+
+#[cfg(test)]
+mod fuzz_tests;
