@@ -13,13 +13,7 @@ fn hv(s: impl AsRef<str>) -> HeaderValue {
     HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-pub async fn get(
-    reg: &Registry,
-    name: &RepoName,
-    d: &Digest,
-    headers: &HeaderMap,
-    with_body: bool,
-) -> ApiResult {
+pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMap, with_body: bool) -> ApiResult {
     let blob = reg.blob_open(name, d).await?;
     let size = blob.size;
     let range = byte_range(headers, size)?;
@@ -47,8 +41,7 @@ pub async fn get(
             );
         }
         None => {
-            resp.headers_mut()
-                .insert(header::CONTENT_LENGTH, hv(size.to_string()));
+            resp.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
         }
     }
     Ok(resp)
@@ -75,10 +68,7 @@ fn upload_progress(status: StatusCode, name: &RepoName, id: &UploadId, size: u64
         [
             (header::LOCATION, hv(upload_location(name, id))),
             (header::RANGE, hv(range)),
-            (
-                header::HeaderName::from_static("docker-upload-uuid"),
-                hv(id.as_str()),
-            ),
+            (header::HeaderName::from_static("docker-upload-uuid"), hv(id.as_str())),
             (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
         ],
     )
@@ -91,10 +81,7 @@ fn blob_created(name: &RepoName, d: &Digest) -> Response {
         StatusCode::CREATED,
         [
             (header::LOCATION, hv(format!("/v2/{name}/blobs/{d}"))),
-            (
-                header::HeaderName::from_static("docker-content-digest"),
-                hv(d.as_str()),
-            ),
+            (header::HeaderName::from_static("docker-content-digest"), hv(d.as_str())),
             (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
         ],
     )
@@ -107,13 +94,7 @@ fn digest_param(q: &Query) -> Result<Option<Digest>, ApiError> {
 
 /// POST `/blobs/uploads/`: a mount (`?mount=`), a monolithic upload
 /// (`?digest=` with the body), or the start of an upload session.
-pub async fn start(
-    reg: &Registry,
-    name: &RepoName,
-    q: &Query,
-    headers: &HeaderMap,
-    body: Body,
-) -> ApiResult {
+pub async fn start(reg: &Registry, name: &RepoName, q: &Query, headers: &HeaderMap, body: Body) -> ApiResult {
     if let Some(mount) = q.get("mount") {
         let d: Digest = mount.parse()?;
         // An invalid `from` cannot name a repository holding the blob: the
@@ -129,9 +110,7 @@ pub async fn start(
         }
     } else if let Some(d) = digest_param(q)? {
         let id = reg.upload_start(name).await?;
-        let result = reg
-            .upload_finish(name, &id, &d, Some(body_stream(body)))
-            .await;
+        let result = reg.upload_finish(name, &id, &d, Some(body_stream(body))).await;
         if result.is_err() {
             let _ = reg.upload_cancel(name, &id).await;
         }
@@ -149,13 +128,7 @@ pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId) -> ApiResult
 }
 
 /// PATCH: a chunk (with `Content-Range`) or a stream (without).
-pub async fn patch(
-    reg: &Registry,
-    name: &RepoName,
-    id: &UploadId,
-    headers: &HeaderMap,
-    body: Body,
-) -> ApiResult {
+pub async fn patch(reg: &Registry, name: &RepoName, id: &UploadId, headers: &HeaderMap, body: Body) -> ApiResult {
     let range = chunk_range(headers)?;
     if let (Some((a, b)), Some(len)) = (range, content_length(headers)) {
         if b - a + 1 != len {
@@ -196,8 +169,7 @@ pub async fn finish(
             "completing an upload needs ?digest=<algorithm>:<hex> of the whole blob",
         ));
     };
-    let has_body = content_length(headers).is_some_and(|n| n > 0)
-        || headers.contains_key(header::TRANSFER_ENCODING);
+    let has_body = content_length(headers).is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
     let last = has_body.then(|| body_stream(body));
     reg.upload_finish(name, id, &d, last).await?;
     Ok(blob_created(name, &d))

@@ -48,8 +48,7 @@ impl From<oci::DigestError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let e = &self.error;
-        let status =
-            StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(e.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({
             "errors": [{
                 "code": e.code.as_str(),
@@ -57,12 +56,7 @@ impl IntoResponse for ApiError {
                 "detail": e.detail,
             }]
         });
-        let mut resp = (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
+        let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }

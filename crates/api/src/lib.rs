@@ -46,12 +46,7 @@ async fn api_version_header(mut resp: Response) -> Response {
 }
 
 async fn ping() -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        "{}",
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -81,9 +76,7 @@ async fn dispatch(State(reg): State<AppState>, req: Request<Body>) -> ApiResult 
     match route {
         Route::Catalog if m == Method::GET => lists::catalog(&reg, &q).await,
         Route::Tags(name) if m == Method::GET => lists::tags(&reg, &name, &q).await,
-        Route::Referrers(name, d) if m == Method::GET => {
-            lists::referrers(&reg, &name, &d, &q).await
-        }
+        Route::Referrers(name, d) if m == Method::GET => lists::referrers(&reg, &name, &d, &q).await,
         Route::Manifest(name, r) => match *m {
             Method::GET => manifests::get(&reg, &name, &r, true).await,
             Method::HEAD => manifests::get(&reg, &name, &r, false).await,
@@ -97,9 +90,7 @@ async fn dispatch(State(reg): State<AppState>, req: Request<Body>) -> ApiResult 
             Method::DELETE => blobs::delete(&reg, &name, &d).await,
             _ => Err(unsupported(m)),
         },
-        Route::UploadStart(name) if m == Method::POST => {
-            blobs::start(&reg, &name, &q, h, body).await
-        }
+        Route::UploadStart(name) if m == Method::POST => blobs::start(&reg, &name, &q, h, body).await,
         Route::Upload(name, id) => match *m {
             Method::GET => blobs::status(&reg, &name, &id).await,
             Method::PATCH => blobs::patch(&reg, &name, &id, h, body).await,

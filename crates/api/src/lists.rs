@@ -33,12 +33,7 @@ fn paged(body: serde_json::Value, page: &Page, base: &str, n: Option<usize>) -> 
 pub async fn catalog(reg: &Registry, q: &Query) -> ApiResult {
     let n = q.n()?;
     let page = reg.catalog(n, q.get("last")).await?;
-    Ok(paged(
-        json!({ "repositories": page.items }),
-        &page,
-        "/v2/_catalog",
-        n,
-    ))
+    Ok(paged(json!({ "repositories": page.items }), &page, "/v2/_catalog", n))
 }
 
 pub async fn tags(reg: &Registry, name: &RepoName, q: &Query) -> ApiResult {
@@ -68,10 +63,8 @@ pub async fn referrers(reg: &Registry, name: &RepoName, subject: &Digest, q: &Qu
     )
         .into_response();
     if artifact_type.is_some() {
-        resp.headers_mut().insert(
-            "oci-filters-applied",
-            HeaderValue::from_static("artifactType"),
-        );
+        resp.headers_mut()
+            .insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
     }
     Ok(resp)
 }

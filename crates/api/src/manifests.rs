@@ -43,24 +43,14 @@ pub async fn put(
     // Read up to one byte past the limit. Reading (rather than refusing on
     // Content-Length alone) lets the client finish sending and see the 413
     // instead of a reset connection.
-    let bytes = axum::body::to_bytes(body, limit + 1)
-        .await
-        .map_err(|_| too_large())?;
-    let tags = q
-        .all("tag")
-        .map(|t| t.parse::<Tag>())
-        .collect::<Result<Vec<_>, _>>()?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+    let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| too_large())?;
+    let tags = q.all("tag").map(|t| t.parse::<Tag>()).collect::<Result<Vec<_>, _>>()?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let put = reg.manifest_put(name, r, content_type, bytes, tags).await?;
     let mut resp = (
         StatusCode::CREATED,
         [
-            (
-                header::LOCATION,
-                hv(format!("/v2/{name}/manifests/{}", put.digest)),
-            ),
+            (header::LOCATION, hv(format!("/v2/{name}/manifests/{}", put.digest))),
             (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
         ],
     )
@@ -68,8 +58,7 @@ pub async fn put(
     resp.headers_mut()
         .insert("docker-content-digest", hv(put.digest.as_str()));
     if let Some(subject) = put.subject {
-        resp.headers_mut()
-            .insert("oci-subject", hv(subject.as_str()));
+        resp.headers_mut().insert("oci-subject", hv(subject.as_str()));
     }
     Ok(resp)
 }

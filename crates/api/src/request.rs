@@ -25,29 +25,19 @@ impl Query {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// The page size `n`; a value that is not a number is a client error.
     pub fn n(&self) -> Result<Option<usize>, ApiError> {
         self.get("n")
             .map(|v| {
-                v.parse::<usize>().map_err(|_| {
-                    ApiError::new(
-                        ErrorCode::Unsupported,
-                        format!("n={v:?} is not a page size"),
-                    )
-                })
+                v.parse::<usize>()
+                    .map_err(|_| ApiError::new(ErrorCode::Unsupported, format!("n={v:?} is not a page size")))
             })
             .transpose()
     }

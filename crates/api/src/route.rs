@@ -30,9 +30,7 @@ pub fn parse(rest: &str) -> Option<Result<Route, RegistryError>> {
         .collect();
     let n = segs.len();
     let seg = |i: usize| segs.get(i).map(String::as_str);
-    let name = |k: usize| -> Result<RepoName, RegistryError> {
-        Ok(segs[..n - k].join("/").parse::<RepoName>()?)
-    };
+    let name = |k: usize| -> Result<RepoName, RegistryError> { Ok(segs[..n - k].join("/").parse::<RepoName>()?) };
     if n < 2 {
         return None;
     }
@@ -89,14 +87,8 @@ mod tests {
             ok(&format!("a/blobs/{enc}")),
             Route::Blob("a".parse().unwrap(), d.clone())
         );
-        assert_eq!(
-            ok("x/y/blobs/uploads/"),
-            Route::UploadStart("x/y".parse().unwrap())
-        );
-        assert_eq!(
-            ok("x/y/blobs/uploads"),
-            Route::UploadStart("x/y".parse().unwrap())
-        );
+        assert_eq!(ok("x/y/blobs/uploads/"), Route::UploadStart("x/y".parse().unwrap()));
+        assert_eq!(ok("x/y/blobs/uploads"), Route::UploadStart("x/y".parse().unwrap()));
         assert_eq!(
             ok("x/blobs/uploads/abc-123"),
             Route::Upload("x".parse().unwrap(), "abc-123".parse().unwrap())
@@ -108,10 +100,7 @@ mod tests {
         // Keywords inside names are still names.
         assert_eq!(
             ok("blobs/manifests/manifests/latest"),
-            Route::Manifest(
-                "blobs/manifests".parse().unwrap(),
-                "latest".parse().unwrap()
-            )
+            Route::Manifest("blobs/manifests".parse().unwrap(), "latest".parse().unwrap())
         );
         assert_eq!(
             ok(&format!("a/blobs/uploads/blobs/{d}")),
@@ -133,10 +122,7 @@ mod tests {
             code("a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e"),
             ErrorCode::Unsupported
         );
-        assert_eq!(
-            code("a/blobs/uploads/..%2F..%2Fx"),
-            ErrorCode::BlobUploadUnknown
-        );
+        assert_eq!(code("a/blobs/uploads/..%2F..%2Fx"), ErrorCode::BlobUploadUnknown);
         assert!(parse("").is_none());
         assert!(parse("a").is_none());
         assert!(parse("manifests/v1").is_none());

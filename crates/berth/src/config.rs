@@ -83,8 +83,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {e}", path.display()))
 }
 
@@ -100,19 +99,13 @@ impl ServeArgs {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:5000".parse().expect("valid")),
-            data_dir: self
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(default_data_dir),
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir),
             sparse_index: self.sparse_index.or(file.sparse_index).unwrap_or(false),
             max_manifest_size: self
                 .max_manifest_size
                 .or(file.max_manifest_size)
                 .unwrap_or(oci::manifest::MAX_MANIFEST_SIZE),
-            shutdown_timeout: self
-                .shutdown_timeout
-                .or(file.shutdown_timeout)
-                .unwrap_or(30),
+            shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             insecure_allow_anonymous: self
                 .insecure_allow_anonymous
                 .or(file.insecure_allow_anonymous)

@@ -27,8 +27,8 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -51,18 +51,11 @@ fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
 }
 
 async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        format!(
-            "cannot create data directory {}: {e}",
-            cfg.data_dir.display()
-        )
-    })?;
-    let blobs = FsBlobStore::open(&cfg.data_dir).await.map_err(|e| {
-        format!(
-            "cannot open blob storage in {}: {e}",
-            cfg.data_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
+    let blobs = FsBlobStore::open(&cfg.data_dir)
+        .await
+        .map_err(|e| format!("cannot open blob storage in {}: {e}", cfg.data_dir.display()))?;
     let meta_path = cfg.data_dir.join("meta.redb");
     let meta = RedbMetadata::open(&meta_path).map_err(|e| {
         format!(
@@ -111,14 +104,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

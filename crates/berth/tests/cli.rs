@@ -6,7 +6,12 @@ use std::time::{Duration, Instant};
 
 fn berth() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
-    for v in ["BERTH_LISTEN", "BERTH_DATA_DIR", "BERTH_CONFIG", "BERTH_INSECURE_ALLOW_ANONYMOUS"] {
+    for v in [
+        "BERTH_LISTEN",
+        "BERTH_DATA_DIR",
+        "BERTH_CONFIG",
+        "BERTH_INSECURE_ALLOW_ANONYMOUS",
+    ] {
         c.env_remove(v);
     }
     c.stdin(Stdio::null());
@@ -70,19 +75,31 @@ fn flags_beat_environment_which_beats_the_file() {
 
     // The file alone: a public address is refused, with what to do instead.
     let mut c = berth();
-    c.args(["serve", "--config"]).arg(&public_file).arg("--data-dir").arg(&data);
+    c.args(["serve", "--config"])
+        .arg(&public_file)
+        .arg("--data-dir")
+        .arg(&data);
     let (up, log) = serve(c);
     assert!(!up);
-    assert!(log.contains("refusing to listen on 0.0.0.0:0") && log.contains("--insecure-allow-anonymous"), "{log}");
+    assert!(
+        log.contains("refusing to listen on 0.0.0.0:0") && log.contains("--insecure-allow-anonymous"),
+        "{log}"
+    );
 
     // The environment beats the file.
     let mut c = berth();
-    c.args(["serve", "--config"]).arg(&public_file).arg("--data-dir").arg(&data);
+    c.args(["serve", "--config"])
+        .arg(&public_file)
+        .arg("--data-dir")
+        .arg(&data);
     c.env("BERTH_LISTEN", "127.0.0.1:0");
     assert!(serve(c).0, "BERTH_LISTEN should override the file");
 
     let mut c = berth();
-    c.args(["serve", "--config"]).arg(&loopback_file).arg("--data-dir").arg(&data);
+    c.args(["serve", "--config"])
+        .arg(&loopback_file)
+        .arg("--data-dir")
+        .arg(&data);
     c.env("BERTH_LISTEN", "0.0.0.0:0");
     assert!(!serve(c).0, "BERTH_LISTEN should override the file");
 
@@ -95,13 +112,21 @@ fn flags_beat_environment_which_beats_the_file() {
     // BERTH_DATA_DIR is honoured.
     let env_data = tmp.path().join("env-data");
     let mut c = berth();
-    c.args(["serve", "--listen", "127.0.0.1:0"]).env("BERTH_DATA_DIR", &env_data);
+    c.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("BERTH_DATA_DIR", &env_data);
     assert!(serve(c).0);
     assert!(env_data.join("meta.redb").exists());
 
     // The explicit opt-in allows a public bind.
     let mut c = berth();
-    c.args(["serve", "--listen", "0.0.0.0:0", "--insecure-allow-anonymous", "--data-dir"]).arg(&data);
+    c.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--insecure-allow-anonymous",
+        "--data-dir",
+    ])
+    .arg(&data);
     assert!(serve(c).0);
 }
 
@@ -124,7 +149,10 @@ fn bad_configuration_is_a_clear_error() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !std::fs::read_to_string(&first_log).unwrap_or_default().contains("berth is serving") {
+    while !std::fs::read_to_string(&first_log)
+        .unwrap_or_default()
+        .contains("berth is serving")
+    {
         assert!(Instant::now() < deadline, "first berth did not start");
         std::thread::sleep(Duration::from_millis(50));
     }

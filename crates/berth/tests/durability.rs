@@ -19,15 +19,23 @@ fn assert_blob_files_verified(data_dir: &Path) {
             let f = f.unwrap();
             let content = std::fs::read(f.path()).unwrap();
             let name = f.file_name().to_string_lossy().to_string();
-            assert_eq!(sha256(&content), format!("sha256:{name}"), "blob file {name} is not what its name says");
+            assert_eq!(
+                sha256(&content),
+                format!("sha256:{name}"),
+                "blob file {name} is not what its name says"
+            );
         }
     }
 }
 
 fn blob_files(data_dir: &Path) -> usize {
     let root = data_dir.join("blobs/sha256");
-    let Ok(prefixes) = std::fs::read_dir(&root) else { return 0 };
-    prefixes.map(|p| std::fs::read_dir(p.unwrap().path()).unwrap().count()).sum()
+    let Ok(prefixes) = std::fs::read_dir(&root) else {
+        return 0;
+    };
+    prefixes
+        .map(|p| std::fs::read_dir(p.unwrap().path()).unwrap().count())
+        .sum()
 }
 
 #[tokio::test]
@@ -55,7 +63,14 @@ async fn restart_keeps_content_and_uploads_resume() {
     // Everything is still there.
     let r = c.get(s.url("/v2/keep/app/manifests/v1")).send().await.unwrap();
     assert_eq!(header(&r, "docker-content-digest"), md);
-    let tags: serde_json::Value = c.get(s.url("/v2/keep/app/tags/list")).send().await.unwrap().json().await.unwrap();
+    let tags: serde_json::Value = c
+        .get(s.url("/v2/keep/app/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(tags["tags"], serde_json::json!(["v1"]));
     // The upload resumes where it stopped, and the commit is verified.
     let r = c.get(s.url(&loc)).send().await.unwrap();
@@ -130,7 +145,10 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged() {
         // Vary the moment of the crash from round to round.
         tokio::time::sleep(Duration::from_millis(150 + round * 170)).await;
         s.kill9();
-        let acked = tokio::time::timeout(Duration::from_secs(60), pusher).await.expect("pusher ends").unwrap();
+        let acked = tokio::time::timeout(Duration::from_secs(60), pusher)
+            .await
+            .expect("pusher ends")
+            .unwrap();
         eprintln!("round {round}: {} pushes acknowledged before the kill", acked.len());
         all_acked.extend(acked);
         assert_blob_files_verified(s.data());
@@ -145,7 +163,10 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged() {
             assert_eq!(body.len(), data.len());
         }
     }
-    assert!(!all_acked.is_empty(), "some pushes were acknowledged before the crashes");
+    assert!(
+        !all_acked.is_empty(),
+        "some pushes were acknowledged before the crashes"
+    );
     // After a crash the client can simply retry a push.
     let c = client();
     let data = bytes(99, 3_000_000);
@@ -163,7 +184,11 @@ async fn concurrent_pushes_of_one_layer_store_it_once() {
         let (c, url, layer, d) = (c.clone(), s.url(""), layer.clone(), d.clone());
         tasks.push(tokio::spawn(async move {
             // Half into one repository, half into their own.
-            let repo = if i % 2 == 0 { "same/app".to_string() } else { format!("own/app{i}") };
+            let repo = if i % 2 == 0 {
+                "same/app".to_string()
+            } else {
+                format!("own/app{i}")
+            };
             let r = c
                 .post(format!("{url}/v2/{repo}/blobs/uploads/?digest={d}"))
                 .body(layer)
@@ -180,7 +205,11 @@ async fn concurrent_pushes_of_one_layer_store_it_once() {
         assert_eq!(sha256(&r.bytes().await.unwrap()), d);
     }
     assert_eq!(blob_files(s.data()), 1, "the layer is stored once");
-    assert_eq!(std::fs::read_dir(s.data().join("uploads")).unwrap().count(), 0, "no upload left behind");
+    assert_eq!(
+        std::fs::read_dir(s.data().join("uploads")).unwrap().count(),
+        0,
+        "no upload left behind"
+    );
 }
 
 #[tokio::test]
@@ -198,11 +227,21 @@ async fn sigterm_lets_in_flight_requests_finish() {
     });
     let upload = tokio::spawn({
         let c = c.clone();
-        async move { c.post(url).body(reqwest::Body::wrap_stream(stream)).send().await.map(|r| r.status().as_u16()) }
+        async move {
+            c.post(url)
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = s.pid();
-    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     let status = upload.await.unwrap().expect("the in-flight upload completes");
     assert_eq!(status, 201);
     assert!(s.terminate(), "berth exits cleanly after draining");

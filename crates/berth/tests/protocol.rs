@@ -15,18 +15,11 @@ async fn ping_and_unknown_paths() {
     let c = client();
     let r = c.get(s.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        header(&r, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(header(&r, "docker-distribution-api-version"), "registry/2.0");
     assert_eq!(c.head(s.url("/v2/")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(s.url("/v2")).send().await.unwrap().status(), 200);
     for p in ["/", "/v1/", "/v2/a", "/v2/a/foo/bar"] {
-        assert_eq!(
-            error_code(c.get(s.url(p)).send().await.unwrap()).await.0,
-            404,
-            "{p}"
-        );
+        assert_eq!(error_code(c.get(s.url(p)).send().await.unwrap()).await.0, 404, "{p}");
     }
     // A method an endpoint does not have.
     let r = c.post(s.url("/v2/a/manifests/v1")).send().await.unwrap();
@@ -44,10 +37,7 @@ async fn invalid_names_tags_and_digests() {
         ("/v2/a/manifests/-bad", "TAG_INVALID"),
         ("/v2/a/manifests/sha256:123", "DIGEST_INVALID"),
         ("/v2/a/blobs/sha256:nothex", "DIGEST_INVALID"),
-        (
-            "/v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
-            "UNSUPPORTED",
-        ),
+        ("/v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", "UNSUPPORTED"),
     ] {
         let r = c.get(s.url(path)).send().await.unwrap();
         let (status, code) = error_code(r).await;
@@ -55,11 +45,7 @@ async fn invalid_names_tags_and_digests() {
         assert!(status == 400 || status == 405, "{path}: {status}");
     }
     let long = "a".repeat(256);
-    let r = c
-        .get(s.url(&format!("/v2/{long}/tags/list")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/{long}/tags/list"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (400, "NAME_INVALID".into()));
     // Nothing reached the disk under a name built from the request.
     let entries: Vec<_> = std::fs::read_dir(s.data())
@@ -81,19 +67,11 @@ async fn blob_get_head_and_ranges() {
     let c = client();
     let data = bytes(1, 10_000);
     let d = push_blob(&c, &s, "r/blobs", &data).await;
-    let r = c
-        .head(s.url(&format!("/v2/r/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/r/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), "10000");
     assert_eq!(header(&r, "docker-content-digest"), d);
-    let r = c
-        .get(s.url(&format!("/v2/r/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/r/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
     let r = c
@@ -122,17 +100,9 @@ async fn blob_get_head_and_ranges() {
     assert_eq!(header(&r, "content-range"), "bytes */10000");
     assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
     // Another repository cannot read it: the link is per repository.
-    let r = c
-        .get(s.url(&format!("/v2/other/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/other/blobs/{d}"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".into()));
-    let r = c
-        .head(s.url(&format!("/v2/other/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/other/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -151,18 +121,10 @@ async fn monolithic_and_post_put_uploads() {
         .unwrap();
     assert_eq!(error_code(r).await, (400, "DIGEST_INVALID".into()));
     for d in [&wrong, &sha256(&data)] {
-        let r = c
-            .head(s.url(&format!("/v2/up/blobs/{d}")))
-            .send()
-            .await
-            .unwrap();
+        let r = c.head(s.url(&format!("/v2/up/blobs/{d}"))).send().await.unwrap();
         assert_eq!(r.status(), 404);
     }
-    assert_eq!(
-        count_files(&s.data().join("uploads")),
-        0,
-        "no upload left behind"
-    );
+    assert_eq!(count_files(&s.data().join("uploads")), 0, "no upload left behind");
     assert_eq!(count_files(&s.data().join("blobs")), 0, "no blob stored");
     // POST then PUT with the whole body.
     let r = c.post(s.url("/v2/up/blobs/uploads/")).send().await.unwrap();
@@ -180,11 +142,7 @@ async fn monolithic_and_post_put_uploads() {
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "location"), format!("/v2/up/blobs/{d}"));
     assert_eq!(header(&r, "docker-content-digest"), d);
-    let got = c
-        .get(s.url(&format!("/v2/up/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(s.url(&format!("/v2/up/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
     // PUT without a digest.
     let r = c.post(s.url("/v2/up/blobs/uploads/")).send().await.unwrap();
@@ -222,21 +180,14 @@ async fn chunked_and_streamed_uploads() {
     let c = client();
     let data = bytes(7, 300_000);
     let d = sha256(&data);
-    let r = c
-        .post(s.url("/v2/chunk/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/chunk/blobs/uploads/")).send().await.unwrap();
     let mut loc = header(&r, "location");
     // Chunks in order, with Content-Range.
     for (i, part) in data[..200_000].chunks(100_000).enumerate() {
         let start = i * 100_000;
         let r = c
             .patch(s.url(&loc))
-            .header(
-                "content-range",
-                format!("{}-{}", start, start + part.len() - 1),
-            )
+            .header("content-range", format!("{}-{}", start, start + part.len() - 1))
             .header("content-type", "application/octet-stream")
             .body(part.to_vec())
             .send()
@@ -276,17 +227,9 @@ async fn chunked_and_streamed_uploads() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(header(&r, "range"), "0-299999");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(s.url(&format!("{loc}?digest={d}"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let got = c
-        .get(s.url(&format!("/v2/chunk/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(s.url(&format!("/v2/chunk/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
     // The finished upload is gone.
     let r = c.get(s.url(&loc)).send().await.unwrap();
@@ -297,18 +240,9 @@ async fn chunked_and_streamed_uploads() {
 async fn upload_status_cancel_and_unknown_ids() {
     let s = Server::start();
     let c = client();
-    let r = c
-        .post(s.url("/v2/cancel/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/cancel/blobs/uploads/")).send().await.unwrap();
     let loc = header(&r, "location");
-    let r = c
-        .patch(s.url(&loc))
-        .body(vec![1u8; 10])
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).body(vec![1u8; 10]).send().await.unwrap();
     assert_eq!(r.status(), 202);
     // The session belongs to its repository.
     let other = loc.replace("/v2/cancel/", "/v2/other/");
@@ -320,21 +254,14 @@ async fn upload_status_cancel_and_unknown_ids() {
     assert_eq!(error_code(r).await, (404, "BLOB_UPLOAD_UNKNOWN".into()));
     let r = c.delete(s.url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    for id in [
-        "00000000-0000-0000-0000-000000000000",
-        "..%2F..%2Fmeta.redb",
-    ] {
+    for id in ["00000000-0000-0000-0000-000000000000", "..%2F..%2Fmeta.redb"] {
         let r = c
             .patch(s.url(&format!("/v2/cancel/blobs/uploads/{id}")))
             .body("x")
             .send()
             .await
             .unwrap();
-        assert_eq!(
-            error_code(r).await,
-            (404, "BLOB_UPLOAD_UNKNOWN".into()),
-            "{id}"
-        );
+        assert_eq!(error_code(r).await, (404, "BLOB_UPLOAD_UNKNOWN".into()), "{id}");
     }
     assert_eq!(count_files(&s.data().join("uploads")), 0);
 }
@@ -347,36 +274,24 @@ async fn cross_repo_mount() {
     let d = push_blob(&c, &s, "src/app", &data).await;
     // With `from` holding the blob: mounted.
     let r = c
-        .post(s.url(&format!(
-            "/v2/dst/app/blobs/uploads/?mount={d}&from=src/app"
-        )))
+        .post(s.url(&format!("/v2/dst/app/blobs/uploads/?mount={d}&from=src/app")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "location"), format!("/v2/dst/app/blobs/{d}"));
     assert_eq!(header(&r, "docker-content-digest"), d);
-    let got = c
-        .get(s.url(&format!("/v2/dst/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(s.url(&format!("/v2/dst/app/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
     // From a repository that does not hold it: an upload session instead.
     let r = c
-        .post(s.url(&format!(
-            "/v2/dst2/app/blobs/uploads/?mount={d}&from=empty/repo"
-        )))
+        .post(s.url(&format!("/v2/dst2/app/blobs/uploads/?mount={d}&from=empty/repo")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
     assert!(header(&r, "location").starts_with("/v2/dst2/app/blobs/uploads/"));
-    let r = c
-        .head(s.url(&format!("/v2/dst2/app/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/dst2/app/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 404, "a failed mount must not link the blob");
     // Without `from`: a known blob mounts.
     let r = c
@@ -388,9 +303,7 @@ async fn cross_repo_mount() {
     // An unknown blob falls back to an upload.
     let unknown = sha256(b"unknown");
     let r = c
-        .post(s.url(&format!(
-            "/v2/dst3/app/blobs/uploads/?mount={unknown}&from=src/app"
-        )))
+        .post(s.url(&format!("/v2/dst3/app/blobs/uploads/?mount={unknown}&from=src/app")))
         .send()
         .await
         .unwrap();
@@ -422,17 +335,9 @@ async fn manifests_by_tag_and_digest() {
         assert_eq!(header(&r, "content-length"), body.len().to_string());
         assert_eq!(header(&r, "docker-content-digest"), md);
     }
-    let r = c
-        .get(s.url("/v2/m/app/manifests/nope"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/m/app/manifests/nope")).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".into()));
-    let r = c
-        .head(s.url("/v2/m/app/manifests/nope"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url("/v2/m/app/manifests/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // PUT by digest with several ?tag= at once.
     let body = c
@@ -472,18 +377,10 @@ async fn manifests_by_tag_and_digest() {
         .unwrap();
     assert_eq!(error_code(r).await, (400, "DIGEST_INVALID".into()));
     // Delete a tag: the manifest stays.
-    let r = c
-        .delete(s.url("/v2/m/app/manifests/a"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url("/v2/m/app/manifests/a")).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(
-        c.get(s.url("/v2/m/app/manifests/a"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        c.get(s.url("/v2/m/app/manifests/a")).send().await.unwrap().status(),
         404
     );
     assert_eq!(
@@ -530,14 +427,7 @@ async fn manifest_validation() {
     let put = |body: Vec<u8>, ct: &'static str| {
         let c = c.clone();
         let url = s.url("/v2/v/app/manifests/t");
-        async move {
-            c.put(url)
-                .header("content-type", ct)
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-        }
+        async move { c.put(url).header("content-type", ct).body(body).send().await.unwrap() }
     };
     // A layer that was never pushed.
     let m = image_manifest((&cd, config.len()), &[(&missing, 10)]);
@@ -548,11 +438,7 @@ async fn manifest_validation() {
     assert_eq!(body["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN");
     assert_eq!(body["errors"][0]["detail"], missing.as_str());
     assert_eq!(
-        c.get(s.url("/v2/v/app/manifests/t"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        c.get(s.url("/v2/v/app/manifests/t")).send().await.unwrap().status(),
         404,
         "nothing partial"
     );
@@ -569,10 +455,7 @@ async fn manifest_validation() {
         (b"{not json".to_vec(), OCI_MANIFEST),
         (br#"{"schemaVersion":1}"#.to_vec(), OCI_MANIFEST),
         (
-            serde_json::to_vec(
-                &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
-            )
-            .unwrap(),
+            serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []})).unwrap(),
             OCI_MANIFEST,
         ),
         (image_manifest((&cd, config.len()), &[]), OCI_INDEX),
@@ -583,13 +466,7 @@ async fn manifest_validation() {
     // Over the 4 MiB limit.
     let mut big = image_manifest((&cd, config.len()), &[]);
     big.truncate(big.len() - 1);
-    big.extend_from_slice(
-        format!(
-            ",\"annotations\":{{\"x\":\"{}\"}}}}",
-            "a".repeat(4 * 1024 * 1024 - 100)
-        )
-        .as_bytes(),
-    );
+    big.extend_from_slice(format!(",\"annotations\":{{\"x\":\"{}\"}}}}", "a".repeat(4 * 1024 * 1024 - 100)).as_bytes());
     let r = put(big, OCI_MANIFEST).await;
     assert_eq!(r.status(), 413);
     assert_eq!(error_code(r).await.1, "SIZE_INVALID");
@@ -600,10 +477,7 @@ fn index_of(children: &[(&str, usize, &str)], media_type: &str, child_type: &str
         .iter()
         .map(|(d, n, arch)| json!({"mediaType": child_type, "digest": d, "size": n, "platform": {"os": "linux", "architecture": arch}}))
         .collect();
-    serde_json::to_vec(
-        &json!({"schemaVersion": 2, "mediaType": media_type, "manifests": manifests}),
-    )
-    .unwrap()
+    serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": media_type, "manifests": manifests})).unwrap()
 }
 
 #[tokio::test]
@@ -628,11 +502,7 @@ async fn indexes_and_docker_schema2() {
     assert_eq!(error_code(r).await, (400, "MANIFEST_BLOB_UNKNOWN".into()));
     // ...and accepted once every child is there.
     let arm = push_image(&c, &s, "multi/app", "arm64", 11).await;
-    let idx = index_of(
-        &[(&amd, 100, "amd64"), (&arm, 100, "arm64")],
-        OCI_INDEX,
-        OCI_MANIFEST,
-    );
+    let idx = index_of(&[(&amd, 100, "amd64"), (&arm, 100, "arm64")], OCI_INDEX, OCI_MANIFEST);
     let r = c
         .put(s.url("/v2/multi/app/manifests/latest"))
         .header("content-type", OCI_INDEX)
@@ -641,17 +511,11 @@ async fn indexes_and_docker_schema2() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let r = c
-        .get(s.url("/v2/multi/app/manifests/latest"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/multi/app/manifests/latest")).send().await.unwrap();
     assert_eq!(header(&r, "content-type"), OCI_INDEX);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &idx[..]);
     // Docker schema2 manifest and manifest list.
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
-            .to_vec();
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
     let cd = push_blob(&c, &s, "multi/docker", &config).await;
     let layer = bytes(12, 2000);
     let ld = push_blob(&c, &s, "multi/docker", &layer).await;
@@ -664,10 +528,7 @@ async fn indexes_and_docker_schema2() {
     .unwrap();
     let r = c
         .put(s.url("/v2/multi/docker/manifests/v2"))
-        .header(
-            "content-type",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("content-type", "application/vnd.docker.distribution.manifest.v2+json")
         .body(dm.clone())
         .send()
         .await
@@ -689,11 +550,7 @@ async fn indexes_and_docker_schema2() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let r = c
-        .get(s.url("/v2/multi/docker/manifests/v2"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/multi/docker/manifests/v2")).send().await.unwrap();
     assert_eq!(
         header(&r, "content-type"),
         "application/vnd.docker.distribution.manifest.v2+json"
@@ -741,10 +598,7 @@ async fn referrers_api() {
         .unwrap()
     };
     let mut pushed = Vec::new();
-    for t in [
-        "application/vnd.example.sig",
-        "application/vnd.example.sbom",
-    ] {
+    for t in ["application/vnd.example.sig", "application/vnd.example.sbom"] {
         let body = artifact(t);
         let d = sha256(&body);
         let r = c
@@ -772,10 +626,7 @@ async fn referrers_api() {
     let list = idx["manifests"].as_array().unwrap();
     assert_eq!(list.len(), 2);
     for (t, d) in &pushed {
-        let e = list
-            .iter()
-            .find(|e| e["digest"] == d.as_str())
-            .expect("listed");
+        let e = list.iter().find(|e| e["digest"] == d.as_str()).expect("listed");
         assert_eq!(e["artifactType"], *t);
         assert_eq!(e["mediaType"], OCI_MANIFEST);
         assert_eq!(e["annotations"]["org.example.kind"], *t);
@@ -801,11 +652,7 @@ async fn referrers_api() {
     assert_eq!(r.status(), 200);
     let idx: Value = r.json().await.unwrap();
     assert_eq!(idx["manifests"], json!([]));
-    let r = c
-        .get(s.url("/v2/ref/app/referrers/sha256:bad"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/ref/app/referrers/sha256:bad")).send().await.unwrap();
     assert_eq!(error_code(r).await, (400, "DIGEST_INVALID".into()));
     // Deleting a referrer removes it from the list.
     c.delete(s.url(&format!("/v2/ref/app/manifests/{}", pushed[0].1)))
@@ -837,17 +684,10 @@ async fn catalog_and_tags_pagination() {
     let all: Value = r.json().await.unwrap();
     assert_eq!(all, json!({"repositories": ["p/a", "p/b", "p/c", "p/d"]}));
     let r = c.get(s.url("/v2/_catalog?n=2")).send().await.unwrap();
-    assert_eq!(
-        header(&r, "link"),
-        "</v2/_catalog?n=2&last=p%2Fb>; rel=\"next\""
-    );
+    assert_eq!(header(&r, "link"), "</v2/_catalog?n=2&last=p%2Fb>; rel=\"next\"");
     let page: Value = r.json().await.unwrap();
     assert_eq!(page, json!({"repositories": ["p/a", "p/b"]}));
-    let r = c
-        .get(s.url("/v2/_catalog?n=2&last=p/b"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/_catalog?n=2&last=p/b")).send().await.unwrap();
     assert_eq!(header(&r, "link"), "");
     let page: Value = r.json().await.unwrap();
     assert_eq!(page, json!({"repositories": ["p/c", "p/d"]}));
@@ -855,10 +695,7 @@ async fn catalog_and_tags_pagination() {
     let page: Value = r.json().await.unwrap();
     assert_eq!(page, json!({"repositories": []}));
     let r = c.get(s.url("/v2/p/a/tags/list?n=2")).send().await.unwrap();
-    assert_eq!(
-        header(&r, "link"),
-        "</v2/p/a/tags/list?n=2&last=t1>; rel=\"next\""
-    );
+    assert_eq!(header(&r, "link"), "</v2/p/a/tags/list?n=2&last=t1>; rel=\"next\"");
     let page: Value = r.json().await.unwrap();
     assert_eq!(page, json!({"name": "p/a", "tags": ["t0", "t1"]}));
     let page: Value = c
@@ -870,11 +707,7 @@ async fn catalog_and_tags_pagination() {
         .await
         .unwrap();
     assert_eq!(page["tags"], json!(["t2", "t3"]));
-    let r = c
-        .get(s.url("/v2/p/a/tags/list?n=abc"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/p/a/tags/list?n=abc")).send().await.unwrap();
     assert_eq!(r.status(), 405);
     let r = c.get(s.url("/v2/p/none/tags/list")).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "NAME_UNKNOWN".into()));
@@ -889,17 +722,9 @@ async fn blob_delete() {
         .send()
         .await
         .unwrap();
-    let r = c
-        .delete(s.url(&format!("/v2/del/a/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url(&format!("/v2/del/a/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .get(s.url(&format!("/v2/del/a/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/del/a/blobs/{d}"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".into()));
     // Still readable where it is still linked.
     assert_eq!(
@@ -910,11 +735,7 @@ async fn blob_delete() {
             .status(),
         200
     );
-    let r = c
-        .delete(s.url(&format!("/v2/del/a/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url(&format!("/v2/del/a/blobs/{d}"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".into()));
 }
 
@@ -926,37 +747,17 @@ async fn sha512_content() {
     let d512 = {
         use sha2::{Digest as _, Sha512};
         let out = Sha512::digest(&data);
-        format!(
-            "sha512:{}",
-            out.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        )
+        format!("sha512:{}", out.iter().map(|b| format!("{b:02x}")).collect::<String>())
     };
     // Chunked, so the commit has to hash with sha512 rather than the
     // streaming sha256.
-    let r = c
-        .post(s.url("/v2/s512/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/s512/blobs/uploads/")).send().await.unwrap();
     let loc = header(&r, "location");
-    let r = c
-        .patch(s.url(&loc))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d512}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(s.url(&format!("{loc}?digest={d512}"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let got = c
-        .get(s.url(&format!("/v2/s512/blobs/{d512}")))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(s.url(&format!("/v2/s512/blobs/{d512}"))).send().await.unwrap();
     assert_eq!(header(&got, "docker-content-digest"), d512);
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
 }

@@ -95,11 +95,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Stores a manifest, its tags and its referrers entry atomically.
     async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()>;
 
-    async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Option<ManifestRecord>>;
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
 
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
 
@@ -114,8 +110,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn repo_exists(&self, repo: &RepoName) -> Result<bool>;
 
     /// Up to `n` tags of `repo` in lexical order, strictly after `last`.
-    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize)
-        -> Result<Vec<String>>;
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Vec<String>>;
 
     /// Up to `n` repositories in lexical order, strictly after `last`.
     async fn list_repos(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;

@@ -62,9 +62,7 @@ impl RedbMetadata {
         F: FnOnce(&Database) -> Result<T> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(be)?
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(be)?
     }
 }
 
@@ -84,10 +82,7 @@ fn second_keys_after<V: redb::Value + 'static>(
         None => Bound::Included((repo, "")),
     };
     let mut out = Vec::new();
-    for item in t
-        .range::<(&str, &str)>((start, Bound::Unbounded))
-        .map_err(be)?
-    {
+    for item in t.range::<(&str, &str)>((start, Bound::Unbounded)).map_err(be)? {
         if out.len() >= n {
             break;
         }
@@ -161,9 +156,7 @@ impl MetadataStore for RedbMetadata {
         self.run(move |db| {
             let r = db.begin_read().map_err(be)?;
             let t = r.open_table(LINKS).map_err(be)?;
-            Ok(t.get((repo.as_str(), digest.as_str()))
-                .map_err(be)?
-                .map(|v| v.value()))
+            Ok(t.get((repo.as_str(), digest.as_str())).map_err(be)?.map(|v| v.value()))
         })
         .await
     }
@@ -191,21 +184,13 @@ impl MetadataStore for RedbMetadata {
             {
                 let links = w.open_table(LINKS).map_err(be)?;
                 for b in &m.required_blobs {
-                    if links
-                        .get((repo.as_str(), b.as_str()))
-                        .map_err(be)?
-                        .is_none()
-                    {
+                    if links.get((repo.as_str(), b.as_str())).map_err(be)?.is_none() {
                         return Err(MetaError::MissingReference(b.clone()));
                     }
                 }
                 let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
                 for c in &m.required_manifests {
-                    if manifests
-                        .get((repo.as_str(), c.as_str()))
-                        .map_err(be)?
-                        .is_none()
-                    {
+                    if manifests.get((repo.as_str(), c.as_str())).map_err(be)?.is_none() {
                         return Err(MetaError::MissingReference(c.clone()));
                     }
                 }
@@ -216,11 +201,7 @@ impl MetadataStore for RedbMetadata {
                     .is_some();
                 if !existed {
                     let mut repos = w.open_table(REPOS).map_err(be)?;
-                    let n = repos
-                        .get(repo.as_str())
-                        .map_err(be)?
-                        .map(|v| v.value())
-                        .unwrap_or(0);
+                    let n = repos.get(repo.as_str()).map_err(be)?.map(|v| v.value()).unwrap_or(0);
                     repos.insert(repo.as_str(), n + 1).map_err(be)?;
                 }
                 let mut tags = w.open_table(TAGS).map_err(be)?;
@@ -241,10 +222,7 @@ impl MetadataStore for RedbMetadata {
                     let json = serde_json::to_vec(&desc).map_err(be)?;
                     w.open_table(REFERRERS)
                         .map_err(be)?
-                        .insert(
-                            (repo.as_str(), subject.as_str(), m.digest.as_str()),
-                            json.as_slice(),
-                        )
+                        .insert((repo.as_str(), subject.as_str(), m.digest.as_str()), json.as_slice())
                         .map_err(be)?;
                 }
             }
@@ -253,11 +231,7 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn get_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Option<ManifestRecord>> {
+    async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.run(move |db| {
             let r = db.begin_read().map_err(be)?;
@@ -289,20 +263,13 @@ impl MetadataStore for RedbMetadata {
             let w = db.begin_write().map_err(be)?;
             {
                 let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
-                let Some(old) = manifests
-                    .remove((repo.as_str(), digest.as_str()))
-                    .map_err(be)?
-                else {
+                let Some(old) = manifests.remove((repo.as_str(), digest.as_str())).map_err(be)? else {
                     return Ok(false);
                 };
                 let record: ManifestRecord = serde_json::from_slice(old.value()).map_err(be)?;
                 drop(old);
                 let mut repos = w.open_table(REPOS).map_err(be)?;
-                let n = repos
-                    .get(repo.as_str())
-                    .map_err(be)?
-                    .map(|v| v.value())
-                    .unwrap_or(1);
+                let n = repos.get(repo.as_str()).map_err(be)?.map(|v| v.value()).unwrap_or(1);
                 if n <= 1 {
                     repos.remove(repo.as_str()).map_err(be)?;
                 } else {
@@ -363,12 +330,7 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn list_tags(
-        &self,
-        repo: &RepoName,
-        last: Option<&str>,
-        n: usize,
-    ) -> Result<Vec<String>> {
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Vec<String>> {
         let (repo, last) = (repo.to_string(), last.map(str::to_string));
         self.run(move |db| {
             let r = db.begin_read().map_err(be)?;
@@ -405,10 +367,7 @@ impl MetadataStore for RedbMetadata {
             let r = db.begin_read().map_err(be)?;
             let t = r.open_table(REFERRERS).map_err(be)?;
             let mut out = Vec::new();
-            for item in t
-                .range((repo.as_str(), subject.as_str(), "")..)
-                .map_err(be)?
-            {
+            for item in t.range((repo.as_str(), subject.as_str(), "")..).map_err(be)? {
                 let (k, v) = item.map_err(be)?;
                 let (r, s, _) = k.value();
                 if r != repo || s != subject {
@@ -452,10 +411,7 @@ impl MetadataStore for RedbMetadata {
         let id = id.to_string();
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
-            w.open_table(UPLOADS)
-                .map_err(be)?
-                .remove(id.as_str())
-                .map_err(be)?;
+            w.open_table(UPLOADS).map_err(be)?.remove(id.as_str()).map_err(be)?;
             w.commit().map_err(be)
         })
         .await

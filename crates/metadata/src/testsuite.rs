@@ -26,12 +26,7 @@ fn record(blobs: &[&Digest], subject: Option<&Digest>) -> ManifestRecord {
     }
 }
 
-fn new_manifest(
-    digest: &Digest,
-    blobs: &[&Digest],
-    tags: &[&str],
-    subject: Option<&Digest>,
-) -> NewManifest {
+fn new_manifest(digest: &Digest, blobs: &[&Digest], tags: &[&str], subject: Option<&Digest>) -> NewManifest {
     NewManifest {
         digest: digest.clone(),
         record: record(blobs, subject),
@@ -84,10 +79,7 @@ pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
         .await
         .unwrap();
     assert!(store.repo_exists(&r).await.unwrap());
-    assert_eq!(
-        store.resolve_tag(&r, &tag("v1")).await.unwrap(),
-        Some(m1.clone())
-    );
+    assert_eq!(store.resolve_tag(&r, &tag("v1")).await.unwrap(), Some(m1.clone()));
     assert_eq!(
         store.get_manifest(&r, &m1).await.unwrap(),
         Some(record(&[&layer], None))
@@ -97,14 +89,8 @@ pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
         .put_manifest(&r, new_manifest(&m2, &[&layer], &["latest"], None))
         .await
         .unwrap();
-    assert_eq!(
-        store.resolve_tag(&r, &tag("latest")).await.unwrap(),
-        Some(m2.clone())
-    );
-    assert_eq!(
-        store.list_tags(&r, None, 100).await.unwrap(),
-        vec!["latest", "v1"]
-    );
+    assert_eq!(store.resolve_tag(&r, &tag("latest")).await.unwrap(), Some(m2.clone()));
+    assert_eq!(store.list_tags(&r, None, 100).await.unwrap(), vec!["latest", "v1"]);
     // Deleting a tag leaves the manifest.
     assert!(store.delete_tag(&r, &tag("v1")).await.unwrap());
     assert!(!store.delete_tag(&r, &tag("v1")).await.unwrap());
@@ -125,9 +111,7 @@ pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
     let m = Digest::sha256(b"req-m");
     // The blob exists, but only in another repository.
     store.add_blob(&other, &layer, 9).await.unwrap();
-    let err = store
-        .put_manifest(&r, new_manifest(&m, &[&layer], &["v1"], None))
-        .await;
+    let err = store.put_manifest(&r, new_manifest(&m, &[&layer], &["v1"], None)).await;
     assert!(matches!(err, Err(MetaError::MissingReference(d)) if d == layer));
     // Nothing partial: no manifest, no tag, no repository.
     assert_eq!(store.get_manifest(&r, &m).await.unwrap(), None);
@@ -173,11 +157,7 @@ pub async fn referrers_index(store: &dyn MetadataStore) {
     let mut want = vec![sig.clone(), sbom.clone()];
     want.sort();
     assert_eq!(got, want);
-    assert!(store
-        .referrers(&repo("ref/other"), &subject)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.referrers(&repo("ref/other"), &subject).await.unwrap().is_empty());
     store.delete_manifest(&r, &sig).await.unwrap();
     let got: Vec<Digest> = store
         .referrers(&r, &subject)
@@ -204,19 +184,10 @@ pub async fn pagination(store: &dyn MetadataStore) {
     let page: Vec<&String> = all.iter().filter(|r| r.starts_with("page/")).collect();
     assert_eq!(page, vec!["page/a", "page/b", "page/c"]);
     assert!(all.windows(2).all(|w| w[0] < w[1]), "catalog is sorted");
-    assert_eq!(
-        store.list_repos(Some("page/a"), 1).await.unwrap(),
-        vec!["page/b"]
-    );
+    assert_eq!(store.list_repos(Some("page/a"), 1).await.unwrap(), vec!["page/b"]);
     let r = repo("page/b");
-    assert_eq!(
-        store.list_tags(&r, None, 2).await.unwrap(),
-        vec!["t1", "t2"]
-    );
-    assert_eq!(
-        store.list_tags(&r, Some("t2"), 2).await.unwrap(),
-        vec!["t3"]
-    );
+    assert_eq!(store.list_tags(&r, None, 2).await.unwrap(), vec!["t1", "t2"]);
+    assert_eq!(store.list_tags(&r, Some("t2"), 2).await.unwrap(), vec!["t3"]);
     assert!(store.list_tags(&r, Some("t3"), 2).await.unwrap().is_empty());
     assert!(store.list_tags(&r, None, 0).await.unwrap().is_empty());
 }

@@ -39,9 +39,7 @@ impl Algorithm {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DigestError {
     /// The string is not `algorithm:encoded` with a well-formed encoding.
-    #[error(
-        "invalid digest {0:?}: expected sha256:<64 lowercase hex> or sha512:<128 lowercase hex>"
-    )]
+    #[error("invalid digest {0:?}: expected sha256:<64 lowercase hex> or sha512:<128 lowercase hex>")]
     Invalid(String),
     /// Well-formed, but an algorithm berth does not implement.
     #[error("unsupported digest algorithm {0:?}: berth supports sha256 and sha512")]
@@ -94,11 +92,9 @@ impl FromStr for Digest {
         };
         // The spec's grammar: algorithm-component ([a-z0-9]+) joined by [+._-].
         let alg_ok = !alg.is_empty()
-            && alg.split(['+', '.', '_', '-']).all(|c| {
-                !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            });
+            && alg
+                .split(['+', '.', '_', '-'])
+                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
         let enc_ok = !enc.is_empty()
             && enc
                 .bytes()
@@ -111,10 +107,8 @@ impl FromStr for Digest {
             "sha512" => Algorithm::Sha512,
             _ => return Err(DigestError::Unsupported(alg.to_string())),
         };
-        let hex_ok = enc.len() == algorithm.hex_len()
-            && enc
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex_ok =
+            enc.len() == algorithm.hex_len() && enc.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex_ok {
             return Err(DigestError::Invalid(s.to_string()));
         }
@@ -210,10 +204,7 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85g",
             "SHA256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
         ] {
-            assert!(
-                matches!(bad.parse::<Digest>(), Err(DigestError::Invalid(_))),
-                "{bad}"
-            );
+            assert!(matches!(bad.parse::<Digest>(), Err(DigestError::Invalid(_))), "{bad}");
         }
         assert!(matches!(
             "md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>(),

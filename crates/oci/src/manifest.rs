@@ -87,8 +87,7 @@ impl Manifest {
     /// `Content-Type`, used when the manifest has no `mediaType` field; when
     /// both are present they must agree.
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         // Content-Type parameters (e.g. "; charset=utf-8") are not part of the type.
         let content_type = content_type
             .map(|c| c.split(';').next().unwrap_or("").trim())
@@ -104,11 +103,7 @@ impl Manifest {
             // No usable type: infer it from the shape, as OCI allows.
             (None, _) if raw.manifests.is_some() => media::OCI_INDEX.to_string(),
             (None, _) if raw.config.is_some() => media::OCI_MANIFEST.to_string(),
-            (None, c) => {
-                return Err(ManifestError::UnsupportedMediaType(
-                    c.unwrap_or("(none)").to_string(),
-                ))
-            }
+            (None, c) => return Err(ManifestError::UnsupportedMediaType(c.unwrap_or("(none)").to_string())),
         };
         if !media::is_manifest(&media_type) {
             return Err(ManifestError::UnsupportedMediaType(media_type));
@@ -119,18 +114,15 @@ impl Manifest {
         let is_index = media::is_index(&media_type);
         if is_index {
             if raw.config.is_some() || raw.layers.is_some() {
-                return Err(ManifestError::Invalid(
-                    "an index must not have config or layers".into(),
-                ));
+                return Err(ManifestError::Invalid("an index must not have config or layers".into()));
             }
             let Some(manifests) = &raw.manifests else {
-                return Err(ManifestError::Invalid(
-                    "an index needs a manifests array".into(),
-                ));
+                return Err(ManifestError::Invalid("an index needs a manifests array".into()));
             };
-            if let Some(bad) = manifests.iter().find(|d| {
-                !media::is_manifest(&d.media_type) && media_type == media::DOCKER_MANIFEST_LIST
-            }) {
+            if let Some(bad) = manifests
+                .iter()
+                .find(|d| !media::is_manifest(&d.media_type) && media_type == media::DOCKER_MANIFEST_LIST)
+            {
                 return Err(ManifestError::Invalid(format!(
                     "manifest list entry {} has media type {:?}",
                     bad.digest, bad.media_type
@@ -143,14 +135,10 @@ impl Manifest {
                 ));
             }
             if raw.config.is_none() {
-                return Err(ManifestError::Invalid(
-                    "an image manifest needs a config".into(),
-                ));
+                return Err(ManifestError::Invalid("an image manifest needs a config".into()));
             }
             if raw.layers.is_none() {
-                return Err(ManifestError::Invalid(
-                    "an image manifest needs a layers array".into(),
-                ));
+                return Err(ManifestError::Invalid("an image manifest needs a layers array".into()));
             }
         }
         if media_type.starts_with("application/vnd.docker.") && raw.subject.is_some() {

@@ -109,9 +109,7 @@ impl FromStr for Tag {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let b = s.as_bytes();
-        let first_ok = b
-            .first()
-            .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
+        let first_ok = b.first().is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
         let rest_ok = b
             .iter()
             .skip(1)
@@ -243,10 +241,7 @@ impl FromStr for UploadId {
     type Err = NameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty()
-            || s.len() > 64
-            || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(NameError::Upload(s.to_string()));
         }
         Ok(UploadId(s.to_string()))

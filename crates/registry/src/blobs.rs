@@ -10,8 +10,7 @@ use storage::{BlobStore, ByteStream};
 use crate::{Registry, RegistryError, Result};
 
 fn blob_unknown(d: &Digest) -> RegistryError {
-    RegistryError::new(ErrorCode::BlobUnknown, "blob unknown to this repository")
-        .with_detail(d.to_string())
+    RegistryError::new(ErrorCode::BlobUnknown, "blob unknown to this repository").with_detail(d.to_string())
 }
 
 impl Registry {

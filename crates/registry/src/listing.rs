@@ -27,18 +27,12 @@ impl Registry {
         Ok(page(self.meta.list_repos(last, n + 1).await?, n))
     }
 
-    pub async fn tags(
-        &self,
-        repo: &RepoName,
-        n: Option<usize>,
-        last: Option<&str>,
-    ) -> Result<Page> {
+    pub async fn tags(&self, repo: &RepoName, n: Option<usize>, last: Option<&str>) -> Result<Page> {
         if !self.meta.repo_exists(repo).await? {
-            return Err(RegistryError::new(
-                ErrorCode::NameUnknown,
-                "repository name not known to registry",
-            )
-            .with_detail(repo.to_string()));
+            return Err(
+                RegistryError::new(ErrorCode::NameUnknown, "repository name not known to registry")
+                    .with_detail(repo.to_string()),
+            );
         }
         let n = n.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
         Ok(page(self.meta.list_tags(repo, last, n + 1).await?, n))

@@ -26,8 +26,7 @@ pub struct ManifestBody {
 }
 
 fn manifest_unknown(reference: &Reference) -> RegistryError {
-    RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown")
-        .with_detail(reference.to_string())
+    RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown").with_detail(reference.to_string())
 }
 
 impl Registry {
@@ -69,15 +68,8 @@ impl Registry {
         if let Reference::Tag(t) = reference {
             all_tags.push(t.clone());
         }
-        let required_blobs: Vec<Digest> = manifest
-            .required_blobs()
-            .map(|d| d.digest.clone())
-            .collect();
-        let children: Vec<Digest> = manifest
-            .manifests
-            .iter()
-            .map(|d| d.digest.clone())
-            .collect();
+        let required_blobs: Vec<Digest> = manifest.required_blobs().map(|d| d.digest.clone()).collect();
+        let children: Vec<Digest> = manifest.manifests.iter().map(|d| d.digest.clone()).collect();
         let required_manifests = if self.config.sparse_index {
             vec![]
         } else {
@@ -114,11 +106,7 @@ impl Registry {
         }
     }
 
-    async fn resolve(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-    ) -> Result<(Digest, ManifestRecord)> {
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, ManifestRecord)> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(t) => self
@@ -136,12 +124,7 @@ impl Registry {
     }
 
     /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not read.
-    pub async fn manifest_get(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        with_body: bool,
-    ) -> Result<ManifestBody> {
+    pub async fn manifest_get(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
         let (digest, record) = self.resolve(repo, reference).await?;
         let bytes = if with_body {
             let mut out = Vec::with_capacity(record.size as usize);

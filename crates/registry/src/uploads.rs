@@ -52,10 +52,7 @@ impl Sessions {
     }
 
     fn remove(&self, id: &UploadId) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -163,9 +160,7 @@ impl Registry {
             let data = hashing(data, slot.hash.clone(), size);
             size = self.blobs.upload_append(id, data).await?;
         }
-        let actual = self
-            .upload_digest(id, &slot, size, digest.algorithm())
-            .await?;
+        let actual = self.upload_digest(id, &slot, size, digest.algorithm()).await?;
         if actual != *digest {
             self.discard(id).await;
             return Err(RegistryError::new(
@@ -187,13 +182,7 @@ impl Registry {
 
     /// The digest of the upload's `size` bytes: from the streaming hash when
     /// it is in step, else by reading the upload back.
-    async fn upload_digest(
-        &self,
-        id: &UploadId,
-        slot: &Slot,
-        size: u64,
-        alg: Algorithm,
-    ) -> Result<Digest> {
+    async fn upload_digest(&self, id: &UploadId, slot: &Slot, size: u64, alg: Algorithm) -> Result<Digest> {
         if alg == Algorithm::Sha256 {
             if let Ok(h) = slot.hash.lock() {
                 if h.hashed == size {
@@ -232,12 +221,7 @@ impl Registry {
     /// `from`; without it, any committed blob can be mounted. Returns the
     /// blob's size, or `None` when it cannot be mounted (the client then
     /// uploads it).
-    pub async fn mount(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        from: Option<&RepoName>,
-    ) -> Result<Option<u64>> {
+    pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<Option<u64>> {
         if let Some(size) = self.meta.linked_blob(repo, digest).await? {
             return Ok(Some(size));
         }

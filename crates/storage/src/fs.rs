@@ -102,9 +102,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
-        let mut file = File::open(self.blob_path(digest))
-            .await
-            .map_err(io_to_storage)?;
+        let mut file = File::open(self.blob_path(digest)).await.map_err(io_to_storage)?;
         Ok(match range {
             None => Box::pin(ReaderStream::with_capacity(file, READ_BUF)),
             Some(r) => {
@@ -175,9 +173,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn upload_read(&self, id: &UploadId) -> Result<ByteStream> {
-        let f = File::open(self.upload_path(id))
-            .await
-            .map_err(io_to_storage)?;
+        let f = File::open(self.upload_path(id)).await.map_err(io_to_storage)?;
         Ok(Box::pin(ReaderStream::with_capacity(f, READ_BUF)))
     }
 

@@ -60,44 +60,23 @@ pub async fn upload_lifecycle(store: &dyn BlobStore) {
     let id = upload_id(1);
     store.upload_create(&id).await.unwrap();
     assert_eq!(store.upload_size(&id).await.unwrap(), Some(0));
-    assert_eq!(
-        store
-            .upload_append(&id, chunks(&[b"abc", b"def"]))
-            .await
-            .unwrap(),
-        6
-    );
-    assert_eq!(
-        store.upload_append(&id, chunks(&[b"ghi"])).await.unwrap(),
-        9
-    );
+    assert_eq!(store.upload_append(&id, chunks(&[b"abc", b"def"])).await.unwrap(), 6);
+    assert_eq!(store.upload_append(&id, chunks(&[b"ghi"])).await.unwrap(), 9);
     assert_eq!(store.upload_size(&id).await.unwrap(), Some(9));
-    assert_eq!(
-        collect(store.upload_read(&id).await.unwrap()).await,
-        b"abcdefghi"
-    );
+    assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, b"abcdefghi");
     let d = Digest::sha256(b"abcdefghi");
     assert_eq!(store.upload_commit(&id, &d).await.unwrap(), 9);
     assert_eq!(store.upload_size(&id).await.unwrap(), None);
     assert_eq!(store.stat(&d).await.unwrap(), Some(9));
-    assert_eq!(
-        collect(store.get(&d, None).await.unwrap()).await,
-        b"abcdefghi"
-    );
+    assert_eq!(collect(store.get(&d, None).await.unwrap()).await, b"abcdefghi");
 
     // Committing the same content again (a concurrent push of the same layer)
     // keeps one blob with the same bytes.
     let id2 = upload_id(2);
     store.upload_create(&id2).await.unwrap();
-    store
-        .upload_append(&id2, chunks(&[b"abcdefghi"]))
-        .await
-        .unwrap();
+    store.upload_append(&id2, chunks(&[b"abcdefghi"])).await.unwrap();
     assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), 9);
-    assert_eq!(
-        collect(store.get(&d, None).await.unwrap()).await,
-        b"abcdefghi"
-    );
+    assert_eq!(collect(store.get(&d, None).await.unwrap()).await, b"abcdefghi");
 
     // A cancelled upload leaves nothing.
     let id3 = upload_id(3);
@@ -111,20 +90,14 @@ pub async fn upload_lifecycle(store: &dyn BlobStore) {
 
 pub async fn missing_things(store: &dyn BlobStore) {
     let d = Digest::sha256(b"never stored");
-    assert!(matches!(
-        store.get(&d, None).await,
-        Err(StorageError::NotFound)
-    ));
+    assert!(matches!(store.get(&d, None).await, Err(StorageError::NotFound)));
     let id = upload_id(9);
     assert_eq!(store.upload_size(&id).await.unwrap(), None);
     assert!(matches!(
         store.upload_append(&id, chunks(&[b"x"])).await,
         Err(StorageError::NotFound)
     ));
-    assert!(matches!(
-        store.upload_read(&id).await,
-        Err(StorageError::NotFound)
-    ));
+    assert!(matches!(store.upload_read(&id).await, Err(StorageError::NotFound)));
     assert!(matches!(
         store.upload_commit(&id, &d).await,
         Err(StorageError::NotFound)

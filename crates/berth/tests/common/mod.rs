@@ -80,14 +80,12 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "berth did not start; log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                )
-            });
+        let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+            panic!(
+                "berth did not start; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        });
         self.addr = addr;
         self.child = Some(child);
     }
@@ -113,10 +111,7 @@ impl Server {
         let Some(mut c) = self.child.take() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         for _ in 0..200 {
             if let Ok(Some(status)) = c.try_wait() {
                 return status.success();
@@ -169,10 +164,7 @@ pub fn sha256(data: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes.
 pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -230,15 +222,8 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> Vec<u8
 
 /// Pushes a small image (config plus one layer) under `tag`; returns the
 /// manifest digest.
-pub async fn push_image(
-    c: &reqwest::Client,
-    s: &Server,
-    repo: &str,
-    tag: &str,
-    seed: u64,
-) -> String {
-    let config =
-        format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+pub async fn push_image(c: &reqwest::Client, s: &Server, repo: &str, tag: &str, seed: u64) -> String {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
     let layer = bytes(seed, 1000);
     let cd = push_blob(c, s, repo, &config).await;
     let ld = push_blob(c, s, repo, &layer).await;
