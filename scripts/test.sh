@@ -32,7 +32,9 @@ fi
 
 if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
     section "real-client tests"
-    cargo build --locked --bin berth
+    # The integration tests above built target/debug/berth; building it again
+    # alone would only recompile dependencies with other features.
+    [[ -x target/debug/berth ]] || cargo build --locked --bin berth
     BERTH_BIN="$ROOT/target/debug/berth" tests/clients/run.sh
 fi
 
