@@ -8,6 +8,7 @@ use registry::Registry;
 
 use crate::error::{ApiError, ApiResult};
 use crate::request::{body_stream, byte_range, chunk_range, content_length, Query};
+use crate::Ctx;
 
 fn hv(s: impl AsRef<str>) -> HeaderValue {
     HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -47,8 +48,9 @@ pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMa
     Ok(resp)
 }
 
-pub async fn delete(reg: &Registry, name: &RepoName, d: &Digest) -> ApiResult {
-    reg.blob_delete(name, d).await?;
+pub async fn delete(ctx: &Ctx<'_>, name: &RepoName, d: &Digest) -> ApiResult {
+    ctx.reg().blob_delete(name, d).await?;
+    ctx.audit("delete", &format!("{name}@{d}"), "ok", "blob");
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
@@ -94,41 +96,55 @@ fn digest_param(q: &Query) -> Result<Option<Digest>, ApiError> {
 
 /// POST `/blobs/uploads/`: a mount (`?mount=`), a monolithic upload
 /// (`?digest=` with the body), or the start of an upload session.
-pub async fn start(reg: &Registry, name: &RepoName, q: &Query, headers: &HeaderMap, body: Body) -> ApiResult {
+pub async fn start(ctx: &Ctx<'_>, name: &RepoName, q: &Query, body: Body) -> ApiResult {
+    let (reg, owner) = (ctx.reg(), ctx.caller.owner());
     if let Some(mount) = q.get("mount") {
         let d: Digest = mount.parse()?;
-        // An invalid `from` cannot name a repository holding the blob: the
-        // mount fails and the client uploads, as the spec prescribes.
-        let from = q.get("from").map(|f| f.parse::<RepoName>());
-        let mounted = match &from {
-            Some(Ok(from)) => reg.mount(name, &d, Some(from)).await?,
-            Some(Err(_)) => None,
-            None => reg.mount(name, &d, None).await?,
+        // A `from` that is invalid, or that the caller may not pull, cannot
+        // be mounted from: the client uploads instead, as the spec says, and
+        // learns nothing about the source.
+        let from = match q.get("from").map(|f| f.parse::<RepoName>()) {
+            Some(Ok(from)) if crate::access::can_pull(ctx.auth(), &ctx.caller, from.as_str()).await => Some(Some(from)),
+            Some(_) => None,
+            None => Some(None),
+        };
+        let mounted = match from {
+            Some(Some(from)) => reg.mount(name, &d, Some(&from)).await?,
+            // Without `from`, only without access control: with it, the
+            // blob could come from a repository the caller may not read.
+            Some(None) if ctx.auth().is_none() => reg.mount(name, &d, None).await?,
+            _ => None,
         };
         if mounted.is_some() {
             return Ok(blob_created(name, &d));
         }
     } else if let Some(d) = digest_param(q)? {
-        let id = reg.upload_start(name).await?;
-        let result = reg.upload_finish(name, &id, &d, Some(body_stream(body))).await;
+        let id = reg.upload_start(name, owner).await?;
+        let result = reg.upload_finish(name, &id, owner, &d, Some(body_stream(body))).await;
         if result.is_err() {
-            let _ = reg.upload_cancel(name, &id).await;
+            let _ = reg.upload_cancel(name, &id, owner).await;
         }
         result?;
         return Ok(blob_created(name, &d));
     }
-    let _ = headers;
-    let id = reg.upload_start(name).await?;
+    let id = reg.upload_start(name, owner).await?;
     Ok(upload_progress(StatusCode::ACCEPTED, name, &id, 0))
 }
 
-pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId) -> ApiResult {
-    let size = reg.upload_status(name, id).await?;
+pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId, owner: Option<&str>) -> ApiResult {
+    let size = reg.upload_status(name, id, owner).await?;
     Ok(upload_progress(StatusCode::NO_CONTENT, name, id, size))
 }
 
 /// PATCH: a chunk (with `Content-Range`) or a stream (without).
-pub async fn patch(reg: &Registry, name: &RepoName, id: &UploadId, headers: &HeaderMap, body: Body) -> ApiResult {
+pub async fn patch(
+    reg: &Registry,
+    name: &RepoName,
+    id: &UploadId,
+    owner: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
     let range = chunk_range(headers)?;
     if let (Some((a, b)), Some(len)) = (range, content_length(headers)) {
         if b - a + 1 != len {
@@ -142,7 +158,7 @@ pub async fn patch(reg: &Registry, name: &RepoName, id: &UploadId, headers: &Hea
         }
     }
     let size = reg
-        .upload_append(name, id, range.map(|(a, _)| a), body_stream(body))
+        .upload_append(name, id, owner, range.map(|(a, _)| a), body_stream(body))
         .await
         .map_err(|e| {
             let mut err = ApiError::from(e);
@@ -159,6 +175,7 @@ pub async fn finish(
     reg: &Registry,
     name: &RepoName,
     id: &UploadId,
+    owner: Option<&str>,
     q: &Query,
     headers: &HeaderMap,
     body: Body,
@@ -171,11 +188,11 @@ pub async fn finish(
     };
     let has_body = content_length(headers).is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
     let last = has_body.then(|| body_stream(body));
-    reg.upload_finish(name, id, &d, last).await?;
+    reg.upload_finish(name, id, owner, &d, last).await?;
     Ok(blob_created(name, &d))
 }
 
-pub async fn cancel(reg: &Registry, name: &RepoName, id: &UploadId) -> ApiResult {
-    reg.upload_cancel(name, id).await?;
+pub async fn cancel(reg: &Registry, name: &RepoName, id: &UploadId, owner: Option<&str>) -> ApiResult {
+    reg.upload_cancel(name, id, owner).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,40 +1,56 @@
-//! The HTTP API of the OCI Distribution Spec. This is the only crate that
-//! knows HTTP: it parses requests into validated OCI types, calls the
-//! registry service, and renders results and errors as the spec says.
+//! The HTTP API of the OCI Distribution Spec, the token endpoint and the
+//! admin API. This is the only crate that knows HTTP: it parses requests
+//! into validated types, checks access, calls the registry service, and
+//! renders results and errors as the spec says.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use auth::{Action, Auth};
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use oci::ErrorCode;
 use registry::Registry;
 
+pub mod access;
+mod admin;
 mod blobs;
 pub mod error;
 mod lists;
 mod manifests;
 pub mod request;
 pub mod route;
+mod token;
 
+use access::Caller;
 pub use error::{ApiError, ApiResult};
 use request::Query;
 use route::Route;
 
-pub type AppState = Arc<Registry>;
+/// Everything a request handler can reach.
+pub struct App {
+    pub registry: Registry,
+    /// `None` when access control is off.
+    pub auth: Option<Auth>,
+}
+
+pub type AppState = Arc<App>;
 
 /// The registry's HTTP routes.
-pub fn router(registry: Arc<Registry>) -> Router {
+pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v2", get(ping).head(ping))
         .route("/v2/", get(ping).head(ping))
         .route("/v2/{*rest}", any(dispatch))
+        .route("/token", get(token_get).post(token_post))
+        .merge(admin::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(api_version_header))
-        .with_state(registry)
+        .with_state(app)
 }
 
 async fn api_version_header(mut resp: Response) -> Response {
@@ -45,8 +61,48 @@ async fn api_version_header(mut resp: Response) -> Response {
     resp
 }
 
-async fn ping() -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+/// The client address, for the audit log and login limiting.
+pub fn client_addr(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+fn connect_addr(req: &Request<Body>) -> String {
+    client_addr(req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0))
+}
+
+/// `GET /v2/`: with access control, only for authenticated callers, which
+/// is how clients discover the token service (`docker login`).
+async fn ping(State(app): State<AppState>, req: Request<Body>) -> ApiResult {
+    if let Some(auth) = app.auth.as_ref() {
+        let caller = access::authenticate(Some(auth), req.headers(), &connect_addr(&req)).await?;
+        if matches!(caller, Caller::Anonymous) {
+            return Err(access::auth_error(
+                auth,
+                auth::AuthError::Unauthorized("authentication required".into()),
+                None,
+            ));
+        }
+    }
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response())
+}
+
+async fn token_get(State(app): State<AppState>, req: Request<Body>) -> ApiResult {
+    let auth = auth_on(&app)?;
+    let q = Query::parse(req.uri().query());
+    token::get(auth, &q, req.headers(), &connect_addr(&req)).await
+}
+
+async fn token_post(State(app): State<AppState>, req: Request<Body>) -> ApiResult {
+    let auth = auth_on(&app)?;
+    let client = connect_addr(&req);
+    let (parts, body) = req.into_parts();
+    token::post(auth, &parts.headers, body, &client).await
+}
+
+fn auth_on(app: &App) -> Result<&Auth, ApiError> {
+    app.auth
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "access control is off; no token service"))
 }
 
 async fn not_found() -> ApiError {
@@ -63,7 +119,60 @@ fn unsupported(method: &Method) -> ApiError {
     )
 }
 
-async fn dispatch(State(reg): State<AppState>, req: Request<Body>) -> ApiResult {
+/// The action a request needs on its repository.
+fn action_of(route: &Route, method: &Method) -> Option<Action> {
+    match (route, method) {
+        (Route::Catalog, _) => None,
+        (_, &Method::GET | &Method::HEAD) => match route {
+            Route::Upload(..) => Some(Action::Push),
+            _ => Some(Action::Pull),
+        },
+        (Route::Upload(..) | Route::UploadStart(_), _) => Some(Action::Push),
+        (Route::Manifest(..), &Method::PUT) => Some(Action::Push),
+        (Route::Manifest(..) | Route::Blob(..), &Method::DELETE) => Some(Action::Delete),
+        _ => None,
+    }
+}
+
+fn repo_of(route: &Route) -> Option<&oci::RepoName> {
+    match route {
+        Route::Catalog => None,
+        Route::Tags(n)
+        | Route::Manifest(n, _)
+        | Route::Blob(n, _)
+        | Route::UploadStart(n)
+        | Route::Upload(n, _)
+        | Route::Referrers(n, _) => Some(n),
+    }
+}
+
+/// Per-request context for the handlers.
+pub(crate) struct Ctx<'a> {
+    pub app: &'a App,
+    pub caller: Caller,
+    pub client: String,
+}
+
+impl Ctx<'_> {
+    pub fn reg(&self) -> &Registry {
+        &self.app.registry
+    }
+
+    pub fn auth(&self) -> Option<&Auth> {
+        self.app.auth.as_ref()
+    }
+
+    /// Records a push, pull or delete in the audit log (with access control on).
+    pub fn audit(&self, action: &str, resource: &str, result: &str, detail: &str) {
+        if let Some(auth) = self.auth() {
+            auth.audit
+                .record(self.caller.name(), action, resource, &self.client, result, detail);
+        }
+    }
+}
+
+async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult {
+    let client = connect_addr(&req);
     let (parts, body) = req.into_parts();
     let rest = parts.uri.path().strip_prefix("/v2/").unwrap_or("");
     let route = match route::parse(rest) {
@@ -73,31 +182,52 @@ async fn dispatch(State(reg): State<AppState>, req: Request<Body>) -> ApiResult 
     let q = Query::parse(parts.uri.query());
     let h = &parts.headers;
     let m = &parts.method;
+    let caller = access::authenticate(app.auth.as_ref(), h, &client).await?;
+    let ctx = Ctx {
+        app: &app,
+        caller,
+        client,
+    };
+    if let (Some(action), Some(repo)) = (action_of(&route, m), repo_of(&route)) {
+        if let Err(e) = access::require(ctx.auth(), &ctx.caller, repo, action).await {
+            if e.error.code == ErrorCode::Denied {
+                ctx.audit(action.as_str(), repo.as_str(), "denied", &e.error.message);
+            }
+            return Err(e);
+        }
+    }
+    handle(&ctx, route, m, &q, h, body).await
+}
+
+async fn handle(ctx: &Ctx<'_>, route: Route, m: &Method, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     match route {
-        Route::Catalog if m == Method::GET => lists::catalog(&reg, &q).await,
-        Route::Tags(name) if m == Method::GET => lists::tags(&reg, &name, &q).await,
-        Route::Referrers(name, d) if m == Method::GET => lists::referrers(&reg, &name, &d, &q).await,
+        Route::Catalog if m == Method::GET => lists::catalog(ctx, q).await,
+        Route::Tags(name) if m == Method::GET => lists::tags(ctx.reg(), &name, q).await,
+        Route::Referrers(name, d) if m == Method::GET => lists::referrers(ctx.reg(), &name, &d, q).await,
         Route::Manifest(name, r) => match *m {
-            Method::GET => manifests::get(&reg, &name, &r, true).await,
-            Method::HEAD => manifests::get(&reg, &name, &r, false).await,
-            Method::PUT => manifests::put(&reg, &name, &r, &q, h, body).await,
-            Method::DELETE => manifests::delete(&reg, &name, &r).await,
+            Method::GET => manifests::get(ctx, &name, &r, true).await,
+            Method::HEAD => manifests::get(ctx, &name, &r, false).await,
+            Method::PUT => manifests::put(ctx, &name, &r, q, h, body).await,
+            Method::DELETE => manifests::delete(ctx, &name, &r).await,
             _ => Err(unsupported(m)),
         },
         Route::Blob(name, d) => match *m {
-            Method::GET => blobs::get(&reg, &name, &d, h, true).await,
-            Method::HEAD => blobs::get(&reg, &name, &d, h, false).await,
-            Method::DELETE => blobs::delete(&reg, &name, &d).await,
+            Method::GET => blobs::get(ctx.reg(), &name, &d, h, true).await,
+            Method::HEAD => blobs::get(ctx.reg(), &name, &d, h, false).await,
+            Method::DELETE => blobs::delete(ctx, &name, &d).await,
             _ => Err(unsupported(m)),
         },
-        Route::UploadStart(name) if m == Method::POST => blobs::start(&reg, &name, &q, h, body).await,
-        Route::Upload(name, id) => match *m {
-            Method::GET => blobs::status(&reg, &name, &id).await,
-            Method::PATCH => blobs::patch(&reg, &name, &id, h, body).await,
-            Method::PUT => blobs::finish(&reg, &name, &id, &q, h, body).await,
-            Method::DELETE => blobs::cancel(&reg, &name, &id).await,
-            _ => Err(unsupported(m)),
-        },
+        Route::UploadStart(name) if m == Method::POST => blobs::start(ctx, &name, q, body).await,
+        Route::Upload(name, id) => {
+            let (reg, owner) = (ctx.reg(), ctx.caller.owner());
+            match *m {
+                Method::GET => blobs::status(reg, &name, &id, owner).await,
+                Method::PATCH => blobs::patch(reg, &name, &id, owner, h, body).await,
+                Method::PUT => blobs::finish(reg, &name, &id, owner, q, h, body).await,
+                Method::DELETE => blobs::cancel(reg, &name, &id, owner).await,
+                _ => Err(unsupported(m)),
+            }
+        }
         _ => Err(unsupported(m)),
     }
 }

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::error::ApiResult;
 use crate::request::Query;
+use crate::Ctx;
 
 /// A JSON response with, when more entries follow, the `Link` header to the
 /// next page (RFC 5988, as the spec uses it).
@@ -30,9 +31,14 @@ fn paged(body: serde_json::Value, page: &Page, base: &str, n: Option<usize>) -> 
     resp
 }
 
-pub async fn catalog(reg: &Registry, q: &Query) -> ApiResult {
+/// The catalog lists only repositories the caller may pull, so with access
+/// control a page is filled from as many index pages as it takes.
+pub async fn catalog(ctx: &Ctx<'_>, q: &Query) -> ApiResult {
     let n = q.n()?;
-    let page = reg.catalog(n, q.get("last")).await?;
+    let page = match ctx.auth() {
+        None => ctx.reg().catalog(n, q.get("last")).await?,
+        Some(_) => filtered_catalog(ctx, n, q.get("last")).await?,
+    };
     Ok(paged(json!({ "repositories": page.items }), &page, "/v2/_catalog", n))
 }
 
@@ -67,4 +73,38 @@ pub async fn referrers(reg: &Registry, name: &RepoName, subject: &Digest, q: &Qu
             .insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
     }
     Ok(resp)
+}
+
+async fn filtered_catalog(ctx: &Ctx<'_>, n: Option<usize>, last: Option<&str>) -> Result<Page, crate::ApiError> {
+    let want = n
+        .unwrap_or(registry::listing::DEFAULT_PAGE)
+        .min(registry::listing::MAX_PAGE);
+    let mut items = Vec::new();
+    let mut cursor = last.map(str::to_string);
+    // Decisions are per project; remember them for this request.
+    let mut decided: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    loop {
+        let page = ctx.reg().catalog(Some(want.max(100)), cursor.as_deref()).await?;
+        for repo in &page.items {
+            let project = repo.split('/').next().unwrap_or(repo).to_string();
+            let allowed = match decided.get(&project) {
+                Some(a) => *a,
+                None => {
+                    let a = crate::access::can_pull(ctx.auth(), &ctx.caller, repo).await;
+                    decided.insert(project, a);
+                    a
+                }
+            };
+            if allowed {
+                if items.len() == want {
+                    return Ok(Page { items, more: true });
+                }
+                items.push(repo.clone());
+            }
+        }
+        if !page.more {
+            return Ok(Page { items, more: false });
+        }
+        cursor = page.items.last().cloned();
+    }
 }

@@ -4,17 +4,20 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use oci::{ErrorCode, Reference, RepoName, Tag};
-use registry::Registry;
 
 use crate::error::{ApiError, ApiResult};
 use crate::request::Query;
+use crate::Ctx;
 
 fn hv(s: impl AsRef<str>) -> HeaderValue {
     HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-pub async fn get(reg: &Registry, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
-    let m = reg.manifest_get(name, r, with_body).await?;
+pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
+    let m = ctx.reg().manifest_get(name, r, with_body).await?;
+    if with_body {
+        ctx.audit("pull", &resource(name, r), "ok", m.digest.as_str());
+    }
     let body = m.bytes.map(Body::from).unwrap_or_else(Body::empty);
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -25,14 +28,23 @@ pub async fn get(reg: &Registry, name: &RepoName, r: &Reference, with_body: bool
     Ok(resp)
 }
 
+/// `repo:tag` or `repo@digest`, for the audit log.
+fn resource(name: &RepoName, r: &Reference) -> String {
+    match r {
+        Reference::Tag(t) => format!("{name}:{t}"),
+        Reference::Digest(d) => format!("{name}@{d}"),
+    }
+}
+
 pub async fn put(
-    reg: &Registry,
+    ctx: &Ctx<'_>,
     name: &RepoName,
     r: &Reference,
     q: &Query,
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult {
+    let reg = ctx.reg();
     let limit = reg.config().max_manifest_size;
     let too_large = || {
         ApiError::new(
@@ -47,6 +59,7 @@ pub async fn put(
     let tags = q.all("tag").map(|t| t.parse::<Tag>()).collect::<Result<Vec<_>, _>>()?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let put = reg.manifest_put(name, r, content_type, bytes, tags).await?;
+    ctx.audit("push", &resource(name, r), "ok", put.digest.as_str());
     let mut resp = (
         StatusCode::CREATED,
         [
@@ -63,7 +76,8 @@ pub async fn put(
     Ok(resp)
 }
 
-pub async fn delete(reg: &Registry, name: &RepoName, r: &Reference) -> ApiResult {
-    reg.manifest_delete(name, r).await?;
+pub async fn delete(ctx: &Ctx<'_>, name: &RepoName, r: &Reference) -> ApiResult {
+    ctx.reg().manifest_delete(name, r).await?;
+    ctx.audit("delete", &resource(name, r), "ok", "");
     Ok(StatusCode::ACCEPTED.into_response())
 }

@@ -45,6 +45,31 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `berth=debug,info`. [default: info]
     #[arg(long, env = "BERTH_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+
+    /// Turn on access control: users, projects, roles, robot accounts and
+    /// token auth. Without it, anyone who can connect may push and delete.
+    #[arg(long, env = "BERTH_AUTH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub auth: Option<bool>,
+
+    /// The URL clients use to reach this registry, e.g.
+    /// `https://registry.example.com`. The token realm is built from it,
+    /// never from the request's Host header. [default: http://<listen>]
+    #[arg(long, env = "BERTH_EXTERNAL_URL", value_name = "URL")]
+    pub external_url: Option<String>,
+
+    /// The `service` name in challenges and the audience of tokens.
+    /// [default: berth]
+    #[arg(long, env = "BERTH_TOKEN_SERVICE", value_name = "NAME")]
+    pub token_service: Option<String>,
+
+    /// Lifetime of access tokens, in seconds. [default: 300]
+    #[arg(long, env = "BERTH_TOKEN_TTL", value_name = "SECS")]
+    pub token_ttl: Option<u64>,
+
+    /// The Ed25519 token signing key (created if missing).
+    /// [default: <data-dir>/token.key]
+    #[arg(long, env = "BERTH_TOKEN_KEY", value_name = "FILE")]
+    pub token_key: Option<PathBuf>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -58,6 +83,11 @@ struct FileConfig {
     shutdown_timeout: Option<u64>,
     insecure_allow_anonymous: Option<bool>,
     log: Option<String>,
+    auth: Option<bool>,
+    external_url: Option<String>,
+    token_service: Option<String>,
+    token_ttl: Option<u64>,
+    token_key: Option<PathBuf>,
 }
 
 /// The settings in force.
@@ -70,9 +100,15 @@ pub struct ServeConfig {
     pub shutdown_timeout: u64,
     pub insecure_allow_anonymous: bool,
     pub log: String,
+    pub auth: bool,
+    /// Without a trailing slash.
+    pub external_url: String,
+    pub token_service: String,
+    pub token_ttl: u64,
+    pub token_key: PathBuf,
 }
 
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("berth");
     }
@@ -94,12 +130,36 @@ impl ServeArgs {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        let listen: SocketAddr = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:5000".parse().expect("valid"));
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
+        let external_url = self
+            .external_url
+            .or(file.external_url)
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_string();
+        if !(external_url.starts_with("http://") || external_url.starts_with("https://")) {
+            return Err(format!(
+                "external URL {external_url:?} must start with http:// or https://"
+            ));
+        }
         Ok(ServeConfig {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:5000".parse().expect("valid")),
-            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir),
+            listen,
+            token_key: self
+                .token_key
+                .or(file.token_key)
+                .unwrap_or_else(|| data_dir.join("token.key")),
+            data_dir,
+            auth: self.auth.or(file.auth).unwrap_or(false),
+            external_url,
+            token_service: self
+                .token_service
+                .or(file.token_service)
+                .unwrap_or_else(|| "berth".into()),
+            token_ttl: self.token_ttl.or(file.token_ttl).unwrap_or(300),
             sparse_index: self.sparse_index.or(file.sparse_index).unwrap_or(false),
             max_manifest_size: self
                 .max_manifest_size

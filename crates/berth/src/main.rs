@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod accounts;
 mod config;
 mod serve;
 
@@ -23,12 +24,40 @@ struct Cli {
 enum Command {
     /// Run the registry (OCI Distribution Spec 1.1).
     Serve(config::ServeArgs),
+    /// Manage users (with berth stopped; while it runs, use /api/v1/users).
+    User {
+        #[command(flatten)]
+        store: accounts::Store,
+        #[command(subcommand)]
+        cmd: accounts::UserCmd,
+    },
+    /// Manage projects and their members.
+    Project {
+        #[command(flatten)]
+        store: accounts::Store,
+        #[command(subcommand)]
+        cmd: accounts::ProjectCmd,
+    },
+    /// Manage robot accounts (scoped, expiring credentials for automation).
+    Robot {
+        #[command(flatten)]
+        store: accounts::Store,
+        #[command(subcommand)]
+        cmd: accounts::RobotCmd,
+    },
+    /// Query the audit log of pushes, pulls, deletes, failed logins and
+    /// permission changes.
+    Audit(accounts::AuditArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::User { store, cmd } => accounts::user(store, cmd),
+        Command::Project { store, cmd } => accounts::project(store, cmd),
+        Command::Robot { store, cmd } => accounts::robot(store, cmd),
+        Command::Audit(args) => accounts::audit_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,10 +39,11 @@ fn init_logging(filter: &str) {
 /// An unauthenticated registry is reachable by anyone who can reach its
 /// address, so a non-loopback bind needs an explicit opt-in.
 fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
-    if !cfg.listen.ip().is_loopback() && !cfg.insecure_allow_anonymous {
+    if !cfg.listen.ip().is_loopback() && !cfg.auth && !cfg.insecure_allow_anonymous {
         return Err(format!(
             "refusing to listen on {} without authentication: anyone who can reach it could push, pull and delete. \
-             Listen on a loopback address, or pass --insecure-allow-anonymous if that is really what you want",
+             Turn on access control with --auth, listen on a loopback address, or pass --insecure-allow-anonymous \
+             if that is really what you want",
             cfg.listen
         )
         .into());
@@ -57,21 +58,21 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot open blob storage in {}: {e}", cfg.data_dir.display()))?;
     let meta_path = cfg.data_dir.join("meta.redb");
-    let meta = RedbMetadata::open(&meta_path).map_err(|e| {
-        format!(
-            "cannot open metadata database {}: {e} (is another berth using this data directory?)",
-            meta_path.display()
-        )
-    })?;
+    let meta = Arc::new(open_metadata(&meta_path)?);
     let registry = Registry::new(
         Arc::new(blobs),
-        Arc::new(meta),
+        meta.clone(),
         RegistryConfig {
             sparse_index: cfg.sparse_index,
             max_manifest_size: cfg.max_manifest_size,
         },
     );
-    let app = api::router(Arc::new(registry));
+    let auth = if cfg.auth {
+        Some(open_auth(&cfg, meta.clone()).await?)
+    } else {
+        None
+    };
+    let app = api::router(Arc::new(api::App { registry, auth })).into_make_service_with_connect_info::<SocketAddr>();
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
@@ -118,4 +119,59 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Opens the metadata database, explaining the common failure.
+pub fn open_metadata(path: &std::path::Path) -> Result<RedbMetadata, String> {
+    RedbMetadata::open(path).map_err(|e| {
+        format!(
+            "cannot open metadata database {}: {e} (is another berth using this data directory?)",
+            path.display()
+        )
+    })
+}
+
+async fn open_auth(cfg: &ServeConfig, meta: Arc<RedbMetadata>) -> Result<auth::Auth, BoxError> {
+    if cfg.external_url.contains("://0.0.0.0") || cfg.external_url.contains("://[::]") {
+        return Err(format!(
+            "berth listens on {} and clients cannot reach the token service there; set --external-url to the URL \
+             clients use, e.g. https://registry.example.com",
+            cfg.listen
+        )
+        .into());
+    }
+    let key = auth::token::TokenKey::load_or_create(&cfg.token_key)?;
+    let audit = auth::audit::AuditLog::open(cfg.data_dir.join("audit.log"))
+        .map_err(|e| format!("cannot open the audit log in {}: {e}", cfg.data_dir.display()))?;
+    let config = auth::AuthConfig {
+        realm: format!("{}/token", cfg.external_url),
+        service: cfg.token_service.clone(),
+        token_ttl: Duration::from_secs(cfg.token_ttl),
+        ..auth::AuthConfig::default()
+    };
+    bootstrap_admin(meta.as_ref(), &cfg.data_dir).await?;
+    Ok(auth::Auth::new(meta, key, config, audit))
+}
+
+/// With access control on and no users yet, creates `admin` from
+/// BERTH_INITIAL_ADMIN_PASSWORD, or says how to create the first admin.
+async fn bootstrap_admin(meta: &RedbMetadata, data_dir: &std::path::Path) -> Result<(), BoxError> {
+    use metadata::IdentityStore;
+    if !meta.list_users().await.map_err(|e| e.to_string())?.is_empty() {
+        return Ok(());
+    }
+    match std::env::var("BERTH_INITIAL_ADMIN_PASSWORD") {
+        Ok(pw) if !pw.is_empty() => {
+            auth::admin::create_user(meta, "admin", &pw, true)
+                .await
+                .map_err(|e| format!("cannot create the initial admin from BERTH_INITIAL_ADMIN_PASSWORD: {e}"))?;
+            tracing::info!("created system administrator 'admin' from BERTH_INITIAL_ADMIN_PASSWORD");
+        }
+        _ => tracing::warn!(
+            "access control is on but there are no users yet. Create the first administrator: stop berth and run \
+             `berth user add admin --admin --data-dir {}`, or start berth once with BERTH_INITIAL_ADMIN_PASSWORD set",
+            data_dir.display()
+        ),
+    }
+    Ok(())
 }

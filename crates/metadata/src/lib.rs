@@ -15,9 +15,13 @@ use async_trait::async_trait;
 use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use serde::{Deserialize, Serialize};
 
+pub mod identity;
+pub mod identity_testsuite;
+mod redb_identity;
 pub mod redb_store;
 pub mod testsuite;
 
+pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User};
 pub use redb_store::RedbMetadata;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +73,9 @@ pub struct NewManifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadRecord {
     pub repo: String,
+    /// The identity that opened the upload; only it may continue it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
 }

@@ -32,7 +32,7 @@ pub struct RedbMetadata {
     db: Arc<Database>,
 }
 
-fn be(e: impl std::fmt::Display) -> MetaError {
+pub(crate) fn be(e: impl std::fmt::Display) -> MetaError {
     MetaError::Backend(e.to_string())
 }
 
@@ -52,11 +52,12 @@ impl RedbMetadata {
             w.open_table(REFERRERS).map_err(be)?;
             w.open_table(UPLOADS).map_err(be)?;
         }
+        crate::redb_identity::create_tables(&w)?;
         w.commit().map_err(be)?;
         Ok(RedbMetadata { db: Arc::new(db) })
     }
 
-    async fn run<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T> + Send + 'static,
@@ -427,6 +428,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbMetadata::open(&dir.path().join("meta.redb")).unwrap();
         crate::testsuite::run_all(&store).await;
+        crate::identity_testsuite::run_all(&store).await;
     }
 
     #[tokio::test]

@@ -197,6 +197,7 @@ pub async fn uploads(store: &dyn MetadataStore) {
     assert_eq!(store.get_upload(&id).await.unwrap(), None);
     let rec = UploadRecord {
         repo: "up/app".into(),
+        owner: Some("alice".into()),
         created: 42,
     };
     store.put_upload(&id, &rec).await.unwrap();

@@ -23,8 +23,12 @@ pub enum ErrorCode {
     RangeInvalid,
     /// Content too large, e.g. a manifest above the size limit (status 413).
     SizeTooLarge,
-    /// A path that is no registry endpoint (status 404).
+    /// A path that is no registry endpoint, or an unknown admin object (404).
     NotFound,
+    /// Admin API: the object already exists (409).
+    Conflict,
+    /// Admin API: a malformed request (400).
+    Invalid,
     /// A server-side failure; the message never leaks internals.
     Internal,
     /// The server cannot serve right now (storage unavailable).
@@ -52,6 +56,8 @@ impl ErrorCode {
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::SizeTooLarge => "SIZE_INVALID",
             ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::Invalid => "INVALID",
             ErrorCode::Internal => "UNKNOWN",
             ErrorCode::Unavailable => "UNAVAILABLE",
         }
@@ -70,7 +76,9 @@ impl ErrorCode {
             | ErrorCode::ManifestInvalid
             | ErrorCode::NameInvalid
             | ErrorCode::SizeInvalid
-            | ErrorCode::TagInvalid => 400,
+            | ErrorCode::TagInvalid
+            | ErrorCode::Invalid => 400,
+            ErrorCode::Conflict => 409,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Denied => 403,
             ErrorCode::Unsupported => 405,

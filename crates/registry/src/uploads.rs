@@ -83,8 +83,10 @@ fn hashing(data: ByteStream, hash: Arc<Mutex<HashState>>, offset: u64) -> ByteSt
 }
 
 impl Registry {
-    /// Starts an upload session in `repo`.
-    pub async fn upload_start(&self, repo: &RepoName) -> Result<UploadId> {
+    /// Starts an upload session in `repo`, owned by `owner` (the caller's
+    /// identity, when there is access control): only the same owner can
+    /// continue, complete or cancel it.
+    pub async fn upload_start(&self, repo: &RepoName, owner: Option<&str>) -> Result<UploadId> {
         let id: UploadId = uuid::Uuid::new_v4()
             .to_string()
             .parse()
@@ -92,6 +94,7 @@ impl Registry {
         self.blobs.upload_create(&id).await?;
         let rec = UploadRecord {
             repo: repo.to_string(),
+            owner: owner.map(str::to_string),
             created: now(),
         };
         if let Err(e) = self.meta.put_upload(&id, &rec).await {
@@ -101,10 +104,13 @@ impl Registry {
         Ok(id)
     }
 
-    /// Checks that `id` is an upload of `repo`, and returns its size.
-    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
+    /// Checks that `id` is an upload of `repo` opened by `owner`, and
+    /// returns its size. Anything else is "unknown", so ids do not leak.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<u64> {
         let size = match self.meta.get_upload(id).await? {
-            Some(rec) if rec.repo == repo.as_str() => self.blobs.upload_size(id).await?,
+            Some(rec) if rec.repo == repo.as_str() && rec.owner.as_deref() == owner => {
+                self.blobs.upload_size(id).await?
+            }
             _ => None,
         };
         size.ok_or_else(|| {
@@ -121,12 +127,13 @@ impl Registry {
         &self,
         repo: &RepoName,
         id: &UploadId,
+        owner: Option<&str>,
         start: Option<u64>,
         data: ByteStream,
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let _guard = slot.lock.lock().await;
-        let size = self.upload_status(repo, id).await?;
+        let size = self.upload_status(repo, id, owner).await?;
         if let Some(start) = start {
             if start != size {
                 return Err(RegistryError::new(
@@ -150,12 +157,13 @@ impl Registry {
         &self,
         repo: &RepoName,
         id: &UploadId,
+        owner: Option<&str>,
         digest: &Digest,
         last_chunk: Option<ByteStream>,
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let _guard = slot.lock.lock().await;
-        let mut size = self.upload_status(repo, id).await?;
+        let mut size = self.upload_status(repo, id, owner).await?;
         if let Some(data) = last_chunk {
             let data = hashing(data, slot.hash.clone(), size);
             size = self.blobs.upload_append(id, data).await?;
@@ -209,10 +217,10 @@ impl Registry {
     }
 
     /// Cancels an upload of `repo`.
-    pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+    pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
         let _guard = slot.lock.lock().await;
-        self.upload_status(repo, id).await?;
+        self.upload_status(repo, id, owner).await?;
         self.discard(id).await;
         Ok(())
     }

@@ -1,0 +1,339 @@
+//! `Auth`: authentication (passwords, robot secrets, tokens), authorization
+//! against the identity store, and token issuance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metadata::{IdentityStore, Project};
+use sha2::Digest as _;
+
+use crate::audit::AuditLog;
+use crate::limiter::Limiter;
+use crate::policy::{decide, Action, Principal};
+use crate::scope::Access;
+use crate::token::{Claims, TokenError, TokenKey};
+use crate::{now, password};
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The token endpoint's absolute URL, from the configured external URL.
+    pub realm: String,
+    /// The `service` of challenges and the `aud` of tokens.
+    pub service: String,
+    /// Lifetime of access tokens.
+    pub token_ttl: Duration,
+    /// Lifetime of refresh tokens (docker's identity token, containerd's
+    /// refresh grant).
+    pub refresh_ttl: Duration,
+    /// Failed logins allowed per user and per client within the window.
+    pub max_failed_logins: u32,
+    pub failed_login_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            realm: "http://127.0.0.1:5000/token".into(),
+            service: "berth".into(),
+            token_ttl: Duration::from_secs(300),
+            refresh_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_failed_logins: 10,
+            failed_login_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No or bad credentials: the client should (re)authenticate.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated, but not allowed.
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> AuthError {
+    tracing::error!(error = %e, "access control backend failure");
+    AuthError::Internal("internal error while checking access; the server log has the details".into())
+}
+
+/// How long a verified password is remembered, so clients that send basic
+/// credentials on every request do not pay for argon2 each time.
+const CREDENTIAL_CACHE_TTL: Duration = Duration::from_secs(60);
+
+pub struct Auth {
+    store: Arc<dyn IdentityStore>,
+    key: TokenKey,
+    config: AuthConfig,
+    limiter: Limiter,
+    /// user -> (sha256 of the password, when verified).
+    verified: Mutex<HashMap<String, ([u8; 32], Instant)>>,
+    pub audit: AuditLog,
+}
+
+impl Auth {
+    pub fn new(store: Arc<dyn IdentityStore>, key: TokenKey, config: AuthConfig, audit: AuditLog) -> Auth {
+        let limiter = Limiter::new(config.max_failed_logins, config.failed_login_window);
+        Auth {
+            store,
+            key,
+            config,
+            limiter,
+            verified: Mutex::new(HashMap::new()),
+            audit,
+        }
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn IdentityStore> {
+        &self.store
+    }
+
+    /// Checks a user name (or `robot$name`) and password or secret.
+    pub async fn login(&self, name: &str, secret: &str, client: &str) -> Result<Principal, AuthError> {
+        let (user_key, client_key) = (format!("user:{name}"), format!("client:{client}"));
+        if self.limiter.blocked(&user_key) || self.limiter.blocked(&client_key) {
+            self.audit
+                .record(name, "login_failed", name, client, "denied", "rate limited");
+            return Err(AuthError::TooManyRequests(
+                "too many failed logins; wait a few minutes before trying again".into(),
+            ));
+        }
+        match self.check_secret(name, secret).await? {
+            Some(p) => {
+                self.limiter.record_success(&user_key);
+                Ok(p)
+            }
+            None => {
+                self.limiter.record_failure(&user_key);
+                self.limiter.record_failure(&client_key);
+                self.audit
+                    .record(name, "login_failed", name, client, "denied", "bad credentials");
+                Err(AuthError::Unauthorized("invalid username or password".into()))
+            }
+        }
+    }
+
+    async fn check_secret(&self, name: &str, secret: &str) -> Result<Option<Principal>, AuthError> {
+        let fingerprint: [u8; 32] = sha2::Sha256::digest(secret.as_bytes()).into();
+        let (hash, principal) = if name.starts_with("robot$") {
+            let Some(r) = self.store.get_robot(name).await.map_err(internal)? else {
+                return Ok(None);
+            };
+            if r.revoked || r.expires_at.is_some_and(|e| e <= now()) {
+                return Ok(None);
+            }
+            let p = Principal::Robot {
+                name: r.name,
+                grants: r.grants,
+            };
+            (r.secret_hash, p)
+        } else {
+            let Some(u) = self.store.get_user(name).await.map_err(internal)? else {
+                return Ok(None);
+            };
+            let p = Principal::User {
+                name: u.name,
+                system_admin: u.system_admin,
+            };
+            (u.password_hash, p)
+        };
+        let cached = {
+            let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(name)
+                .is_some_and(|(fp, at)| *fp == fingerprint && at.elapsed() < CREDENTIAL_CACHE_TTL)
+        };
+        if cached {
+            return Ok(Some(principal));
+        }
+        // argon2 is deliberately slow: keep it off the async workers.
+        let secret = secret.to_string();
+        let ok = tokio::task::spawn_blocking(move || password::verify(&secret, &hash))
+            .await
+            .map_err(internal)?;
+        if !ok {
+            return Ok(None);
+        }
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        map.insert(name.to_string(), (fingerprint, Instant::now()));
+        Ok(Some(principal))
+    }
+
+    /// Forgets cached credentials of `name` (after a password change or a
+    /// revocation).
+    pub fn forget(&self, name: &str) {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
+    /// The principal a token speaks for, re-checked against the store so a
+    /// deleted user or revoked robot loses access at once.
+    async fn principal_of(&self, sub: &str) -> Result<Principal, AuthError> {
+        let gone = || AuthError::Unauthorized(format!("account {sub:?} no longer exists or was revoked; log in again"));
+        if sub.starts_with("robot$") {
+            let r = self.store.get_robot(sub).await.map_err(internal)?.ok_or_else(gone)?;
+            if r.revoked || r.expires_at.is_some_and(|e| e <= now()) {
+                return Err(gone());
+            }
+            Ok(Principal::Robot {
+                name: r.name,
+                grants: r.grants,
+            })
+        } else if sub == "anonymous" {
+            Ok(Principal::Anonymous)
+        } else {
+            let u = self.store.get_user(sub).await.map_err(internal)?.ok_or_else(gone)?;
+            Ok(Principal::User {
+                name: u.name,
+                system_admin: u.system_admin,
+            })
+        }
+    }
+
+    /// Verifies an access token: signature, time, audience, account.
+    pub async fn verify_access(&self, token: &str) -> Result<(Principal, Claims), AuthError> {
+        let claims = self
+            .key
+            .verify(token, now(), &self.config.service)
+            .map_err(token_error)?;
+        if claims.kind != "access" {
+            return Err(AuthError::Unauthorized(
+                "a refresh token cannot be used as an access token".into(),
+            ));
+        }
+        let p = self.principal_of(&claims.sub).await?;
+        Ok((p, claims))
+    }
+
+    /// Verifies a refresh token and returns its account.
+    pub async fn verify_refresh(&self, token: &str) -> Result<Principal, AuthError> {
+        let claims = self
+            .key
+            .verify(token, now(), &self.config.service)
+            .map_err(token_error)?;
+        if claims.kind != "refresh" {
+            return Err(AuthError::Unauthorized("not a refresh token".into()));
+        }
+        self.principal_of(&claims.sub).await
+    }
+
+    /// Decides whether `who` may do `action` on repository `repo`.
+    pub async fn permit(&self, who: &Principal, repo: &str, action: Action) -> Result<(), AuthError> {
+        if who.is_system_admin() {
+            return Ok(());
+        }
+        let project_name = repo.split('/').next().unwrap_or(repo);
+        let project = self.store.get_project(project_name).await.map_err(internal)?;
+        let role = match who {
+            Principal::User { name, .. } => self.store.get_role(project_name, name).await.map_err(internal)?,
+            _ => None,
+        };
+        decide(who, project_name, project.as_ref(), role, action).map_err(|reason| match who {
+            Principal::Anonymous => AuthError::Unauthorized(reason),
+            _ => AuthError::Denied(reason),
+        })
+    }
+
+    /// Creates the project of `repo` if a system administrator pushes into a
+    /// project that does not exist yet (private by default).
+    pub async fn ensure_project(&self, who: &Principal, repo: &str) -> Result<(), AuthError> {
+        let name = repo.split('/').next().unwrap_or(repo);
+        if who.is_system_admin() && self.store.get_project(name).await.map_err(internal)?.is_none() {
+            let p = Project {
+                name: name.to_string(),
+                public: false,
+                created: now(),
+            };
+            self.store.put_project(&p).await.map_err(internal)?;
+            self.audit
+                .record(who.name(), "project_create", name, "", "ok", "created by first push");
+        }
+        Ok(())
+    }
+
+    /// The subset of `requested` that `who` may have.
+    pub async fn grant(&self, who: &Principal, requested: &[Access]) -> Vec<Access> {
+        let mut out = Vec::new();
+        for req in requested {
+            let actions: Vec<String> = match req.kind.as_str() {
+                "repository" if req.name.parse::<oci::RepoName>().is_ok() => {
+                    let mut ok = Vec::new();
+                    for a in &req.actions {
+                        let Some(action) = Action::parse(a) else { continue };
+                        if self.permit(who, &req.name, action).await.is_ok() {
+                            ok.push(a.clone());
+                        }
+                    }
+                    ok
+                }
+                // The catalog is filtered per repository when served.
+                "registry" if req.name == "catalog" && *who != Principal::Anonymous => req.actions.clone(),
+                _ => Vec::new(),
+            };
+            if !actions.is_empty() {
+                out.push(Access {
+                    kind: req.kind.clone(),
+                    name: req.name.clone(),
+                    actions,
+                });
+            }
+        }
+        out
+    }
+
+    fn claims(&self, who: &Principal, access: Vec<Access>, ttl: Duration, kind: &str) -> Claims {
+        let t = now();
+        Claims {
+            iss: self.config.service.clone(),
+            sub: who.name().to_string(),
+            aud: self.config.service.clone(),
+            exp: t + ttl.as_secs(),
+            nbf: t,
+            iat: t,
+            jti: uuid::Uuid::new_v4().to_string(),
+            access,
+            kind: kind.into(),
+        }
+    }
+
+    /// Issues an access token; returns it with its lifetime in seconds.
+    pub fn issue_access(&self, who: &Principal, access: Vec<Access>) -> (String, u64) {
+        let ttl = self.config.token_ttl;
+        (self.key.sign(&self.claims(who, access, ttl, "access")), ttl.as_secs())
+    }
+
+    pub fn issue_refresh(&self, who: &Principal) -> String {
+        self.key
+            .sign(&self.claims(who, Vec::new(), self.config.refresh_ttl, "refresh"))
+    }
+
+    /// The `WWW-Authenticate` value for a request needing `scope`.
+    pub fn challenge(&self, scope: Option<&str>, insufficient: bool) -> String {
+        let mut v = format!(
+            "Bearer realm=\"{}\",service=\"{}\"",
+            self.config.realm, self.config.service
+        );
+        if let Some(s) = scope {
+            v.push_str(&format!(",scope=\"{s}\""));
+        }
+        if insufficient {
+            v.push_str(",error=\"insufficient_scope\"");
+        }
+        v
+    }
+}
+
+fn token_error(e: TokenError) -> AuthError {
+    AuthError::Unauthorized(format!("invalid token: {e}"))
+}
