@@ -101,8 +101,8 @@ pub struct ServeConfig {
     pub insecure_allow_anonymous: bool,
     pub log: String,
     pub auth: bool,
-    /// Without a trailing slash.
-    pub external_url: String,
+    /// Without a trailing slash; `None` means `http://<bound address>`.
+    pub external_url: Option<String>,
     pub token_service: String,
     pub token_ttl: u64,
     pub token_key: PathBuf,
@@ -138,13 +138,11 @@ impl ServeArgs {
         let external_url = self
             .external_url
             .or(file.external_url)
-            .unwrap_or_else(|| format!("http://{listen}"))
-            .trim_end_matches('/')
-            .to_string();
-        if !(external_url.starts_with("http://") || external_url.starts_with("https://")) {
-            return Err(format!(
-                "external URL {external_url:?} must start with http:// or https://"
-            ));
+            .map(|u| u.trim_end_matches('/').to_string());
+        if let Some(u) = &external_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("external URL {u:?} must start with http:// or https://"));
+            }
         }
         Ok(ServeConfig {
             listen,

@@ -67,16 +67,17 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             max_manifest_size: cfg.max_manifest_size,
         },
     );
-    let auth = if cfg.auth {
-        Some(open_auth(&cfg, meta.clone()).await?)
-    } else {
-        None
-    };
-    let app = api::router(Arc::new(api::App { registry, auth })).into_make_service_with_connect_info::<SocketAddr>();
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let auth = if cfg.auth {
+        Some(open_auth(&cfg, &external_url, meta.clone()).await?)
+    } else {
+        None
+    };
+    let app = api::router(Arc::new(api::App { registry, auth })).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(listen = %addr, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "berth is serving");
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -131,8 +132,8 @@ pub fn open_metadata(path: &std::path::Path) -> Result<RedbMetadata, String> {
     })
 }
 
-async fn open_auth(cfg: &ServeConfig, meta: Arc<RedbMetadata>) -> Result<auth::Auth, BoxError> {
-    if cfg.external_url.contains("://0.0.0.0") || cfg.external_url.contains("://[::]") {
+async fn open_auth(cfg: &ServeConfig, external_url: &str, meta: Arc<RedbMetadata>) -> Result<auth::Auth, BoxError> {
+    if external_url.contains("://0.0.0.0") || external_url.contains("://[::]") {
         return Err(format!(
             "berth listens on {} and clients cannot reach the token service there; set --external-url to the URL \
              clients use, e.g. https://registry.example.com",
@@ -144,7 +145,7 @@ async fn open_auth(cfg: &ServeConfig, meta: Arc<RedbMetadata>) -> Result<auth::A
     let audit = auth::audit::AuditLog::open(cfg.data_dir.join("audit.log"))
         .map_err(|e| format!("cannot open the audit log in {}: {e}", cfg.data_dir.display()))?;
     let config = auth::AuthConfig {
-        realm: format!("{}/token", cfg.external_url),
+        realm: format!("{external_url}/token"),
         service: cfg.token_service.clone(),
         token_ttl: Duration::from_secs(cfg.token_ttl),
         ..auth::AuthConfig::default()

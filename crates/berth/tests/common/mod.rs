@@ -17,6 +17,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -26,6 +27,10 @@ impl Server {
     }
 
     pub fn start_with(args: &[&str]) -> Server {
+        Server::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let log = tmp.path().join("berth.log");
@@ -36,6 +41,7 @@ impl Server {
             data_dir,
             log,
             extra_args,
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             _tmp: Some(tmp),
         };
         s.spawn("127.0.0.1:0");
@@ -51,6 +57,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("BERTH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -192,9 +199,20 @@ pub fn header(resp: &reqwest::Response, name: &str) -> String {
 
 /// Pushes a blob monolithically and asserts 201.
 pub async fn push_blob(c: &reqwest::Client, s: &Server, repo: &str, data: &[u8]) -> String {
+    push_blob_as(c, s, repo, data, None).await
+}
+
+/// Adds an `Authorization` header when one is given.
+pub fn with_auth(rb: reqwest::RequestBuilder, auth: Option<&str>) -> reqwest::RequestBuilder {
+    match auth {
+        Some(a) => rb.header("authorization", a),
+        None => rb,
+    }
+}
+
+pub async fn push_blob_as(c: &reqwest::Client, s: &Server, repo: &str, data: &[u8], auth: Option<&str>) -> String {
     let d = sha256(data);
-    let resp = c
-        .post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+    let resp = with_auth(c.post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}"))), auth)
         .body(data.to_vec())
         .send()
         .await
@@ -223,13 +241,23 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> Vec<u8
 /// Pushes a small image (config plus one layer) under `tag`; returns the
 /// manifest digest.
 pub async fn push_image(c: &reqwest::Client, s: &Server, repo: &str, tag: &str, seed: u64) -> String {
+    push_image_as(c, s, repo, tag, seed, None).await
+}
+
+pub async fn push_image_as(
+    c: &reqwest::Client,
+    s: &Server,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+    auth: Option<&str>,
+) -> String {
     let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
     let layer = bytes(seed, 1000);
-    let cd = push_blob(c, s, repo, &config).await;
-    let ld = push_blob(c, s, repo, &layer).await;
+    let cd = push_blob_as(c, s, repo, &config, auth).await;
+    let ld = push_blob_as(c, s, repo, &layer, auth).await;
     let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())]);
-    let resp = c
-        .put(s.url(&format!("/v2/{repo}/manifests/{tag}")))
+    let resp = with_auth(c.put(s.url(&format!("/v2/{repo}/manifests/{tag}"))), auth)
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
         .body(m.clone())
         .send()
