@@ -120,7 +120,9 @@ pub async fn start(ctx: &Ctx<'_>, name: &RepoName, q: &Query, body: Body) -> Api
         }
     } else if let Some(d) = digest_param(q)? {
         let id = reg.upload_start(name, owner).await?;
-        let result = reg.upload_finish(name, &id, owner, &d, Some(body_stream(body))).await;
+        let result = reg
+            .upload_finish(name, &id, owner, &d, Some(body_stream(body, ctx.app.body_idle_timeout)))
+            .await;
         if result.is_err() {
             let _ = reg.upload_cancel(name, &id, owner).await;
         }
@@ -138,7 +140,7 @@ pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId, owner: Optio
 
 /// PATCH: a chunk (with `Content-Range`) or a stream (without).
 pub async fn patch(
-    reg: &Registry,
+    ctx: &Ctx<'_>,
     name: &RepoName,
     id: &UploadId,
     owner: Option<&str>,
@@ -157,8 +159,15 @@ pub async fn patch(
             ));
         }
     }
-    let size = reg
-        .upload_append(name, id, owner, range.map(|(a, _)| a), body_stream(body))
+    let size = ctx
+        .reg()
+        .upload_append(
+            name,
+            id,
+            owner,
+            range.map(|(a, _)| a),
+            body_stream(body, ctx.app.body_idle_timeout),
+        )
         .await
         .map_err(|e| {
             let mut err = ApiError::from(e);
@@ -172,7 +181,7 @@ pub async fn patch(
 
 /// PUT `?digest=`: the optional last chunk, then verify and commit.
 pub async fn finish(
-    reg: &Registry,
+    ctx: &Ctx<'_>,
     name: &RepoName,
     id: &UploadId,
     owner: Option<&str>,
@@ -187,8 +196,8 @@ pub async fn finish(
         ));
     };
     let has_body = content_length(headers).is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
-    let last = has_body.then(|| body_stream(body));
-    reg.upload_finish(name, id, owner, &d, last).await?;
+    let last = has_body.then(|| body_stream(body, ctx.app.body_idle_timeout));
+    ctx.reg().upload_finish(name, id, owner, &d, last).await?;
     Ok(blob_created(name, &d))
 }
 

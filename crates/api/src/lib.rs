@@ -36,6 +36,18 @@ pub struct App {
     pub registry: Registry,
     /// `None` when access control is off.
     pub auth: Option<Auth>,
+    /// A request body that sends nothing for this long fails.
+    pub body_idle_timeout: std::time::Duration,
+}
+
+impl App {
+    pub fn new(registry: Registry, auth: Option<Auth>) -> App {
+        App {
+            registry,
+            auth,
+            body_idle_timeout: std::time::Duration::from_secs(60),
+        }
+    }
 }
 
 pub type AppState = Arc<App>;
@@ -222,8 +234,8 @@ async fn handle(ctx: &Ctx<'_>, route: Route, m: &Method, q: &Query, h: &HeaderMa
             let (reg, owner) = (ctx.reg(), ctx.caller.owner());
             match *m {
                 Method::GET => blobs::status(reg, &name, &id, owner).await,
-                Method::PATCH => blobs::patch(reg, &name, &id, owner, h, body).await,
-                Method::PUT => blobs::finish(reg, &name, &id, owner, q, h, body).await,
+                Method::PATCH => blobs::patch(ctx, &name, &id, owner, h, body).await,
+                Method::PUT => blobs::finish(ctx, &name, &id, owner, q, h, body).await,
                 Method::DELETE => blobs::cancel(reg, &name, &id, owner).await,
                 _ => Err(unsupported(m)),
             }

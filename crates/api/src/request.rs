@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
-use futures_util::TryStreamExt;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
 use oci::ErrorCode;
 use storage::ByteStream;
 
@@ -43,9 +45,27 @@ impl Query {
     }
 }
 
-/// The request body as a stream of bytes for the blob store.
-pub fn body_stream(body: Body) -> ByteStream {
-    Box::pin(body.into_data_stream().map_err(io::Error::other))
+/// The request body as a stream of bytes for the blob store. A client that
+/// sends nothing for `idle` fails the request, so a stalled (or slowloris)
+/// upload cannot hold a worker and an upload lock forever.
+pub fn body_stream(body: Body, idle: Duration) -> ByteStream {
+    let data = body.into_data_stream().map_err(io::Error::other);
+    Box::pin(futures_util::stream::unfold(
+        Box::pin(data),
+        move |mut data| async move {
+            match tokio::time::timeout(idle, data.next()).await {
+                Ok(Some(item)) => Some((item, data)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no request data for {} s", idle.as_secs()),
+                    )),
+                    data,
+                )),
+            }
+        },
+    ))
 }
 
 /// Resolves a `Range` header against a blob of `size` bytes. Forms other

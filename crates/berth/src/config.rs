@@ -66,6 +66,21 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_TOKEN_TTL", value_name = "SECS")]
     pub token_ttl: Option<u64>,
 
+    /// Seconds a client may take to send its request head, or stay silent
+    /// in the middle of a request body, before the request fails.
+    /// [default: 30]
+    #[arg(long, env = "BERTH_CLIENT_TIMEOUT", value_name = "SECS")]
+    pub client_timeout: Option<u64>,
+
+    /// TLS certificate chain (PEM). With --tls-key, berth serves HTTPS
+    /// (HTTP/2 and HTTP/1.1); SIGHUP reloads both files.
+    #[arg(long, env = "BERTH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM).
+    #[arg(long, env = "BERTH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// The Ed25519 token signing key (created if missing).
     /// [default: <data-dir>/token.key]
     #[arg(long, env = "BERTH_TOKEN_KEY", value_name = "FILE")]
@@ -88,6 +103,9 @@ struct FileConfig {
     token_service: Option<String>,
     token_ttl: Option<u64>,
     token_key: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_timeout: Option<u64>,
 }
 
 /// The settings in force.
@@ -106,6 +124,9 @@ pub struct ServeConfig {
     pub token_service: String,
     pub token_ttl: u64,
     pub token_key: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_timeout: u64,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -151,6 +172,9 @@ impl ServeArgs {
                 .or(file.token_key)
                 .unwrap_or_else(|| data_dir.join("token.key")),
             data_dir,
+            client_timeout: self.client_timeout.or(file.client_timeout).unwrap_or(30),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
             auth: self.auth.or(file.auth).unwrap_or(false),
             external_url,
             token_service: self

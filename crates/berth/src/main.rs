@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod accounts;
 mod config;
 mod serve;
+mod server;
 
 #[derive(Parser)]
 #[command(

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use metadata::RedbMetadata;
 use registry::{Registry, RegistryConfig};
 use storage::FsBlobStore;
@@ -71,33 +70,44 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
-    let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
+    let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     let auth = if cfg.auth {
         Some(open_auth(&cfg, &external_url, meta.clone()).await?)
     } else {
         None
     };
-    let app = api::router(Arc::new(api::App { registry, auth })).into_make_service_with_connect_info::<SocketAddr>();
-    tracing::info!(listen = %addr, data_dir = %cfg.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "berth is serving");
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let timeout = Duration::from_secs(cfg.shutdown_timeout);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!(
-                timeout_secs = timeout.as_secs(),
-                "shutting down: finishing in-flight requests"
-            );
-            // A hard stop if draining takes longer than the timeout.
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                tracing::warn!("in-flight requests did not finish in time; exiting");
-                std::process::exit(1);
-            });
-        })
-        .await?;
+    let mut app = api::App::new(registry, auth);
+    app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
+    let app = api::router(Arc::new(app));
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => return Err("TLS needs both --tls-cert and --tls-key".into()),
+    };
+    tracing::info!(
+        listen = %addr,
+        tls = tls.is_some(),
+        external_url = %external_url,
+        data_dir = %cfg.data_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "berth is serving"
+    );
+    let drain = Duration::from_secs(cfg.shutdown_timeout);
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!(
+            timeout_secs = drain.as_secs(),
+            "shutting down: finishing in-flight requests"
+        );
+    };
+    let limits = crate::server::Limits {
+        header_read_timeout: Duration::from_secs(cfg.client_timeout),
+    };
+    crate::server::serve(listener, app, tls, limits, shutdown, drain).await?;
     tracing::info!("berth stopped");
     Ok(())
 }

@@ -1,0 +1,175 @@
+//! The HTTP server: accepts connections (plain or TLS), serves HTTP/1.1 and
+//! HTTP/2 with hyper, bounds what a client can make the server hold
+//! (header size, header read time), and drains connections on shutdown.
+//!
+//! TLS certificates are reloaded on SIGHUP without dropping connections:
+//! each new handshake uses the configuration current at accept time.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tower::ServiceExt;
+
+/// Largest request head (request line plus headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a client is allowed to make the server wait for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to complete the TLS handshake and send the request head.
+    pub header_read_timeout: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Loads a certificate chain and key into a rustls server configuration
+/// that offers HTTP/2 and HTTP/1.1.
+pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read TLS certificate {}: {e}", files.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", files.cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("cannot read TLS key {}: {e}", files.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate and key do not fit together: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then waits up to
+/// `drain` for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsFiles>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> Result<(), BoxError> {
+    let tls_config = match &tls {
+        Some(files) => Some(Arc::new(RwLock::new(load_tls(files)?))),
+        None => None,
+    };
+    if let (Some(files), Some(current)) = (tls.clone(), tls_config.clone()) {
+        tokio::spawn(reload_on_sighup(files, current));
+    }
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let svc = TowerToHyperService::new(app.map_request(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        }));
+        let builder = builder.clone();
+        match &tls_config {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            Some(current) => {
+                let cfg = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => Ok(()),
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!("in-flight requests did not finish within {} s; exiting", drain.as_secs());
+            Ok(())
+        }
+    }
+}
+
+async fn reload_on_sighup(files: TlsFiles, current: Arc<RwLock<Arc<rustls::ServerConfig>>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match load_tls(&files) {
+                Ok(cfg) => {
+                    *current.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+                    tracing::info!(cert = %files.cert.display(), "reloaded the TLS certificate");
+                }
+                Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (files, current);
+}

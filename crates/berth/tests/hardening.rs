@@ -1,0 +1,165 @@
+//! TLS (with reload on SIGHUP and HTTP/2), and the limits that keep a slow or
+//! hostile client from holding the server: header size, header read time,
+//! body idle time.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn make_cert(dir: &Path, name: &str) {
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.crt")))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+}
+
+/// curl over HTTPS trusting `ca`; returns (exit ok, "http_code http_version").
+fn curl(ca: &Path, url: &str) -> (bool, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .arg(url)
+        .output()
+        .expect("curl");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[test]
+fn tls_with_http2_and_reload_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    make_cert(dir.path(), "a");
+    make_cert(dir.path(), "b");
+    let (cert, key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(dir.path().join("a.crt"), &cert).unwrap();
+    std::fs::copy(dir.path().join("a.key"), &key).unwrap();
+    let s = Server::start_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let url = format!("https://{}/v2/", s.addr);
+    assert_eq!(curl(&dir.path().join("a.crt"), &url), (true, "200 2".into()));
+    // Plain HTTP on the TLS port is not served.
+    assert!(!curl(&dir.path().join("a.crt"), &format!("http://{}/v2/", s.addr))
+        .1
+        .starts_with("200"));
+    // Replace the files and send SIGHUP: new connections get the new certificate.
+    std::fs::copy(dir.path().join("b.crt"), &cert).unwrap();
+    std::fs::copy(dir.path().join("b.key"), &key).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !curl(&dir.path().join("b.crt"), &url).0 {
+        assert!(
+            Instant::now() < deadline,
+            "new certificate not served after SIGHUP: {}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!curl(&dir.path().join("a.crt"), &url).0, "old certificate still served");
+    assert!(s.log_text().contains("reloaded the TLS certificate"));
+}
+
+#[test]
+fn slow_headers_are_cut_off() {
+    let s = Server::start_with(&["--client-timeout", "1"]);
+    let mut tcp = TcpStream::connect(&s.addr).unwrap();
+    tcp.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tcp.read_to_end(&mut buf);
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(5), "connection held for {waited:?}");
+    // The server still serves others.
+    let mut ok = TcpStream::connect(&s.addr).unwrap();
+    ok.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    ok.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+#[test]
+fn oversized_headers_are_refused() {
+    let s = Server::start();
+    let mut tcp = TcpStream::connect(&s.addr).unwrap();
+    let big = "a".repeat(200 * 1024);
+    let req = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = tcp.write_all(req.as_bytes());
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut resp = Vec::new();
+    let _ = tcp.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "a 200 KiB header must be refused: {}",
+        &text[..text.len().min(200)]
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_upload_body_fails_and_frees_the_upload() {
+    let s = Server::start_with(&["--client-timeout", "1"]);
+    let c = client();
+    let r = c.post(s.url("/v2/slow/app/blobs/uploads/")).send().await.unwrap();
+    let loc = header(&r, "location");
+    // One chunk, then silence for longer than the timeout.
+    let stream = futures_util::stream::unfold(0, |n| async move {
+        match n {
+            0 => Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 1000])), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                Some((Ok(bytes::Bytes::from(vec![2u8; 10])), 2))
+            }
+            _ => None,
+        }
+    });
+    let start = Instant::now();
+    let r = c
+        .patch(s.url(&loc))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await;
+    let failed_fast = match r {
+        Ok(resp) => resp.status().as_u16() >= 400 && start.elapsed() < Duration::from_millis(3500),
+        Err(_) => start.elapsed() < Duration::from_millis(3500),
+    };
+    assert!(failed_fast, "the stalled body was not cut off ({:?})", start.elapsed());
+    // The upload is not locked: its status answers, and it can go on.
+    let c = client();
+    let r = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+}
