@@ -6,7 +6,8 @@
 # Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
 # on a free loopback port with a fresh data dir, and stopped on exit.
 #
-# Tests: docker skopeo buildah_podman containerd oras dxf (default: all).
+# Tests: docker skopeo buildah_podman containerd oras dxf auth (default: all). auth starts its
+# own second berth with --auth (from $BERTH_BIN), so it is skipped with --registry.
 #
 # Environment:
 #   BERTH_BIN          berth binary (default $ROOT/target/debug/berth)
@@ -15,13 +16,14 @@
 #   TEST_TIMEOUT       per-test timeout in seconds (default 240)
 #   ALLOW_NO_REFERRERS=1  let the oras test pass when the registry has no referrers API
 #                      (for reference registries such as distribution 2.8; never for berth)
+#   AUTH_BERTH_LOG     log filter of the auth test's second berth (default info)
 #
 # Dependencies: scripts/install-test-deps.sh
 #
 # Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
 # with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
 
-ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf)
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth)
 
 # ---------------------------------------------------------------------------
 # helpers shared by the tests (available in the per-test child process)
@@ -60,6 +62,9 @@ assert_fails() { # description cmd...
 sha256_file() { printf 'sha256:%s' "$(sha256sum "$1" | cut -d' ' -f1)"; }
 sha256_stdin() { printf 'sha256:%s' "$(sha256sum | cut -d' ' -f1)"; }
 rand_hex() { od -An -N"${1:-4}" -tx1 /dev/urandom | tr -d ' \n'; }
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
 
 MT_OCI_MANIFEST=application/vnd.oci.image.manifest.v1+json
 MT_OCI_INDEX=application/vnd.oci.image.index.v1+json
@@ -445,8 +450,12 @@ test_buildah_podman() {
 # ---------------------------------------------------------------------------
 # containerd (private daemon, ctr)
 # ---------------------------------------------------------------------------
-test_containerd() {
-    local d=$TEST_DIR/containerd
+# Private containerd daemon (CRI disabled, native snapshotter; root, state and socket under
+# DIR); exports the ctr environment and sets CONTAINERD_PID. Set `trap containerd_stop EXIT`
+# (or call containerd_stop from the test's own EXIT trap) before calling it.
+CONTAINERD_PID=""
+containerd_start() { # dir
+    local d=$1
     mkdir -p "$d/root" "$d/state" "$d/opt"
     export CONTAINERD_ADDRESS=$d/c.sock CONTAINERD_NAMESPACE=berth-test CONTAINERD_SNAPSHOTTER=native
     cat >"$d/config.toml" <<EOF
@@ -468,14 +477,6 @@ EOF
     CONTAINERD_PID=$!
     local pid=$CONTAINERD_PID
     echo "$pid" >>"$PIDS_FILE"
-    # shellcheck disable=SC2317
-    containerd_stop() {
-        kill "$CONTAINERD_PID" 2>/dev/null || return 0
-        local i
-        for i in $(seq 50); do kill -0 "$CONTAINERD_PID" 2>/dev/null || return 0; sleep 0.1; done
-        kill -9 "$CONTAINERD_PID" 2>/dev/null || true
-    }
-    trap containerd_stop EXIT
     local i ok=0
     for i in $(seq 100); do
         if ctr version >/dev/null 2>&1; then ok=1; break; fi
@@ -484,6 +485,19 @@ EOF
     done
     ((ok)) || { tail -30 "$d/containerd.log" >&2; fail "containerd did not answer within 20 s"; }
     x ctr version >&2
+}
+# shellcheck disable=SC2317
+containerd_stop() {
+    [[ -n $CONTAINERD_PID ]] || return 0
+    kill "$CONTAINERD_PID" 2>/dev/null || return 0
+    local i
+    for i in $(seq 50); do kill -0 "$CONTAINERD_PID" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$CONTAINERD_PID" 2>/dev/null || true
+}
+
+test_containerd() {
+    trap containerd_stop EXIT
+    containerd_start "$TEST_DIR/containerd"
 
     step "push fixtures with skopeo"
     local L=$TEST_DIR/layout base=$NS/containerd
@@ -591,6 +605,288 @@ test_dxf() {
 }
 
 # ---------------------------------------------------------------------------
+# auth: a second berth with --auth (token auth), driven by docker, skopeo, podman, ctr
+# ---------------------------------------------------------------------------
+
+# Run a command that is expected to fail; its combined output goes to the log and to
+# $FAIL_OUT, for assertions on the message.
+fails_with() { # description cmd...
+    local what=$1; shift
+    printf '+ (expect failure) %s\n' "$*" >&2
+    if FAIL_OUT=$("$@" 2>&1); then
+        printf '%s\n' "$FAIL_OUT" >&2
+        fail "$what: command unexpectedly succeeded: $*"
+    fi
+    printf '%s\n' "$FAIL_OUT" >&2
+    printf 'ok: %s (failed as expected)\n' "$what" >&2
+}
+
+# Admin API / registry calls as the system admin of the auth instance (basic auth).
+# acurl_code METHOD PATH [JSON] -> HTTP status on stdout, body in $TEST_DIR/api.out
+acurl_code() {
+    local args=(-sS --max-time 30 -u "admin:$AUTH_ADMIN_PW" -X "$1" -o "$TEST_DIR/api.out" -w '%{http_code}')
+    [[ $# -lt 3 ]] || args+=(-H 'Content-Type: application/json' --data "$3")
+    printf '+ curl -X %s %s %s\n' "$1" "$2" "${3:-}" >&2
+    curl "${args[@]}" "http://$AREG$2"
+}
+api() { # METHOD PATH [JSON]: must answer 2xx; prints the body
+    local code
+    code=$(acurl_code "$@")
+    [[ $code == 2?? ]] || fail "$1 $2 answered $code: $(head -c 300 "$TEST_DIR/api.out")"
+    cat "$TEST_DIR/api.out"
+}
+# Digest of the manifest bytes served for NAME:REF (read as admin).
+auth_manifest_digest() { # name ref
+    curl -sS -f --max-time 30 -u "admin:$AUTH_ADMIN_PW" -H "Accept: $ACCEPT_ALL" \
+        -o "$TEST_DIR/served.json" "http://$AREG/v2/$1/manifests/$2"
+    sha256_file "$TEST_DIR/served.json"
+}
+auth_tags() { # name -> sorted tags, space separated
+    curl -sS -f --max-time 30 -u "admin:$AUTH_ADMIN_PW" "http://$AREG/v2/$1/tags/list" |
+        jq -r '.tags // [] | sort | join(" ")'
+}
+ctr_target() { # ref -> target digest in containerd's image store
+    ctr images ls | awk -v r="$1" '$1 == r {print $3}'
+}
+
+test_auth() {
+    [[ ${OWN_BERTH:-0} == 1 ]] || skip "needs to start its own berth with --auth (not possible with --registry)"
+    [[ -x ${BERTH_BIN:-} ]] || fail "BERTH_BIN not executable: '${BERTH_BIN:-}'"
+    docker info >/dev/null 2>&1 || skip "docker info fails (no Docker Engine reachable)"
+
+    local port
+    port=$(free_port)
+    export AREG=127.0.0.1:$port
+    AUTH_ADMIN_PW="admin-$(rand_hex 8)"
+    local dev_pw guest_pw
+    dev_pw="dev1-$(rand_hex 8)"
+    guest_pw="guest1-$(rand_hex 8)"
+    AUTH_BERTH_PID=""
+    AUTH_DOCKER_IMAGES=()
+    # Client state of this test only.
+    export DOCKER_CONFIG=$TEST_DIR/docker REGISTRY_AUTH_FILE=$TEST_DIR/containers-auth.json
+    mkdir -p "$DOCKER_CONFIG"
+    echo '{"auths":{}}' >"$DOCKER_CONFIG/config.json"
+    echo '{"auths":{}}' >"$REGISTRY_AUTH_FILE"
+
+    # shellcheck disable=SC2317
+    auth_cleanup() {
+        local rc=$? ids pass i
+        containerd_stop
+        ((${#AUTH_DOCKER_IMAGES[@]} == 0)) || docker rmi -f "${AUTH_DOCKER_IMAGES[@]}" >/dev/null 2>&1 || true
+        for pass in 1 2; do
+            ids=$(docker images -aq --filter "label=org.berth.test.run=$NS-auth" 2>/dev/null | sort -u)
+            # shellcheck disable=SC2086
+            [[ -z $ids ]] || docker rmi -f $ids >/dev/null 2>&1 || true
+            ((rc != 0 && pass == 1)) || break
+            sleep 2
+        done
+        if [[ -n $AUTH_BERTH_PID ]] && kill "$AUTH_BERTH_PID" 2>/dev/null; then
+            for i in $(seq 50); do kill -0 "$AUTH_BERTH_PID" 2>/dev/null || break; sleep 0.1; done
+            kill -9 "$AUTH_BERTH_PID" 2>/dev/null || true
+        fi
+        if ((rc != 0)) && [[ -s $TEST_DIR/berth-auth.log ]]; then
+            echo "--- last lines of the auth berth's log ($TEST_DIR/berth-auth.log):" >&2
+            tail -n 15 "$TEST_DIR/berth-auth.log" >&2
+        fi
+    }
+    trap auth_cleanup EXIT
+
+    step "start a second berth with --auth on $AREG"
+    mkdir -p "$TEST_DIR/berth-data"
+    # Only the options given here: no BERTH_* settings (config file, external URL, token
+    # service...) leak in from the caller's environment.
+    local unset_env=() v
+    for v in $(compgen -e); do [[ $v != BERTH_* ]] || unset_env+=(-u "$v"); done
+    env "${unset_env[@]}" BERTH_INITIAL_ADMIN_PASSWORD="$AUTH_ADMIN_PW" BERTH_LOG="${AUTH_BERTH_LOG:-info}" \
+        "$BERTH_BIN" serve --auth --listen "$AREG" --data-dir "$TEST_DIR/berth-data" \
+        >"$TEST_DIR/berth-auth.log" 2>&1 &
+    AUTH_BERTH_PID=$!
+    echo "$AUTH_BERTH_PID" >>"$PIDS_FILE"
+    local deadline=$((SECONDS + 20)) code=""
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$AREG/v2/" || true)
+        [[ $code != 401 ]] || break
+        kill -0 "$AUTH_BERTH_PID" 2>/dev/null || fail "berth --auth exited during startup: $(tail -3 "$TEST_DIR/berth-auth.log" | tr '\n' ' ')"
+        ((SECONDS < deadline)) || fail "berth --auth did not answer GET /v2/ with 401 within 20 s (last: '$code')"
+        sleep 0.2
+    done
+    curl -sS --max-time 10 -D "$TEST_DIR/h" -o /dev/null "http://$AREG/v2/"
+    assert_contains "$(tr -d '\r' <"$TEST_DIR/h" | grep -i '^www-authenticate:')" \
+        "Bearer realm=\"http://$AREG/token\",service=\"berth\"" "anonymous GET /v2/ challenges with the token realm"
+
+    step "setup via the admin API: users dev1, guest1; private project team"
+    api POST /api/v1/users "{\"name\":\"dev1\",\"password\":\"$dev_pw\",\"system_admin\":false}" >&2
+    api POST /api/v1/users "{\"name\":\"guest1\",\"password\":\"$guest_pw\",\"system_admin\":false}" >&2
+    api POST /api/v1/projects '{"name":"team","public":false}' >&2
+    api PUT /api/v1/projects/team/members/dev1 '{"role":"developer"}' >&2
+    api PUT /api/v1/projects/team/members/guest1 '{"role":"guest"}' >&2
+    assert_eq "dev1=developer guest1=guest" \
+        "$(api GET /api/v1/projects/team/members | jq -r '[.[] | "\(.user)=\(.role)"] | sort | join(" ")')" "members of team"
+
+    # ---- docker ----------------------------------------------------------
+    local img=$AREG/team/docker/app:v1 img_guest=$AREG/team/docker/app:guest ctx id digest
+    AUTH_DOCKER_IMAGES=("$img" "$img_guest")
+    step "docker: build two images FROM scratch"
+    for ctx in v1 guest; do
+        mkdir -p "$TEST_DIR/ctx-$ctx"
+        printf 'auth %s %s\n' "$ctx" "$(rand_hex 8)" >"$TEST_DIR/ctx-$ctx/hello.txt"
+        printf 'FROM scratch\nLABEL org.berth.test.run=%s-auth\nCOPY hello.txt /hello.txt\n' "$NS" >"$TEST_DIR/ctx-$ctx/Dockerfile"
+    done
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img" "$TEST_DIR/ctx-v1" >&2
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img_guest" "$TEST_DIR/ctx-guest" >&2
+    id=$(docker image inspect -f '{{.Id}}' "$img")
+
+    step "docker: anonymous push is refused"
+    fails_with "anonymous docker push" docker push "$img"
+    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private: log in to push it' "anonymous push: message"
+
+    step "docker login as dev1 (developer), push, rmi, pull"
+    x docker login "$AREG" -u dev1 --password-stdin <<<"$dev_pw" >"$TEST_DIR/login.out" 2>&1 || {
+        cat "$TEST_DIR/login.out" >&2; fail "docker login as dev1 failed: $(tail -1 "$TEST_DIR/login.out")"; }
+    cat "$TEST_DIR/login.out" >&2
+    assert_contains "$(cat "$TEST_DIR/login.out")" "Login Succeeded" "docker login dev1"
+    assert_eq 1 "$(jq --arg r "$AREG" '.auths | has($r) | if . then 1 else 0 end' "$DOCKER_CONFIG/config.json")" \
+        "docker config.json has an entry for $AREG"
+    # docker login asks for an offline token; berth answers with a refresh_token, which docker
+    # keeps as identitytoken and trades for access tokens (POST /token grant_type=refresh_token).
+    [[ $(jq -r --arg r "$AREG" '.auths[$r].identitytoken // ""' "$DOCKER_CONFIG/config.json") == *.*.* ]] ||
+        fail "docker login stored no identitytoken (refresh token) for $AREG"
+    echo "ok: docker stored a refresh token (identitytoken)" >&2
+    x docker push "$img" | tee "$TEST_DIR/push.out" >&2
+    digest=$(grep -oE 'digest: sha256:[0-9a-f]{64}' "$TEST_DIR/push.out" | cut -d' ' -f2)
+    [[ -n $digest ]] || fail "docker push printed no digest"
+    assert_eq "$digest" "$(auth_manifest_digest team/docker/app v1)" "served manifest digest == docker push digest"
+    assert_eq "$id" "$(jq -r .config.digest "$TEST_DIR/served.json")" "config digest == image id"
+    x docker rmi "$img" >&2
+    assert_fails "image removed locally" docker image inspect "$img"
+    x docker pull "$img" >&2
+    assert_eq "$id" "$(docker image inspect -f '{{.Id}}' "$img")" "image id after pull as dev1"
+    assert_contains "$(docker image inspect -f '{{json .RepoDigests}}' "$img")" "$AREG/team/docker/app@$digest" "RepoDigests"
+    x docker logout "$AREG" >&2
+    assert_eq 0 "$(jq --arg r "$AREG" '.auths // {} | has($r) | if . then 1 else 0 end' "$DOCKER_CONFIG/config.json")" \
+        "docker logout removed the credentials"
+
+    step "docker: anonymous pull of the private project is refused"
+    x docker rmi "$img" >&2
+    fails_with "anonymous docker pull" docker pull "$img"
+    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private: log in to pull it' "anonymous pull: message names the private project"
+
+    step "docker login as guest1 (guest): pull works, push is denied"
+    x docker login "$AREG" -u guest1 --password-stdin <<<"$guest_pw" >"$TEST_DIR/login.out" 2>&1 || {
+        cat "$TEST_DIR/login.out" >&2; fail "docker login as guest1 failed: $(tail -1 "$TEST_DIR/login.out")"; }
+    assert_contains "$(cat "$TEST_DIR/login.out")" "Login Succeeded" "docker login guest1"
+    x docker pull "$img" >&2
+    assert_eq "$id" "$(docker image inspect -f '{{.Id}}' "$img")" "image id after pull as guest1"
+    fails_with "docker push as guest" docker push "$img_guest"
+    assert_contains "$FAIL_OUT" "denied" "guest push: denied"
+    assert_contains "$FAIL_OUT" "role guest" "guest push: message names the role the user has"
+    assert_contains "$FAIL_OUT" "push needs developer" "guest push: message names the role that is missing"
+    assert_eq "v1" "$(auth_tags team/docker/app)" "no tag was created by the denied push"
+
+    step "docker: wrong password"
+    fails_with "docker login with a wrong password" docker login "$AREG" -u dev1 --password-stdin <<<"wrong-$dev_pw"
+    assert_contains "$FAIL_OUT" "invalid username or password" "wrong password: message"
+    x docker logout "$AREG" >&2
+    x docker rmi "$img" "$img_guest" >&2
+
+    # ---- skopeo ----------------------------------------------------------
+    local L=$TEST_DIR/layout sk=$AREG/team/skopeo/app d_amd64 blob
+    step "skopeo login (dev1), copy push and pull"
+    make_oci_layout "$L" auth
+    d_amd64=$(layout_digest "$L" amd64)
+    fails_with "skopeo login with a wrong password" \
+        sko login --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" -u dev1 --password-stdin "$AREG" <<<"wrong-$dev_pw"
+    assert_contains "$FAIL_OUT" "invalid username/password" "skopeo wrong password: message (skopeo words it itself)"
+    sko login --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" -u dev1 --password-stdin "$AREG" <<<"$dev_pw" >&2
+    assert_eq dev1 "$(jq -r --arg r "$AREG" '.auths[$r].auth' "$REGISTRY_AUTH_FILE" | base64 -d | cut -d: -f1)" \
+        "authfile holds dev1's credentials"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false --digestfile "$TEST_DIR/sk-digest" \
+        "oci:$L:amd64" "docker://$sk:v1" >&2
+    assert_eq "$d_amd64" "$(cat "$TEST_DIR/sk-digest")" "skopeo push digest == layout digest"
+    assert_eq "$d_amd64" "$(auth_manifest_digest team/skopeo/app v1)" "served manifest digest"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --src-tls-verify=false "docker://$sk:v1" "oci:$TEST_DIR/back:v1" >&2
+    assert_eq "$d_amd64" "$(layout_digest "$TEST_DIR/back" v1)" "skopeo pulled manifest digest"
+    for blob in $(jq -r '.config.digest, .layers[].digest' "$TEST_DIR/served.json"); do
+        cmp "$L/blobs/sha256/${blob#sha256:}" "$TEST_DIR/back/blobs/sha256/${blob#sha256:}" ||
+            fail "blob $blob differs after the authenticated round trip"
+    done
+    echo "ok: config and layer blobs identical after the round trip" >&2
+    fails_with "anonymous skopeo inspect of the private repo" sko inspect --raw --tls-verify=false --no-creds "docker://$sk:v1"
+    assert_contains "$FAIL_OUT" 'unauthorized: project \"team\" is private: log in to pull it' "anonymous inspect: message (quotes escaped by logrus)"
+    sko logout --authfile "$REGISTRY_AUTH_FILE" "$AREG" >&2
+    assert_eq "null" "$(jq -c --arg r "$AREG" '.auths[$r]' "$REGISTRY_AUTH_FILE")" "skopeo logout removed the credentials"
+
+    # ---- podman ----------------------------------------------------------
+    step "podman login (dev1), pull and push (vfs store)"
+    containers_env "$TEST_DIR/store"
+    pod login --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" -u dev1 --password-stdin "$AREG" <<<"$dev_pw" >&2
+    pod pull --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" "$sk:v1" >&2
+    pod image inspect "$sk:v1" >"$TEST_DIR/pod-inspect.json"
+    assert_eq "$d_amd64" "$(jq -r '.[0].Digest' "$TEST_DIR/pod-inspect.json")" "podman pulled digest"
+    assert_eq "$(jq -r '.config.digest | ltrimstr("sha256:")' "$TEST_DIR/served.json")" \
+        "$(jq -r '.[0].Id' "$TEST_DIR/pod-inspect.json")" "podman image id == config digest"
+    pod tag "$sk:v1" "$AREG/team/podman/app:v1"
+    pod push --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" --digestfile "$TEST_DIR/pod-digest" \
+        "$AREG/team/podman/app:v1" >&2
+    assert_eq "$(cat "$TEST_DIR/pod-digest")" "$(auth_manifest_digest team/podman/app v1)" "served digest == podman push digest"
+    assert_eq "$(jq -c '[.config.digest, .layers[].digest]' "$L/blobs/sha256/${d_amd64#sha256:}")" \
+        "$(jq -c '[.config.digest, .layers[].digest]' "$TEST_DIR/served.json")" "podman push: same config and layers"
+    pod logout --authfile "$REGISTRY_AUTH_FILE" "$AREG" >&2
+    fails_with "podman pull after logout" pod pull --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" "$AREG/team/podman/app:v1"
+    assert_contains "$FAIL_OUT" 'is private: log in to pull it' "podman anonymous pull: message"
+
+    # ---- containerd ------------------------------------------------------
+    containerd_start "$TEST_DIR/containerd"
+    step "ctr: pull and push with --user dev1"
+    x ctr images pull --plain-http --user "dev1:$dev_pw" "$sk:v1" >&2
+    assert_eq "$d_amd64" "$(ctr_target "$sk:v1")" "ctr pulled target digest"
+    for blob in $(jq -r '.config.digest, .layers[].digest' "$L/blobs/sha256/${d_amd64#sha256:}"); do
+        cmp <(ctr content get "$blob") "$L/blobs/sha256/${blob#sha256:}" || fail "blob $blob in containerd differs"
+    done
+    echo "ok: blobs in containerd's content store identical" >&2
+    x ctr images push --plain-http --user "dev1:$dev_pw" "$AREG/team/ctr/pushed:v1" "$sk:v1" >&2
+    sko inspect --raw --tls-verify=false --creds "dev1:$dev_pw" "docker://$AREG/team/ctr/pushed:v1" >"$TEST_DIR/ctr-pushed.json"
+    assert_eq "$d_amd64" "$(sha256_file "$TEST_DIR/ctr-pushed.json")" "skopeo inspect --raw digest of the ctr-pushed image"
+    step "ctr: anonymous pull, wrong password and guest push fail"
+    fails_with "anonymous ctr pull of the private repo" ctr images pull --plain-http "$AREG/team/ctr/pushed:v1"
+    assert_contains "$FAIL_OUT" "401 Unauthorized" "anonymous ctr pull: 401"
+    fails_with "ctr pull with a wrong password" ctr images pull --plain-http --user "dev1:wrong-$dev_pw" "$AREG/team/ctr/pushed:v1"
+    assert_contains "$FAIL_OUT" "failed to fetch oauth token: unexpected status: 401" "ctr wrong password: token request refused"
+    fails_with "ctr push as guest" ctr images push --plain-http --user "guest1:$guest_pw" "$AREG/team/ctr/guest:v1" "$sk:v1"
+    assert_contains "$FAIL_OUT" "403 Forbidden" "ctr guest push: 403"
+    assert_fails "no manifest pushed by the guest" curl -sSf --max-time 10 -o /dev/null -u "admin:$AUTH_ADMIN_PW" \
+        -H "Accept: $ACCEPT_ALL" "http://$AREG/v2/team/ctr/guest/manifests/v1"
+    containerd_stop
+
+    # ---- robot account ---------------------------------------------------
+    step "robot account with team:pull"
+    api POST /api/v1/robots '{"name":"ci","grants":["team:pull"],"expires_in":"1d"}' >"$TEST_DIR/robot.json"
+    local rname rsecret
+    rname=$(jq -r .robot.name "$TEST_DIR/robot.json")
+    rsecret=$(jq -r .secret "$TEST_DIR/robot.json")
+    assert_eq "robot\$ci" "$rname" "robot name"
+    [[ -n $rsecret && $rsecret != null ]] || fail "robot creation returned no secret"
+    sko copy --src-tls-verify=false --src-creds "$rname:$rsecret" "docker://$sk:v1" "oci:$TEST_DIR/robot:v1" >&2
+    assert_eq "$d_amd64" "$(layout_digest "$TEST_DIR/robot" v1)" "robot pull digest"
+    fails_with "robot push (pull-only grant)" sko copy --dest-tls-verify=false --dest-creds "$rname:$rsecret" \
+        "oci:$L:amd64" "docker://$AREG/team/robot/pushed:v1"
+    assert_contains "$FAIL_OUT" "denied" "robot push: denied"
+    assert_contains "$FAIL_OUT" "no push permission" "robot push: message"
+    step "revoke the robot: the same pull fails"
+    api POST "/api/v1/robots/$(jq -rn --arg n "$rname" '$n | @uri')/revoke" >&2
+    fails_with "pull with a revoked robot" sko copy --src-tls-verify=false --src-creds "$rname:$rsecret" \
+        "docker://$sk:v1" "oci:$TEST_DIR/robot-revoked:v1"
+    assert_contains "$FAIL_OUT" "invalid username or password" "revoked robot: message"
+
+    step "stop the auth berth"
+    trap - EXIT
+    auth_cleanup
+    if grep -n -E 'panicked|ERROR' "$TEST_DIR/berth-auth.log" >&2; then fail "the auth berth logged errors or panics"; fi
+    echo "ok: no errors or panics in the auth berth's log" >&2
+}
+
+# ---------------------------------------------------------------------------
 # harness
 # ---------------------------------------------------------------------------
 
@@ -625,7 +921,7 @@ SCRIPT_DIR=$(dirname "$SCRIPT")
 ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 
 usage() {
-    sed -n '2,20p' "$SCRIPT" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$SCRIPT" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -693,16 +989,14 @@ no_registry() {
     exit 1
 }
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
 if [[ -z $REGISTRY ]]; then
+    OWN_BERTH=1
     BERTH_BIN=${BERTH_BIN:-$ROOT/target/debug/berth}
     if [[ ! -x $BERTH_BIN ]]; then
         echo "berth binary not found at $BERTH_BIN (build it, set BERTH_BIN, or pass --registry HOST:PORT)" >&2
         no_registry
     fi
+    BERTH_BIN=$(readlink -f "$BERTH_BIN")   # tests run in their own directory
     PORT=$(free_port)
     REGISTRY=127.0.0.1:$PORT
     mkdir -p "$TMP/data"
@@ -725,6 +1019,8 @@ if [[ -z $REGISTRY ]]; then
         sleep 0.2
     done
 else
+    OWN_BERTH=0
+    BERTH_BIN=""
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://$REGISTRY/v2/")
     if [[ $code != 200 ]]; then
         echo "registry $REGISTRY: GET /v2/ answered '$code', expected 200" >&2
@@ -734,7 +1030,7 @@ fi
 
 # Environment for the per-test child processes: all client state in $TMP.
 NS="t$(rand_hex 4)"   # per-run repository namespace, so runs against a shared registry do not collide
-export REG=$REGISTRY NS
+export REG=$REGISTRY NS OWN_BERTH BERTH_BIN
 export TMP PIDS_FILE SCRIPT SCRIPT_DIR ROOT
 export VENV=${BERTH_TEST_VENV:-$ROOT/target/test-venv}
 export HOME=$TMP/home XDG_RUNTIME_DIR=$TMP/run XDG_CONFIG_HOME=$TMP/home/.config XDG_DATA_HOME=$TMP/home/.local/share
