@@ -23,12 +23,16 @@ struct Cli {
 enum Command {
     /// Run the registry (OCI Distribution Spec 1.1).
     Serve(config::ServeArgs),
+    /// Load-test a registry (berth or any other): seed it, then measure a
+    /// scenario's throughput and latency.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(*args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
