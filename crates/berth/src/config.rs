@@ -32,6 +32,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_MAX_MANIFEST_SIZE", value_name = "BYTES")]
     pub max_manifest_size: Option<usize>,
 
+    /// Memory for hot manifests, in bytes; 0 turns the cache off.
+    /// [default: 67108864]
+    #[arg(long, env = "BERTH_MANIFEST_CACHE_SIZE", value_name = "BYTES")]
+    pub manifest_cache_size: Option<usize>,
+
     /// Seconds to let in-flight requests finish after SIGTERM or Ctrl-C.
     /// [default: 30]
     #[arg(long, env = "BERTH_SHUTDOWN_TIMEOUT", value_name = "SECS")]
@@ -95,6 +100,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     sparse_index: Option<bool>,
     max_manifest_size: Option<usize>,
+    manifest_cache_size: Option<usize>,
     shutdown_timeout: Option<u64>,
     insecure_allow_anonymous: Option<bool>,
     log: Option<String>,
@@ -115,6 +121,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub sparse_index: bool,
     pub max_manifest_size: usize,
+    pub manifest_cache_size: usize,
     pub shutdown_timeout: u64,
     pub insecure_allow_anonymous: bool,
     pub log: String,
@@ -187,6 +194,10 @@ impl ServeArgs {
                 .max_manifest_size
                 .or(file.max_manifest_size)
                 .unwrap_or(oci::manifest::MAX_MANIFEST_SIZE),
+            manifest_cache_size: self
+                .manifest_cache_size
+                .or(file.manifest_cache_size)
+                .unwrap_or(registry::RegistryConfig::default().manifest_cache_bytes),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(30),
             insecure_allow_anonymous: self
                 .insecure_allow_anonymous

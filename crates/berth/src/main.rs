@@ -49,6 +49,9 @@ enum Command {
     /// Query the audit log of pushes, pulls, deletes, failed logins and
     /// permission changes.
     Audit(accounts::AuditArgs),
+    /// Load-test a registry (berth or any other): seed it, then measure a
+    /// scenario's throughput and latency.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Project { store, cmd } => accounts::project(store, cmd),
         Command::Robot { store, cmd } => accounts::robot(store, cmd),
         Command::Audit(args) => accounts::audit_cmd(args),
+        Command::Bench(args) => bench::run(*args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

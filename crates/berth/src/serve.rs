@@ -64,6 +64,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         RegistryConfig {
             sparse_index: cfg.sparse_index,
             max_manifest_size: cfg.max_manifest_size,
+            manifest_cache_bytes: cfg.manifest_cache_size,
         },
     );
     let listener = TcpListener::bind(cfg.listen)

@@ -54,6 +54,7 @@ fn help_documents_every_option() {
         "--data-dir",
         "--sparse-index",
         "--max-manifest-size",
+        "--manifest-cache-size",
         "--shutdown-timeout",
         "--insecure-allow-anonymous",
         "--log",

@@ -777,3 +777,63 @@ async fn containerd_ns_parameter_is_tolerated() {
     let r = c.get(s.url("/v2/?ns=docker.io")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Hot manifests are cached in memory: every read below first warms the
+/// cache, so each write must be visible to the very next read.
+#[tokio::test]
+async fn cached_manifests_follow_tag_moves_and_deletes() {
+    let s = Server::start();
+    let c = client();
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let get = |path: String| {
+        let c = c.clone();
+        let url = s.url(&path);
+        async move {
+            let r = c.get(url).header("accept", accept).send().await.unwrap();
+            (r.status().as_u16(), header(&r, "docker-content-digest"))
+        }
+    };
+    let d1 = push_image(&c, &s, "cache/app", "v1", 1).await;
+    for _ in 0..3 {
+        assert_eq!(get("/v2/cache/app/manifests/v1".into()).await, (200, d1.clone()));
+    }
+    // Tag move.
+    let d2 = push_image(&c, &s, "cache/app", "v1", 2).await;
+    assert_eq!(get("/v2/cache/app/manifests/v1".into()).await, (200, d2.clone()));
+    let head = c
+        .head(s.url("/v2/cache/app/manifests/v1"))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&head, "docker-content-digest"), d2);
+    // The old manifest is still there by digest.
+    assert_eq!(get(format!("/v2/cache/app/manifests/{d1}")).await, (200, d1.clone()));
+    // Tag delete.
+    let r = c.delete(s.url("/v2/cache/app/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(get("/v2/cache/app/manifests/v1".into()).await.0, 404);
+    assert_eq!(get(format!("/v2/cache/app/manifests/{d2}")).await, (200, d2.clone()));
+    // Delete by digest, after a cached read by digest.
+    let r = c
+        .delete(s.url(&format!("/v2/cache/app/manifests/{d2}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(get(format!("/v2/cache/app/manifests/{d2}")).await.0, 404);
+    // Deleting by digest also removes the tags pointing at it.
+    let d3 = push_image(&c, &s, "cache/app", "v3", 3).await;
+    assert_eq!(get("/v2/cache/app/manifests/v3".into()).await, (200, d3.clone()));
+    let r = c
+        .delete(s.url(&format!("/v2/cache/app/manifests/{d3}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(get("/v2/cache/app/manifests/v3".into()).await.0, 404);
+    // Another repository's entries are its own.
+    let d4 = push_image(&c, &s, "cache/other", "v1", 4).await;
+    assert_eq!(get("/v2/cache/other/manifests/v1".into()).await, (200, d4));
+    assert_eq!(get("/v2/cache/app/manifests/v1".into()).await.0, 404);
+}

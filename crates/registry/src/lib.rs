@@ -6,7 +6,9 @@
 //! - a blob becomes readable by a repository only after its bytes are
 //!   committed in the blob store and its digest verified (`uploads`);
 //! - a manifest becomes visible only after its bytes are durable and every
-//!   blob and child it requires is present (`manifests`).
+//!   blob and child it requires is present (`manifests`);
+//! - a cached manifest or tag is never served after a write to its
+//!   repository has returned (`cache`).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,6 +17,7 @@ use metadata::MetadataStore;
 use storage::BlobStore;
 
 pub mod blobs;
+pub mod cache;
 pub mod error;
 pub mod listing;
 pub mod manifests;
@@ -30,6 +33,8 @@ pub struct RegistryConfig {
     pub sparse_index: bool,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_size: usize,
+    /// Memory for hot manifests, in bytes; 0 turns the cache off.
+    pub manifest_cache_bytes: usize,
 }
 
 impl Default for RegistryConfig {
@@ -37,6 +42,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             sparse_index: false,
             max_manifest_size: oci::manifest::MAX_MANIFEST_SIZE,
+            manifest_cache_bytes: 64 << 20,
         }
     }
 }
@@ -46,6 +52,7 @@ pub struct Registry {
     meta: Arc<dyn MetadataStore>,
     config: RegistryConfig,
     uploads: uploads::Sessions,
+    cache: cache::ManifestCache,
 }
 
 impl Registry {
@@ -53,6 +60,7 @@ impl Registry {
         Registry {
             blobs,
             meta,
+            cache: cache::ManifestCache::new(config.manifest_cache_bytes),
             config,
             uploads: uploads::Sessions::default(),
         }

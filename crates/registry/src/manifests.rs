@@ -1,10 +1,13 @@
 //! Manifest push, pull and delete.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::StreamExt;
 use metadata::{ManifestRecord, MetaError, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
+use crate::cache::{self, Cached};
 use crate::{now, Registry, RegistryError, Result};
 
 /// What a manifest PUT stored.
@@ -23,6 +26,15 @@ pub struct ManifestBody {
     pub size: u64,
     /// `None` for HEAD.
     pub bytes: Option<Bytes>,
+}
+
+fn served(digest: Digest, m: &Cached, with_body: bool) -> ManifestBody {
+    ManifestBody {
+        digest,
+        media_type: m.media_type.clone(),
+        size: m.bytes.len() as u64,
+        bytes: with_body.then(|| m.bytes.clone()),
+    }
 }
 
 fn manifest_unknown(reference: &Reference) -> RegistryError {
@@ -95,7 +107,10 @@ impl Registry {
             required_manifests,
             tags: all_tags,
         };
-        match self.meta.put_manifest(repo, new).await {
+        let stored = self.meta.put_manifest(repo, new).await;
+        // After the commit: the tags may have moved.
+        self.cache.invalidate(repo);
+        match stored {
             Ok(()) => Ok(PutManifest { digest, subject }),
             Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
                 ErrorCode::ManifestBlobUnknown,
@@ -123,37 +138,59 @@ impl Registry {
         Ok((digest, record))
     }
 
-    /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not read.
+    /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not
+    /// returned. Hot manifests come from the cache (see `cache`).
     pub async fn manifest_get(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
-        let (digest, record) = self.resolve(repo, reference).await?;
-        let bytes = if with_body {
-            let mut out = Vec::with_capacity(record.size as usize);
-            let mut stream = self.blobs.get(&digest, None).await.map_err(|e| {
-                tracing::error!(%repo, %digest, error = %e, "manifest is recorded but its bytes are unreadable; run `berth fsck`");
-                manifest_unknown(reference)
-            })?;
-            while let Some(chunk) = stream.next().await {
-                out.extend_from_slice(&chunk.map_err(storage::StorageError::from)?);
-            }
-            Some(Bytes::from(out))
-        } else {
-            None
+        let known = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(t) => self.cache.tag(repo, t),
         };
-        Ok(ManifestBody {
-            digest,
+        if let Some(digest) = known {
+            if let Some(m) = self.cache.manifest(repo, &digest) {
+                return Ok(served(digest, &m, with_body));
+            }
+        }
+        let generation = self.cache.generation();
+        let (digest, record) = self.resolve(repo, reference).await?;
+        if !with_body && record.size > cache::MAX_ENTRY as u64 {
+            // Not cacheable anyway: spare reading it for a HEAD.
+            return Ok(ManifestBody {
+                digest,
+                media_type: record.media_type,
+                size: record.size,
+                bytes: None,
+            });
+        }
+        let mut out = Vec::with_capacity(record.size as usize);
+        let mut stream = self.blobs.get(&digest, None).await.map_err(|e| {
+            tracing::error!(%repo, %digest, error = %e, "manifest is recorded but its bytes are unreadable; run `berth fsck`");
+            manifest_unknown(reference)
+        })?;
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.map_err(storage::StorageError::from)?);
+        }
+        let m = Arc::new(Cached {
             media_type: record.media_type,
-            size: record.size,
-            bytes,
-        })
+            bytes: Bytes::from(out),
+        });
+        let tag = match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        self.cache.insert(generation, repo, tag, &digest, m.clone());
+        Ok(served(digest, &m, with_body))
     }
 
     /// Deletes by digest (the manifest and every tag pointing at it) or by
     /// tag (only the tag).
     pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
         let existed = match reference {
-            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
-            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await,
+            Reference::Tag(t) => self.meta.delete_tag(repo, t).await,
         };
+        // After the commit, and even on error: the store may have changed.
+        self.cache.invalidate(repo);
+        let existed = existed?;
         if existed {
             Ok(())
         } else {
