@@ -6,6 +6,7 @@
 #
 #   scripts/test.sh            everything
 #   SKIP_CLIENTS=1 scripts/test.sh   without the real-client tests
+#   SKIP_FUZZ=1 scripts/test.sh      without the bounded fuzzing run
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +37,13 @@ if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
     # alone would only recompile dependencies with other features.
     [[ -x target/debug/berth ]] || cargo build --locked --bin berth
     BERTH_BIN="$ROOT/target/debug/berth" tests/clients/run.sh
+fi
+
+if [[ ${SKIP_FUZZ:-0} != 1 ]]; then
+    # Every parser that takes client input, for a bounded time each; a
+    # crash fails the run (scripts/fuzz.sh prints how to reproduce it).
+    section "fuzzing (${FUZZ_SECONDS:-10} s per target)"
+    FUZZ_SANITIZER=none scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 fi
 
 section "all tests passed in $(($(date +%s) - start)) s"
