@@ -17,8 +17,10 @@ mod blobs;
 pub mod error;
 mod lists;
 mod manifests;
+pub mod ops;
 pub mod request;
 pub mod route;
+pub mod telemetry;
 
 pub use error::{ApiError, ApiResult};
 use request::Query;
