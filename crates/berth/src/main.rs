@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod config;
+mod logging;
 mod serve;
 
 #[derive(Parser)]

@@ -5,6 +5,7 @@ use futures_util::StreamExt;
 use metadata::{ManifestRecord, MetaError, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
+use crate::events::{EventData, EventKind};
 use crate::{now, Registry, RegistryError, Result};
 
 /// What a manifest PUT stored.
@@ -86,6 +87,12 @@ impl Registry {
             children: children.iter().map(|d| d.to_string()).collect(),
             created: now(),
         };
+        let event_tags = if self.events.is_some() {
+            all_tags.clone()
+        } else {
+            Vec::new()
+        };
+        let (media_type, size) = (manifest.media_type.clone(), body.len() as u64);
         // Bytes first, durably; the metadata commit is what makes them visible.
         self.blobs.put(&digest, body).await?;
         let new = NewManifest {
@@ -96,7 +103,27 @@ impl Registry {
             tags: all_tags,
         };
         match self.meta.put_manifest(repo, new).await {
-            Ok(()) => Ok(PutManifest { digest, subject }),
+            Ok(()) => {
+                self.events(|| {
+                    let data = |tag: Option<&Tag>| EventData {
+                        repository: repo.to_string(),
+                        digest: Some(digest.to_string()),
+                        tag: tag.map(Tag::to_string),
+                        media_type: Some(media_type.clone()),
+                        size: Some(size),
+                        from: None,
+                    };
+                    let pushed_tag = match reference {
+                        Reference::Tag(t) => Some(t),
+                        Reference::Digest(_) => None,
+                    };
+                    let mut out = vec![(EventKind::Push, data(pushed_tag))];
+                    out.extend(event_tags.iter().map(|t| (EventKind::Tag, data(Some(t)))));
+                    out
+                })
+                .await;
+                Ok(PutManifest { digest, subject })
+            }
             Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
                 ErrorCode::ManifestBlobUnknown,
                 format!("manifest references {missing}, which is not in repository {repo}; push it first"),
@@ -139,6 +166,19 @@ impl Registry {
         } else {
             None
         };
+        if with_body {
+            self.pull_event(|| EventData {
+                repository: repo.to_string(),
+                digest: Some(digest.to_string()),
+                tag: match reference {
+                    Reference::Tag(t) => Some(t.to_string()),
+                    Reference::Digest(_) => None,
+                },
+                media_type: Some(record.media_type.clone()),
+                size: Some(record.size),
+                from: None,
+            });
+        }
         Ok(ManifestBody {
             digest,
             media_type: record.media_type,
@@ -154,10 +194,25 @@ impl Registry {
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
         };
-        if existed {
-            Ok(())
-        } else {
-            Err(manifest_unknown(reference))
+        if !existed {
+            return Err(manifest_unknown(reference));
         }
+        self.events(|| {
+            let (digest, tag) = match reference {
+                Reference::Digest(d) => (Some(d.to_string()), None),
+                Reference::Tag(t) => (None, Some(t.to_string())),
+            };
+            vec![(
+                EventKind::Delete,
+                EventData {
+                    repository: repo.to_string(),
+                    digest,
+                    tag,
+                    ..Default::default()
+                },
+            )]
+        })
+        .await;
+        Ok(())
     }
 }
