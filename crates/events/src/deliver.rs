@@ -90,7 +90,7 @@ async fn run_endpoint(
                 skipped = Some(ev.seq);
                 continue;
             }
-            let dead = deliver(&ep, &client, &metrics, &ev).await.err();
+            let dead = deliver(meta.as_ref(), &ep, &client, &metrics, &ev).await.err();
             retry("moving the cursor", || meta.outbox_advance(&name, ev.seq, dead.clone())).await;
             skipped = None;
         }
@@ -113,6 +113,7 @@ fn wanted(ep: &Endpoint, ev: &OutboxEvent) -> bool {
 /// POSTs one event until it is accepted (2xx) or the attempts run out, in
 /// which case the dead letter to record is returned.
 async fn deliver(
+    meta: &dyn MetadataStore,
     ep: &Endpoint,
     client: &reqwest::Client,
     metrics: &Metrics,
@@ -153,6 +154,10 @@ async fn deliver(
             });
         }
         metrics.delivery(&ep.name, "failed");
+        // Keep the backlog gauge current while this event blocks the queue.
+        if let Ok(last) = meta.outbox_last_seq().await {
+            metrics.set_events_pending(&ep.name, last.saturating_sub(ev.seq - 1));
+        }
         let wait = ep.backoff(attempt);
         tracing::warn!(endpoint = %ep.name, seq = ev.seq, attempt, error = %error,
             retry_in_ms = wait.as_millis() as u64, "webhook delivery failed; retrying");

@@ -267,17 +267,17 @@ impl Collector for RecorderCollector {
         for (name, help, v) in [
             (
                 "berth_events_recorded",
-                "Events written to the durable outbox.",
+                "Events written to the durable outbox",
                 &c.recorded,
             ),
             (
                 "berth_events_dropped",
-                "Pull events dropped because the recording queue was full (pushes and deletes are never dropped).",
+                "Pull events dropped because the recording queue was full (pushes and deletes are never dropped)",
                 &c.dropped,
             ),
             (
                 "berth_events_lost",
-                "Events that could not be written to the outbox because the metadata store failed.",
+                "Events that could not be written to the outbox because the metadata store failed",
                 &c.lost,
             ),
         ] {
@@ -338,7 +338,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         r.register(
             "berth_http_requests",
-            "HTTP requests by method, route kind and status code.",
+            "HTTP requests by method, route kind and status code",
             requests.clone(),
         );
         let latency: Vec<Histogram> = {
@@ -350,7 +350,7 @@ impl Metrics {
                 .collect();
             r.register(
                 "berth_http_request_duration_seconds",
-                "Time from receiving a request to sending the response head, by route kind.",
+                "Time from receiving a request to sending the response head, by route kind",
                 family,
             );
             out
@@ -358,17 +358,17 @@ impl Metrics {
         let bytes_in = per_route(
             &mut r,
             "berth_http_received_bytes",
-            "Request body bytes received, by route kind.",
+            "Request body bytes received, by route kind",
         );
         let bytes_out = per_route(
             &mut r,
             "berth_http_sent_bytes",
-            "Response body bytes sent, by route kind.",
+            "Response body bytes sent, by route kind",
         );
         let pulls = Counter::default();
         r.register(
             "berth_pulls",
-            "Pull attempts: GET or HEAD of a manifest or blob, successful or not.",
+            "Pull attempts: GET or HEAD of a manifest or blob, successful or not",
             pulls.clone(),
         );
         let reasons = |r: &mut Registry, name: &str, help: &str| -> Vec<Counter> {
@@ -383,80 +383,80 @@ impl Metrics {
         let pull_failures = reasons(
             &mut r,
             "berth_pull_failures",
-            "Failed pulls by reason (not_found, denied, timeout, upstream, quota, invalid, internal).",
+            "Failed pulls by reason (not_found, denied, timeout, upstream, quota, invalid, internal)",
         );
         let pushes = Counter::default();
         r.register(
             "berth_pushes",
-            "Push attempts: manifest PUT, and blob upload completions and mounts.",
+            "Push attempts: manifest PUT, and blob upload completions and mounts",
             pushes.clone(),
         );
         let push_failures = reasons(&mut r, "berth_push_failures", "Failed pushes by reason.");
         let storage_objects = Family::<KindLabels, Gauge>::default();
         r.register(
             "berth_storage_objects",
-            "Objects in the metadata store by kind (repository, manifest, tag, blob, upload).",
+            "Objects in the metadata store by kind (repository, manifest, tag, blob, upload)",
             storage_objects.clone(),
         );
         let storage_bytes = Gauge::default();
         r.register(
             "berth_storage_blob_bytes",
-            "Bytes of committed blobs, each counted once however many repositories link it.",
+            "Bytes of committed blobs, each counted once however many repositories link it",
             storage_bytes.clone(),
         );
         let uploads_in_flight = Gauge::default();
         r.register(
             "berth_uploads_in_flight",
-            "Upload sessions started and not yet completed or cancelled.",
+            "Upload sessions started and not yet completed or cancelled",
             uploads_in_flight.clone(),
         );
         let disk_used = Gauge::default();
         r.register(
             "berth_disk_used_bytes",
-            "Bytes used on the filesystem holding the data directory.",
+            "Bytes used on the filesystem holding the data directory",
             disk_used.clone(),
         );
         let disk_available = Gauge::default();
         r.register(
             "berth_disk_available_bytes",
-            "Bytes available to berth on the filesystem holding the data directory.",
+            "Bytes available to berth on the filesystem holding the data directory",
             disk_available.clone(),
         );
         let disk_size = Gauge::default();
         r.register(
             "berth_disk_size_bytes",
-            "Size of the filesystem holding the data directory.",
+            "Size of the filesystem holding the data directory",
             disk_size.clone(),
         );
         let health_status = Family::<DependencyLabels, Gauge>::default();
         r.register(
             "berth_health_status",
-            "1 while a dependency is healthy, 0 after it failed the configured number of consecutive checks.",
+            "1 while a dependency is healthy, 0 after it failed the configured number of consecutive checks",
             health_status.clone(),
         );
         let health_failures = Family::<DependencyLabels, Counter>::default();
         r.register(
             "berth_health_check_failures",
-            "Failed health checks by dependency.",
+            "Failed health checks by dependency",
             health_failures.clone(),
         );
         let events_pending = Family::<EndpointLabels, Gauge>::default();
         r.register(
             "berth_events_pending",
-            "Outbox events a webhook endpoint has not yet delivered, skipped or dead-lettered.",
+            "Outbox events a webhook endpoint has not yet delivered, skipped or dead-lettered",
             events_pending.clone(),
         );
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         r.register(
             "berth_event_deliveries",
-            "Webhook delivery attempts by endpoint and result (delivered, failed, dead_lettered).",
+            "Webhook delivery attempts by endpoint and result (delivered, failed, dead_lettered)",
             deliveries.clone(),
         );
         let recorder = Arc::new(EventRecorderCounters::default());
         r.register_collector(Box::new(RecorderCollector(recorder.clone())));
         r.register(
             "berth_build",
-            "The running berth version.",
+            "The running berth version",
             Info::new(VersionLabels {
                 version: env!("CARGO_PKG_VERSION"),
             }),

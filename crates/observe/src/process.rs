@@ -63,31 +63,31 @@ impl Collector for ProcessCollector {
         let cpu = ConstCounter::new(s.cpu_seconds);
         cpu.encode(encoder.encode_descriptor(
             "process_cpu_seconds",
-            "Total user and system CPU time spent in seconds.",
+            "Total user and system CPU time spent in seconds",
             None,
             cpu.metric_type(),
         )?)?;
         let start = ConstGauge::new(s.start_time);
         start.encode(encoder.encode_descriptor(
             "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
+            "Start time of the process since unix epoch in seconds",
             None,
             start.metric_type(),
         )?)?;
         for (name, help, v) in [
             (
                 "process_virtual_memory_bytes",
-                "Virtual memory size in bytes.",
+                "Virtual memory size in bytes",
                 s.virtual_bytes,
             ),
             (
                 "process_resident_memory_bytes",
-                "Resident memory size in bytes.",
+                "Resident memory size in bytes",
                 s.resident_bytes,
             ),
-            ("process_threads", "Number of OS threads in the process.", s.threads),
-            ("process_open_fds", "Number of open file descriptors.", s.open_fds),
-            ("process_max_fds", "Maximum number of open file descriptors.", s.max_fds),
+            ("process_threads", "Number of OS threads in the process", s.threads),
+            ("process_open_fds", "Number of open file descriptors", s.open_fds),
+            ("process_max_fds", "Maximum number of open file descriptors", s.max_fds),
         ] {
             let g = ConstGauge::new(v);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
