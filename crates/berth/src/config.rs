@@ -18,6 +18,10 @@ use crate::logging::LogFormat;
 pub struct ServeArgs {
     /// TOML configuration file. Its keys are the long option names with '_'
     /// for '-', e.g. `listen = "127.0.0.1:5000"`, `data_dir = "/var/lib/berth"`.
+    /// Webhooks are `[[webhooks]]` tables, only in the file: `name`, `url`,
+    /// and optionally `types` (push, pull, delete, mount, tag), `repositories`
+    /// (patterns with `*` and `?`), `headers`, `timeout` ("5s"),
+    /// `max_attempts` (12), `backoff_initial` ("1s"), `backoff_max` ("5m").
     #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
