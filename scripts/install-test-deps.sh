@@ -15,9 +15,11 @@ VENV=${BERTH_TEST_VENV:-$ROOT/target/test-venv}
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
 
 APT_PKGS=(docker-registry skopeo umoci buildah podman containerd
-          jq curl ca-certificates python3 python3-venv shellcheck)
+          jq curl ca-certificates python3 python3-venv shellcheck
+          prometheus prometheus-alertmanager)
 # Commands that must exist afterwards (package -> command sanity check).
-need_cmds=(docker-registry skopeo umoci buildah podman containerd ctr jq curl python3 shellcheck)
+need_cmds=(docker-registry skopeo umoci buildah podman containerd ctr jq curl python3 shellcheck
+           prometheus promtool prometheus-alertmanager amtool)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

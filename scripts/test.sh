@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test berth has: formatting, lints, unit and integration tests
 # (which start the real binary), and the real-client tests (docker, skopeo,
-# buildah, podman, containerd, oras, python-dxf). Installs what the tests
+# buildah, podman, containerd, oras, python-dxf), and the observability
+# tests (Prometheus rules, Alertmanager, a real Prometheus scraping berth:
+# tests/observability/run.sh). Installs what the tests
 # need first (idempotent). Exits non-zero if anything fails.
 #
 #   scripts/test.sh            everything
@@ -30,6 +32,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+section "observability: promtool, amtool, Alertmanager and Prometheus"
+[[ -x target/debug/berth ]] || cargo build --locked --bin berth
+BERTH_BIN="$ROOT/target/debug/berth" tests/observability/run.sh
 
 if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
     section "real-client tests"

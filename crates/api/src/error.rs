@@ -60,6 +60,8 @@ impl IntoResponse for ApiError {
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }
+        // For the telemetry layer: failures are classified by OCI code.
+        resp.extensions_mut().insert(e.code);
         resp
     }
 }

@@ -22,8 +22,10 @@ mod blobs;
 pub mod error;
 mod lists;
 mod manifests;
+pub mod ops;
 pub mod request;
 pub mod route;
+pub mod telemetry;
 mod token;
 
 use access::Caller;

@@ -3,6 +3,7 @@
 //! one place that does. Matching works from the end of the path, where the
 //! endpoint keywords are, and the name is validated last.
 
+use observe::RouteKind;
 use oci::{Digest, Reference, RepoName, UploadId};
 use percent_encoding::percent_decode_str;
 use registry::RegistryError;
@@ -59,6 +60,34 @@ pub fn parse(rest: &str) -> Option<Result<Route, RegistryError>> {
     Some(route)
 }
 
+/// What kind of endpoint `path` addresses, for metrics. A scan of the last
+/// segments, as `parse` matches them, but without decoding or validating
+/// anything: it runs on every request, before routing.
+pub fn kind(path: &str) -> RouteKind {
+    match path {
+        "/v2" | "/v2/" => return RouteKind::Base,
+        "/healthz" | "/livez" | "/readyz" | "/metrics" => return RouteKind::Ops,
+        "/token" => return RouteKind::Token,
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return RouteKind::Other;
+    };
+    if rest == "_catalog" {
+        return RouteKind::Catalog;
+    }
+    let mut segs = rest.rsplit('/');
+    let (last, before, third) = (segs.next(), segs.next(), segs.next());
+    match (third, before, last) {
+        (_, Some("blobs"), Some("uploads")) | (Some("blobs"), Some("uploads"), _) => RouteKind::Upload,
+        (_, Some("blobs"), _) => RouteKind::Blob,
+        (_, Some("manifests"), _) => RouteKind::Manifest,
+        (_, Some("referrers"), _) => RouteKind::Referrers,
+        (_, Some("tags"), Some("list")) => RouteKind::Tags,
+        _ => RouteKind::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +135,27 @@ mod tests {
             ok(&format!("a/blobs/uploads/blobs/{d}")),
             Route::Blob("a/blobs/uploads".parse().unwrap(), d)
         );
+    }
+
+    #[test]
+    fn kinds() {
+        let d = Digest::sha256(b"x");
+        for (p, k) in [
+            ("/v2/", RouteKind::Base),
+            ("/v2/_catalog", RouteKind::Catalog),
+            ("/v2/a/b/tags/list", RouteKind::Tags),
+            ("/v2/a/manifests/v1", RouteKind::Manifest),
+            (&format!("/v2/a/blobs/{d}"), RouteKind::Blob),
+            ("/v2/a/blobs/uploads/", RouteKind::Upload),
+            ("/v2/a/blobs/uploads", RouteKind::Upload),
+            ("/v2/a/blobs/uploads/abc", RouteKind::Upload),
+            (&format!("/v2/a/referrers/{d}"), RouteKind::Referrers),
+            ("/metrics", RouteKind::Ops),
+            ("/v2/a/foo", RouteKind::Other),
+            ("/favicon.ico", RouteKind::Other),
+        ] {
+            assert_eq!(kind(p), k, "{p}");
+        }
     }
 
     #[test]

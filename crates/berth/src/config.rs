@@ -5,13 +5,23 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::Args;
+use events::{Endpoint, EndpointConfig};
+use observe::HealthConfig;
 use serde::Deserialize;
+
+use crate::logging::LogFormat;
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// TOML configuration file. Its keys are the long option names with '_'
     /// for '-', e.g. `listen = "127.0.0.1:5000"`, `data_dir = "/var/lib/berth"`.
+    /// Webhooks are `[[webhooks]]` tables, only in the file: `name`, `url`,
+    /// and optionally `types` (push, pull, delete, mount, tag), `repositories`
+    /// (patterns with `*` and `?`), `headers`, `timeout` ("5s"),
+    /// `max_attempts` (12), `backoff_initial` ("1s"), `backoff_max` ("5m").
     #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -90,6 +100,47 @@ pub struct ServeArgs {
     /// [default: <data-dir>/token.key]
     #[arg(long, env = "BERTH_TOKEN_KEY", value_name = "FILE")]
     pub token_key: Option<PathBuf>,
+    /// Log format: `json` (one JSON object per line, Elastic Common Schema
+    /// field names), `human`, or `auto` (human on a terminal, else JSON).
+    /// [default: auto]
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Write one access-log line per request, at info level. [default: true]
+    #[arg(long, env = "BERTH_ACCESS_LOG", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub access_log: Option<bool>,
+
+    /// Serve /healthz, /livez, /readyz and /metrics on this address instead
+    /// of the registry's. [default: on the registry listener]
+    #[arg(long, env = "BERTH_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Time between background health checks, e.g. `10s` or `500ms`.
+    /// [default: 10s]
+    #[arg(long, env = "BERTH_HEALTH_INTERVAL", value_name = "DURATION")]
+    pub health_interval: Option<String>,
+
+    /// Consecutive failed checks after which a dependency, and berth, is
+    /// unhealthy; one success makes it healthy again. [default: 3]
+    #[arg(long, env = "BERTH_HEALTH_FAILURES", value_name = "N")]
+    pub health_failures: Option<u32>,
+
+    /// Free bytes on the data directory's filesystem below which the disk
+    /// check fails and /readyz reports "out of disk". [default: 1073741824]
+    #[arg(long, env = "BERTH_MIN_FREE_DISK", value_name = "BYTES")]
+    pub min_free_disk: Option<u64>,
+
+    /// After SIGTERM, how long /readyz reports "draining" while berth still
+    /// serves, so load balancers stop sending traffic first, e.g. `5s`.
+    /// [default: 0s]
+    #[arg(long, env = "BERTH_DRAIN_DELAY", value_name = "DURATION")]
+    pub drain_delay: Option<String>,
+
+    /// The CloudEvents `source` of the events this node sends to webhooks.
+    /// Webhooks themselves are `[[webhooks]]` tables in the config file.
+    /// [default: /berth/<hostname>]
+    #[arg(long, env = "BERTH_EVENT_SOURCE", value_name = "URI")]
+    pub event_source: Option<String>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -112,10 +163,22 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_timeout: Option<u64>,
+    log_format: Option<LogFormat>,
+    access_log: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
+    health_interval: Option<String>,
+    health_failures: Option<u32>,
+    min_free_disk: Option<u64>,
+    drain_delay: Option<String>,
+    event_source: Option<String>,
+    /// Webhook endpoints: only in the file (a list of tables has no
+    /// sensible flag form).
+    #[serde(default)]
+    webhooks: Vec<EndpointConfig>,
 }
 
 /// The settings in force.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -134,6 +197,27 @@ pub struct ServeConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_timeout: u64,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    pub metrics_listen: Option<SocketAddr>,
+    pub health: HealthConfig,
+    pub drain_delay: Duration,
+    pub event_source: String,
+    pub webhooks: Vec<Endpoint>,
+}
+
+fn duration(name: &str, v: Option<String>, default: Duration) -> Result<Duration, String> {
+    v.map(|s| observe::time::parse_duration(&s).map_err(|e| format!("--{name}: {e}")))
+        .transpose()
+        .map(|d| d.unwrap_or(default))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -204,6 +288,27 @@ impl ServeArgs {
                 .or(file.insecure_allow_anonymous)
                 .unwrap_or(false),
             log: self.log.or(file.log).unwrap_or_else(|| "info".into()),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            access_log: self.access_log.or(file.access_log).unwrap_or(true),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            health: HealthConfig {
+                interval: duration(
+                    "health-interval",
+                    self.health_interval.or(file.health_interval),
+                    Duration::from_secs(10),
+                )?,
+                failure_threshold: match self.health_failures.or(file.health_failures).unwrap_or(3) {
+                    0 => return Err("--health-failures must be at least 1".into()),
+                    n => n,
+                },
+                min_free_disk: self.min_free_disk.or(file.min_free_disk).unwrap_or(1 << 30),
+            },
+            drain_delay: duration("drain-delay", self.drain_delay.or(file.drain_delay), Duration::ZERO)?,
+            event_source: self
+                .event_source
+                .or(file.event_source)
+                .unwrap_or_else(|| format!("/berth/{}", hostname())),
+            webhooks: events::validate_all(&file.webhooks)?,
         })
     }
 }
@@ -231,6 +336,52 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/srv/berth"));
         assert!(c.sparse_index);
         assert_eq!(c.max_manifest_size, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn observability_settings_and_webhooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(
+            &path,
+            r#"
+health_interval = "250ms"
+health_failures = 5
+log_format = "json"
+metrics_listen = "127.0.0.1:9100"
+
+[[webhooks]]
+name = "ci"
+url = "http://127.0.0.1:8080/events"
+types = ["push", "delete"]
+repositories = ["team/*"]
+backoff_initial = "100ms"
+"#,
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            health_failures: Some(2),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.health.interval, Duration::from_millis(250));
+        assert_eq!(c.health.failure_threshold, 2, "the flag beats the file");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.access_log);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.webhooks[0].backoff_initial, Duration::from_millis(100));
+        assert!(c.event_source.starts_with("/berth/"));
+        std::fs::write(&path, "[[webhooks]]\nname = \"x\"\nurl = \"gopher://h/\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("http://"), "{err}");
     }
 
     #[test]

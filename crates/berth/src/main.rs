@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod accounts;
 mod config;
+mod logging;
 mod serve;
 mod server;
 
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry (OCI Distribution Spec 1.1).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Manage users (with berth stopped; while it runs, use /api/v1/users).
     User {
         #[command(flatten)]
@@ -57,7 +58,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::User { store, cmd } => accounts::user(store, cmd),
         Command::Project { store, cmd } => accounts::project(store, cmd),
         Command::Robot { store, cmd } => accounts::robot(store, cmd),

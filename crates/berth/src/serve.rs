@@ -1,14 +1,17 @@
 //! `berth serve`: open the stores, bind, serve until SIGTERM or Ctrl-C, then
 //! let in-flight requests finish within the shutdown timeout.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metadata::RedbMetadata;
+use api::ops::Ops;
+use api::telemetry::Telemetry;
+use metadata::{MetadataStore, RedbMetadata};
+use observe::{Checks, Health, Metrics};
+use registry::events::Recorder;
 use registry::{Registry, RegistryConfig};
-use storage::FsBlobStore;
+use storage::{BlobStore, FsBlobStore};
 use tokio::net::TcpListener;
 
 use crate::config::{ServeArgs, ServeConfig};
@@ -17,22 +20,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     let cfg = args.resolve()?;
-    init_logging(&cfg.log);
+    crate::logging::init(&cfg.log, cfg.log_format);
     check_exposure(&cfg)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(serve(cfg))
-}
-
-fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// An unauthenticated registry is reachable by anyone who can reach its
@@ -57,9 +50,14 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot open blob storage in {}: {e}", cfg.data_dir.display()))?;
     let meta_path = cfg.data_dir.join("meta.redb");
-    let meta = Arc::new(open_metadata(&meta_path)?);
-    let registry = Registry::new(
-        Arc::new(blobs),
+    // One database: the registry's metadata and, with --auth, the accounts.
+    let store = Arc::new(open_metadata(&meta_path)?);
+    let blobs: Arc<dyn BlobStore> = Arc::new(blobs);
+    let meta: Arc<dyn MetadataStore> = store.clone();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(cfg.health.failure_threshold));
+    let mut registry = Registry::new(
+        blobs.clone(),
         meta.clone(),
         RegistryConfig {
             sparse_index: cfg.sparse_index,
@@ -67,6 +65,31 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             manifest_cache_bytes: cfg.manifest_cache_size,
         },
     );
+    let (committed, wake) = tokio::sync::watch::channel(0);
+    let kinds = events::wanted_kinds(&cfg.webhooks);
+    if !kinds.is_empty() {
+        let recorder = Recorder::start(
+            meta.clone(),
+            kinds,
+            &cfg.event_source,
+            metrics.recorder.clone(),
+            committed,
+        );
+        registry = registry.with_events(recorder);
+    }
+    // With no webhooks this only prunes what an earlier configuration left.
+    events::start(meta.clone(), cfg.webhooks.clone(), metrics.clone(), wake)?;
+    tokio::spawn(observe::health::run(
+        Checks {
+            blobs,
+            meta,
+            data_dir: cfg.data_dir.clone(),
+            config: cfg.health.clone(),
+        },
+        health.clone(),
+        metrics.clone(),
+    ));
+
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
@@ -74,13 +97,39 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
     let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
     let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     let auth = if cfg.auth {
-        Some(open_auth(&cfg, &external_url, meta.clone()).await?)
+        Some(open_auth(&cfg, &external_url, store.clone()).await?)
     } else {
         None
     };
     let mut app = api::App::new(registry, auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
-    let app = api::router(Arc::new(app));
+    let mut app = api::router(Arc::new(app));
+
+    let telemetry = Telemetry {
+        metrics: metrics.clone(),
+        access_log: cfg.access_log,
+    };
+    let ops = api::ops::router(Ops {
+        metrics,
+        health: health.clone(),
+    });
+    match cfg.metrics_listen {
+        None => app = app.merge(ops),
+        Some(ops_addr) => {
+            let l = TcpListener::bind(ops_addr)
+                .await
+                .map_err(|e| format!("cannot listen on {ops_addr} (--metrics-listen): {e}"))?;
+            let ops_addr = l.local_addr()?;
+            tracing::info!(ops_listen = %ops_addr, "health and metrics endpoints are serving");
+            let ops = api::telemetry::layer(ops, telemetry.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, ops.into_make_service_with_connect_info::<SocketAddr>()).await {
+                    tracing::error!(error = %e, "the health and metrics listener failed");
+                }
+            });
+        }
+    }
+    let app = api::telemetry::layer(app, telemetry);
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
             cert: cert.clone(),
@@ -98,8 +147,19 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         "berth is serving"
     );
     let drain = Duration::from_secs(cfg.shutdown_timeout);
+    let drain_delay = cfg.drain_delay;
     let shutdown = async move {
         shutdown_signal().await;
+        // Readiness fails first, so load balancers stop sending new work
+        // while berth still serves what arrives meanwhile.
+        health.set_draining();
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                delay_ms = drain_delay.as_millis() as u64,
+                "draining: /readyz fails; still serving"
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
         tracing::info!(
             timeout_secs = drain.as_secs(),
             "shutting down: finishing in-flight requests"

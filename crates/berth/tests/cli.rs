@@ -58,8 +58,18 @@ fn help_documents_every_option() {
         "--shutdown-timeout",
         "--insecure-allow-anonymous",
         "--log",
+        "--log-format",
+        "--access-log",
+        "--metrics-listen",
+        "--health-interval",
+        "--health-failures",
+        "--min-free-disk",
+        "--drain-delay",
+        "--event-source",
+        "[[webhooks]]",
         "BERTH_LISTEN",
         "BERTH_DATA_DIR",
+        "BERTH_METRICS_LISTEN",
     ] {
         assert!(help.contains(opt), "serve --help lacks {opt}:\n{help}");
     }

@@ -7,7 +7,9 @@
 //! - a repository can read a blob only through a link (`link_blob`);
 //! - a manifest is stored only if every blob it requires is linked into its
 //!   repository and every child manifest it requires is in the repository;
-//! - a tag always points at a manifest of its repository.
+//! - a tag always points at a manifest of its repository;
+//! - outbox sequence numbers only grow and are never reused, even after
+//!   pruning, so a delivery cursor can never skip or repeat an event.
 
 use std::collections::BTreeMap;
 
@@ -80,6 +82,39 @@ pub struct UploadRecord {
     pub created: u64,
 }
 
+/// Counts of what the store holds, for the storage metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub repositories: u64,
+    pub manifests: u64,
+    pub tags: u64,
+    /// Distinct committed blobs, and their total size in bytes.
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub uploads: u64,
+}
+
+/// An event in the durable outbox: an opaque payload (the registry writes
+/// CloudEvents JSON) under a sequence number that only grows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// An event an endpoint gave up on, kept for an operator to inspect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub endpoint: String,
+    pub seq: u64,
+    /// The event, as it was in the outbox (UTF-8 JSON).
+    pub payload: String,
+    pub attempts: u32,
+    pub error: String,
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Records that blob `digest` of `size` bytes is committed in the blob
@@ -128,4 +163,34 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn put_upload(&self, id: &UploadId, rec: &UploadRecord) -> Result<()>;
     async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRecord>>;
     async fn delete_upload(&self, id: &UploadId) -> Result<()>;
+
+    /// Counts of repositories, manifests, tags, blobs (and their bytes) and
+    /// uploads. May walk the blob table: call it from background work, not
+    /// per request.
+    async fn stats(&self) -> Result<StoreStats>;
+
+    /// Appends events to the outbox in one transaction, in order, and
+    /// returns the sequence number of the last one (the current last
+    /// sequence number if `payloads` is empty).
+    async fn outbox_append(&self, payloads: Vec<Vec<u8>>) -> Result<u64>;
+
+    /// Up to `n` events with a sequence number above `after`, in order.
+    async fn outbox_read(&self, after: u64, n: usize) -> Result<Vec<OutboxEvent>>;
+
+    /// The sequence number of the last event ever appended (0 if none).
+    async fn outbox_last_seq(&self) -> Result<u64>;
+
+    /// The last sequence number `endpoint` is done with (delivered, skipped
+    /// by its filter, or dead-lettered); 0 for a new endpoint.
+    async fn outbox_cursor(&self, endpoint: &str) -> Result<u64>;
+
+    /// Moves `endpoint`'s cursor forward to `seq` (never back) and records
+    /// `dead`, if any, in the same transaction.
+    async fn outbox_advance(&self, endpoint: &str, seq: u64, dead: Option<DeadLetter>) -> Result<()>;
+
+    /// Removes events with a sequence number up to `seq`. Returns how many.
+    async fn outbox_prune(&self, seq: u64) -> Result<u64>;
+
+    /// The dead letters of `endpoint`, oldest first.
+    async fn dead_letters(&self, endpoint: &str) -> Result<Vec<DeadLetter>>;
 }

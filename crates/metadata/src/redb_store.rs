@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::{ManifestRecord, MetaError, MetadataStore, NewManifest, Result, UploadRecord};
+use crate::{
+    DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result, StoreStats, UploadRecord,
+};
 
 /// digest -> size of every committed blob.
 const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
@@ -27,6 +29,16 @@ const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
 const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("referrers");
 /// upload id -> UploadRecord as JSON.
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// sequence number -> event payload: the durable event outbox.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// endpoint name -> last sequence number it is done with.
+const OUTBOX_CURSORS: TableDefinition<&str, u64> = TableDefinition::new("outbox_cursors");
+/// (endpoint, sequence number) -> DeadLetter as JSON.
+const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+/// name -> counter. `outbox_last` is the last sequence number handed out; it
+/// outlives pruning, so numbers are never reused.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const OUTBOX_LAST: &str = "outbox_last";
 
 pub struct RedbMetadata {
     db: Arc<Database>,
@@ -51,6 +63,10 @@ impl RedbMetadata {
             w.open_table(REPOS).map_err(be)?;
             w.open_table(REFERRERS).map_err(be)?;
             w.open_table(UPLOADS).map_err(be)?;
+            w.open_table(OUTBOX).map_err(be)?;
+            w.open_table(OUTBOX_CURSORS).map_err(be)?;
+            w.open_table(DEAD_LETTERS).map_err(be)?;
+            w.open_table(COUNTERS).map_err(be)?;
         }
         crate::redb_identity::create_tables(&w)?;
         w.commit().map_err(be)?;
@@ -414,6 +430,146 @@ impl MetadataStore for RedbMetadata {
             let w = db.begin_write().map_err(be)?;
             w.open_table(UPLOADS).map_err(be)?.remove(id.as_str()).map_err(be)?;
             w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<StoreStats> {
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let blobs = r.open_table(BLOBS).map_err(be)?;
+            let mut blob_bytes = 0u64;
+            for item in blobs.iter().map_err(be)? {
+                blob_bytes += item.map_err(be)?.1.value();
+            }
+            Ok(StoreStats {
+                repositories: r.open_table(REPOS).map_err(be)?.len().map_err(be)?,
+                manifests: r.open_table(MANIFESTS).map_err(be)?.len().map_err(be)?,
+                tags: r.open_table(TAGS).map_err(be)?.len().map_err(be)?,
+                blobs: blobs.len().map_err(be)?,
+                blob_bytes,
+                uploads: r.open_table(UPLOADS).map_err(be)?.len().map_err(be)?,
+            })
+        })
+        .await
+    }
+
+    async fn outbox_append(&self, payloads: Vec<Vec<u8>>) -> Result<u64> {
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            let last = {
+                let mut counters = w.open_table(COUNTERS).map_err(be)?;
+                let mut last = counters.get(OUTBOX_LAST).map_err(be)?.map(|v| v.value()).unwrap_or(0);
+                let mut outbox = w.open_table(OUTBOX).map_err(be)?;
+                for p in &payloads {
+                    last += 1;
+                    outbox.insert(last, p.as_slice()).map_err(be)?;
+                }
+                counters.insert(OUTBOX_LAST, last).map_err(be)?;
+                last
+            };
+            w.commit().map_err(be)?;
+            Ok(last)
+        })
+        .await
+    }
+
+    async fn outbox_read(&self, after: u64, n: usize) -> Result<Vec<OutboxEvent>> {
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(OUTBOX).map_err(be)?;
+            let mut out = Vec::new();
+            for item in t.range((Bound::Excluded(after), Bound::Unbounded)).map_err(be)? {
+                if out.len() >= n {
+                    break;
+                }
+                let (k, v) = item.map_err(be)?;
+                out.push(OutboxEvent {
+                    seq: k.value(),
+                    payload: v.value().to_vec(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn outbox_last_seq(&self) -> Result<u64> {
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(COUNTERS).map_err(be)?;
+            Ok(t.get(OUTBOX_LAST).map_err(be)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn outbox_cursor(&self, endpoint: &str) -> Result<u64> {
+        let endpoint = endpoint.to_string();
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(OUTBOX_CURSORS).map_err(be)?;
+            Ok(t.get(endpoint.as_str()).map_err(be)?.map(|v| v.value()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn outbox_advance(&self, endpoint: &str, seq: u64, dead: Option<DeadLetter>) -> Result<()> {
+        let endpoint = endpoint.to_string();
+        let dead = dead
+            .map(|d| serde_json::to_vec(&d).map(|j| (d.seq, j)))
+            .transpose()
+            .map_err(be)?;
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                let mut cursors = w.open_table(OUTBOX_CURSORS).map_err(be)?;
+                let old = cursors
+                    .get(endpoint.as_str())
+                    .map_err(be)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                cursors.insert(endpoint.as_str(), old.max(seq)).map_err(be)?;
+                if let Some((dseq, json)) = &dead {
+                    w.open_table(DEAD_LETTERS)
+                        .map_err(be)?
+                        .insert((endpoint.as_str(), *dseq), json.as_slice())
+                        .map_err(be)?;
+                }
+            }
+            w.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn outbox_prune(&self, seq: u64) -> Result<u64> {
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            let removed = {
+                let mut t = w.open_table(OUTBOX).map_err(be)?;
+                let before = t.len().map_err(be)?;
+                t.retain_in(..=seq, |_, _| false).map_err(be)?;
+                before - t.len().map_err(be)?
+            };
+            w.commit().map_err(be)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, endpoint: &str) -> Result<Vec<DeadLetter>> {
+        let endpoint = endpoint.to_string();
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(DEAD_LETTERS).map_err(be)?;
+            let mut out = Vec::new();
+            for item in t.range((endpoint.as_str(), 0u64)..).map_err(be)? {
+                let (k, v) = item.map_err(be)?;
+                if k.value().0 != endpoint {
+                    break;
+                }
+                out.push(serde_json::from_slice(v.value()).map_err(be)?);
+            }
+            Ok(out)
         })
         .await
     }

@@ -3,7 +3,7 @@
 
 use oci::{Digest, RepoName, Tag, UploadId};
 
-use crate::{ManifestRecord, MetaError, MetadataStore, NewManifest, UploadRecord};
+use crate::{DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, UploadRecord};
 
 fn repo(s: &str) -> RepoName {
     s.parse().expect("valid repo")
@@ -43,6 +43,8 @@ pub async fn run_all(store: &dyn MetadataStore) {
     referrers_index(store).await;
     pagination(store).await;
     uploads(store).await;
+    stats(store).await;
+    outbox(store).await;
 }
 
 pub async fn blobs_and_links(store: &dyn MetadataStore) {
@@ -204,4 +206,85 @@ pub async fn uploads(store: &dyn MetadataStore) {
     assert_eq!(store.get_upload(&id).await.unwrap(), Some(rec));
     store.delete_upload(&id).await.unwrap();
     assert_eq!(store.get_upload(&id).await.unwrap(), None);
+}
+
+pub async fn stats(store: &dyn MetadataStore) {
+    let before = store.stats().await.unwrap();
+    let r = repo("stats/app");
+    let (a, b) = (Digest::sha256(b"stats-a"), Digest::sha256(b"stats-b"));
+    store.add_blob(&r, &a, 10).await.unwrap();
+    store.add_blob(&r, &b, 32).await.unwrap();
+    // Linking the same blob elsewhere stores nothing new.
+    store.link_blob(&repo("stats/other"), &a).await.unwrap();
+    let m = Digest::sha256(b"stats-m");
+    store
+        .put_manifest(&r, new_manifest(&m, &[&a, &b], &["v1", "v2"], None))
+        .await
+        .unwrap();
+    let id: UploadId = "stats-upload".parse().unwrap();
+    let rec = UploadRecord {
+        repo: "stats/app".into(),
+        owner: None,
+        created: 1,
+    };
+    store.put_upload(&id, &rec).await.unwrap();
+    let after = store.stats().await.unwrap();
+    assert_eq!(after.blobs - before.blobs, 2);
+    assert_eq!(after.blob_bytes - before.blob_bytes, 42);
+    assert_eq!(after.repositories - before.repositories, 1);
+    assert_eq!(after.manifests - before.manifests, 1);
+    assert_eq!(after.tags - before.tags, 2);
+    assert_eq!(after.uploads - before.uploads, 1);
+    store.delete_upload(&id).await.unwrap();
+    assert_eq!(store.stats().await.unwrap().uploads, before.uploads);
+}
+
+pub async fn outbox(store: &dyn MetadataStore) {
+    let base = store.outbox_last_seq().await.unwrap();
+    assert_eq!(store.outbox_append(vec![]).await.unwrap(), base);
+    let last = store
+        .outbox_append(vec![b"e1".to_vec(), b"e2".to_vec(), b"e3".to_vec()])
+        .await
+        .unwrap();
+    assert_eq!(last, base + 3);
+    assert_eq!(store.outbox_last_seq().await.unwrap(), last);
+    // Read in order, in pages.
+    let page = store.outbox_read(base, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| (e.seq, e.payload.as_slice())).collect::<Vec<_>>(),
+        vec![(base + 1, b"e1".as_slice()), (base + 2, b"e2".as_slice())]
+    );
+    let rest = store.outbox_read(base + 2, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].payload, b"e3");
+    // Cursors are per endpoint, start at 0, and never move back.
+    assert_eq!(store.outbox_cursor("hook-a").await.unwrap(), 0);
+    store.outbox_advance("hook-a", base + 2, None).await.unwrap();
+    store.outbox_advance("hook-a", base + 1, None).await.unwrap();
+    assert_eq!(store.outbox_cursor("hook-a").await.unwrap(), base + 2);
+    assert_eq!(store.outbox_cursor("hook-b").await.unwrap(), 0);
+    // A dead letter is recorded with the cursor move.
+    let dead = DeadLetter {
+        endpoint: "hook-a".into(),
+        seq: base + 3,
+        payload: "e3".into(),
+        attempts: 5,
+        error: "HTTP 500".into(),
+        time: 7,
+    };
+    store
+        .outbox_advance("hook-a", base + 3, Some(dead.clone()))
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_cursor("hook-a").await.unwrap(), base + 3);
+    assert_eq!(store.dead_letters("hook-a").await.unwrap(), vec![dead]);
+    assert!(store.dead_letters("hook-b").await.unwrap().is_empty());
+    // Pruning removes events up to a sequence number; numbers are not reused.
+    assert_eq!(store.outbox_prune(base + 2).await.unwrap(), 2);
+    assert_eq!(store.outbox_read(base, 10).await.unwrap().len(), 1);
+    assert_eq!(store.outbox_prune(last).await.unwrap(), 1);
+    assert!(store.outbox_read(0, 10).await.unwrap().is_empty());
+    assert_eq!(store.outbox_append(vec![b"e4".to_vec()]).await.unwrap(), last + 1);
+    assert_eq!(store.outbox_read(last, 10).await.unwrap()[0].seq, last + 1);
+    store.outbox_prune(last + 1).await.unwrap();
 }

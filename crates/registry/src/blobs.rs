@@ -37,11 +37,21 @@ impl Registry {
     /// Removes the blob from the repository. The bytes stay while other
     /// repositories link them; garbage collection reclaims unreferenced ones.
     pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if self.meta.unlink_blob(repo, digest).await? {
-            Ok(())
-        } else {
-            Err(blob_unknown(digest))
+        if !self.meta.unlink_blob(repo, digest).await? {
+            return Err(blob_unknown(digest));
         }
+        self.events(|| {
+            vec![(
+                crate::events::EventKind::Delete,
+                crate::events::EventData {
+                    repository: repo.to_string(),
+                    digest: Some(digest.to_string()),
+                    ..Default::default()
+                },
+            )]
+        })
+        .await;
+        Ok(())
     }
 }
 

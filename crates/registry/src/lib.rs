@@ -19,6 +19,7 @@ use storage::BlobStore;
 pub mod blobs;
 pub mod cache;
 pub mod error;
+pub mod events;
 pub mod listing;
 pub mod manifests;
 pub mod uploads;
@@ -53,6 +54,7 @@ pub struct Registry {
     config: RegistryConfig,
     uploads: uploads::Sessions,
     cache: cache::ManifestCache,
+    events: Option<events::Recorder>,
 }
 
 impl Registry {
@@ -63,6 +65,28 @@ impl Registry {
             cache: cache::ManifestCache::new(config.manifest_cache_bytes),
             config,
             uploads: uploads::Sessions::default(),
+            events: None,
+        }
+    }
+
+    /// Records push, pull, delete, mount and tag events with `recorder`.
+    pub fn with_events(mut self, recorder: events::Recorder) -> Registry {
+        self.events = Some(recorder);
+        self
+    }
+
+    /// Records change events; returns once they are in the outbox. `make`
+    /// runs only when events are recorded at all.
+    pub(crate) async fn events(&self, make: impl FnOnce() -> Vec<(events::EventKind, events::EventData)>) {
+        if let Some(r) = &self.events {
+            r.changes(make()).await;
+        }
+    }
+
+    /// Records a pull without waiting for it.
+    pub(crate) fn pull_event(&self, make: impl FnOnce() -> events::EventData) {
+        if let Some(r) = self.events.as_ref().filter(|r| r.wants(events::EventKind::Pull)) {
+            r.pull(make());
         }
     }
 

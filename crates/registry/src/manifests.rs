@@ -8,6 +8,7 @@ use metadata::{ManifestRecord, MetaError, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
 use crate::cache::{self, Cached};
+use crate::events::{EventData, EventKind};
 use crate::{now, Registry, RegistryError, Result};
 
 /// What a manifest PUT stored.
@@ -98,6 +99,12 @@ impl Registry {
             children: children.iter().map(|d| d.to_string()).collect(),
             created: now(),
         };
+        let event_tags = if self.events.is_some() {
+            all_tags.clone()
+        } else {
+            Vec::new()
+        };
+        let (media_type, size) = (manifest.media_type.clone(), body.len() as u64);
         // Bytes first, durably; the metadata commit is what makes them visible.
         self.blobs.put(&digest, body).await?;
         let new = NewManifest {
@@ -111,7 +118,27 @@ impl Registry {
         // After the commit: the tags may have moved.
         self.cache.invalidate(repo);
         match stored {
-            Ok(()) => Ok(PutManifest { digest, subject }),
+            Ok(()) => {
+                self.events(|| {
+                    let data = |tag: Option<&Tag>| EventData {
+                        repository: repo.to_string(),
+                        digest: Some(digest.to_string()),
+                        tag: tag.map(Tag::to_string),
+                        media_type: Some(media_type.clone()),
+                        size: Some(size),
+                        from: None,
+                    };
+                    let pushed_tag = match reference {
+                        Reference::Tag(t) => Some(t),
+                        Reference::Digest(_) => None,
+                    };
+                    let mut out = vec![(EventKind::Push, data(pushed_tag))];
+                    out.extend(event_tags.iter().map(|t| (EventKind::Tag, data(Some(t)))));
+                    out
+                })
+                .await;
+                Ok(PutManifest { digest, subject })
+            }
             Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
                 ErrorCode::ManifestBlobUnknown,
                 format!("manifest references {missing}, which is not in repository {repo}; push it first"),
@@ -139,8 +166,27 @@ impl Registry {
     }
 
     /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not
-    /// returned. Hot manifests come from the cache (see `cache`).
+    /// returned. A GET is a pull event.
     pub async fn manifest_get(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
+        let m = self.manifest_lookup(repo, reference, with_body).await?;
+        if with_body {
+            self.pull_event(|| EventData {
+                repository: repo.to_string(),
+                digest: Some(m.digest.to_string()),
+                tag: match reference {
+                    Reference::Tag(t) => Some(t.to_string()),
+                    Reference::Digest(_) => None,
+                },
+                media_type: Some(m.media_type.clone()),
+                size: Some(m.size),
+                from: None,
+            });
+        }
+        Ok(m)
+    }
+
+    /// Hot manifests come from the cache (see `cache`).
+    async fn manifest_lookup(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
         let known = match reference {
             Reference::Digest(d) => Some(d.clone()),
             Reference::Tag(t) => self.cache.tag(repo, t),
@@ -190,11 +236,25 @@ impl Registry {
         };
         // After the commit, and even on error: the store may have changed.
         self.cache.invalidate(repo);
-        let existed = existed?;
-        if existed {
-            Ok(())
-        } else {
-            Err(manifest_unknown(reference))
+        if !existed? {
+            return Err(manifest_unknown(reference));
         }
+        self.events(|| {
+            let (digest, tag) = match reference {
+                Reference::Digest(d) => (Some(d.to_string()), None),
+                Reference::Tag(t) => (None, Some(t.to_string())),
+            };
+            vec![(
+                EventKind::Delete,
+                EventData {
+                    repository: repo.to_string(),
+                    digest,
+                    tag,
+                    ..Default::default()
+                },
+            )]
+        })
+        .await;
+        Ok(())
     }
 }

@@ -239,7 +239,22 @@ impl Registry {
         };
         let Some(size) = size else { return Ok(None) };
         match self.meta.link_blob(repo, digest).await {
-            Ok(()) => Ok(Some(size)),
+            Ok(()) => {
+                self.events(|| {
+                    vec![(
+                        crate::events::EventKind::Mount,
+                        crate::events::EventData {
+                            repository: repo.to_string(),
+                            digest: Some(digest.to_string()),
+                            size: Some(size),
+                            from: from.map(RepoName::to_string),
+                            ..Default::default()
+                        },
+                    )]
+                })
+                .await;
+                Ok(Some(size))
+            }
             Err(MetaError::BlobNotStored(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -79,8 +79,7 @@ impl Server {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(out, "{line}");
                 if !sent {
-                    if let Some(rest) = line.split("listen=").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(addr) = listen_addr(&line) {
                         let _ = tx.send(addr);
                         sent = true;
                     }
@@ -143,6 +142,16 @@ impl Server {
     pub fn data(&self) -> &Path {
         &self.data_dir
     }
+}
+
+/// The address in berth's "serving" line, in the human (`listen=ADDR`) or
+/// the JSON (`"listen":"ADDR"`) log format.
+fn listen_addr(line: &str) -> Option<String> {
+    if let Some(rest) = line.split("listen=").nth(1) {
+        return Some(rest.split_whitespace().next().unwrap_or("").to_string());
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["listen"].as_str().map(str::to_string)
 }
 
 impl Drop for Server {
