@@ -45,7 +45,7 @@ fn token_response(auth: &Auth, who: &Principal, granted: Vec<Access>, refresh: O
         "token": token,
         "access_token": token,
         "expires_in": ttl,
-        "issued_at": auth::audit::rfc3339(auth::now()),
+        "issued_at": observe::time::rfc3339(std::time::SystemTime::now()),
         "scope": scope,
     });
     if let Some(r) = refresh {

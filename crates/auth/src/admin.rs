@@ -282,18 +282,13 @@ pub async fn list_robots(store: &dyn IdentityStore) -> Result<Vec<RobotView>> {
         .collect())
 }
 
-/// Parses a duration like `30d`, `12h`, `90m` or `3600` (seconds).
+/// Parses a lifetime like `90d`, `12h` or `3600` (seconds) into seconds.
 pub fn parse_duration(s: &str) -> Result<u64> {
-    let bad = || AdminError::Invalid(format!("invalid duration {s:?}: use e.g. 90d, 12h, 30m or seconds"));
-    let (num, mult) = match s.chars().last() {
-        Some('d') => (&s[..s.len() - 1], 86_400),
-        Some('h') => (&s[..s.len() - 1], 3600),
-        Some('m') => (&s[..s.len() - 1], 60),
-        Some('s') => (&s[..s.len() - 1], 1),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(bad)
+    match observe::time::parse_duration(s) {
+        Ok(d) if d.as_secs() > 0 => Ok(d.as_secs()),
+        Ok(_) => Err(AdminError::Invalid(format!("lifetime {s:?} is shorter than a second"))),
+        Err(e) => Err(AdminError::Invalid(e)),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC, with milliseconds.
     pub time: String,
     /// Who: a user, `robot$name`, or `anonymous`.
     pub actor: String,
@@ -75,7 +75,7 @@ impl AuditLog {
     pub fn record(&self, actor: &str, action: &str, resource: &str, client: &str, result: &str, detail: &str) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(AuditRecord {
-                time: rfc3339(crate::now()),
+                time: observe::time::rfc3339(std::time::SystemTime::now()),
                 actor: actor.into(),
                 action: action.into(),
                 resource: resource.into(),
@@ -135,38 +135,9 @@ pub fn query(path: &Path, q: &AuditQuery) -> std::io::Result<Vec<AuditRecord>> {
     Ok(out)
 }
 
-/// Formats seconds since the epoch as RFC 3339 UTC (`2026-11-27T03:04:05Z`).
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_748_645), "2026-11-27T03:04:05Z");
-    }
 
     #[tokio::test]
     async fn records_and_queries() {

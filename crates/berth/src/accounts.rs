@@ -37,7 +37,7 @@ impl Store {
     /// Records an account change in the audit log of the data directory.
     fn audit(&self, action: &str, resource: &str, detail: &str) {
         let rec = audit::AuditRecord {
-            time: audit::rfc3339(auth::now()),
+            time: observe::time::rfc3339(std::time::SystemTime::now()),
             actor: format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into())),
             action: action.into(),
             resource: resource.into(),
@@ -282,7 +282,7 @@ pub fn robot(store: Store, cmd: RobotCmd) -> Result<(), BoxError> {
                     } else {
                         match r.expires_at {
                             Some(t) if t <= auth::now() => "expired".to_string(),
-                            Some(t) => format!("expires {}", audit::rfc3339(t)),
+                            Some(t) => format!("expires {}", observe::time::rfc3339_unix(t)),
                             None => "active".to_string(),
                         }
                     };

@@ -17,6 +17,11 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// `rfc3339` of a time given in seconds since the Unix epoch.
+pub fn rfc3339_unix(secs: u64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// Days since 1970-01-01 to (year, month, day), by Howard Hinnant's
 /// algorithm for the proleptic Gregorian calendar.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -32,20 +37,22 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// A duration such as `250ms`, `10s`, `5m` or `1h`; a bare number is seconds.
+/// A duration such as `250ms`, `10s`, `5m`, `1h` or `90d`; a bare number is
+/// seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 250ms, 10s, 5m or 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 250ms, 10s, 5m, 1h or 90d"))?;
     match unit.trim() {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        u => Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m or h")),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
+        u => Err(format!("unknown unit {u:?} in {s:?}; use ms, s, m, h or d")),
     }
 }
 
@@ -59,7 +66,8 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
     }
 
     #[test]
