@@ -85,6 +85,14 @@ pub struct ServeArgs {
     /// [default: <data-dir>/token.key]
     #[arg(long, env = "BERTH_TOKEN_KEY", value_name = "FILE")]
     pub token_key: Option<PathBuf>,
+
+    /// Run garbage collection every this many seconds; 0 turns it off.
+    /// [default: 3600]
+    #[arg(long, env = "BERTH_GC_INTERVAL", value_name = "SECS")]
+    pub gc_interval: Option<u64>,
+
+    #[command(flatten)]
+    pub gc: crate::gc::GcTuning,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -106,6 +114,13 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_timeout: Option<u64>,
+    gc_interval: Option<u64>,
+    gc_grace: Option<u64>,
+    gc_upload_ttl: Option<u64>,
+    #[serde(default)]
+    gc_untagged: Vec<String>,
+    gc_batch: Option<usize>,
+    gc_pause_ms: Option<u64>,
 }
 
 /// The settings in force.
@@ -127,6 +142,9 @@ pub struct ServeConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_timeout: u64,
+    /// Seconds between GC runs; 0 = off.
+    pub gc_interval: u64,
+    pub gc: registry::GcOptions,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -193,6 +211,14 @@ impl ServeArgs {
                 .or(file.insecure_allow_anonymous)
                 .unwrap_or(false),
             log: self.log.or(file.log).unwrap_or_else(|| "info".into()),
+            gc_interval: self.gc_interval.or(file.gc_interval).unwrap_or(3600),
+            gc: self.gc.resolve(&crate::gc::GcTuning {
+                gc_grace: file.gc_grace,
+                gc_upload_ttl: file.gc_upload_ttl,
+                gc_untagged: file.gc_untagged,
+                gc_batch: file.gc_batch,
+                gc_pause_ms: file.gc_pause_ms,
+            }),
         })
     }
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod accounts;
 mod config;
+mod gc;
 mod serve;
 mod server;
 
@@ -21,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up; the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry (OCI Distribution Spec 1.1).
@@ -49,6 +52,10 @@ enum Command {
     /// Query the audit log of pushes, pulls, deletes, failed logins and
     /// permission changes.
     Audit(accounts::AuditArgs),
+    /// Collect garbage on a data directory with berth stopped: unreferenced
+    /// blobs, abandoned uploads and (per project, if asked) untagged
+    /// manifests. A running berth does this itself (--gc-interval).
+    Gc(gc::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +66,7 @@ fn main() -> ExitCode {
         Command::Project { store, cmd } => accounts::project(store, cmd),
         Command::Robot { store, cmd } => accounts::robot(store, cmd),
         Command::Audit(args) => accounts::audit_cmd(args),
+        Command::Gc(args) => gc::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

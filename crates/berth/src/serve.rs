@@ -79,7 +79,15 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
     };
     let mut app = api::App::new(registry, auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
-    let app = api::router(Arc::new(app));
+    let app = Arc::new(app);
+    if cfg.gc_interval > 0 {
+        tokio::spawn(crate::gc::schedule(
+            app.clone(),
+            Duration::from_secs(cfg.gc_interval),
+            cfg.gc.clone(),
+        ));
+    }
+    let app = api::router(app);
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(crate::server::TlsFiles {
             cert: cert.clone(),

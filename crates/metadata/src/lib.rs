@@ -15,12 +15,15 @@ use async_trait::async_trait;
 use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use serde::{Deserialize, Serialize};
 
+pub mod gc;
 pub mod identity;
 pub mod identity_testsuite;
+mod redb_gc;
 mod redb_identity;
 pub mod redb_store;
 pub mod testsuite;
 
+pub use gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
 pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User};
 pub use redb_store::RedbMetadata;
 
@@ -128,4 +131,21 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn put_upload(&self, id: &UploadId, rec: &UploadRecord) -> Result<()>;
     async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRecord>>;
     async fn delete_upload(&self, id: &UploadId) -> Result<()>;
+
+    /// Everything garbage collection marks from, in one consistent snapshot.
+    async fn gc_snapshot(&self) -> Result<GcSnapshot>;
+
+    /// Removes, in one transaction, each blob of `candidates` that `guard`
+    /// allows: its blob record, its links and its touch. Candidates that are
+    /// not allowed (touched since the snapshot or within the grace window)
+    /// are left alone. A candidate with no blob record (an orphan file) is
+    /// returned with `size: None` when allowed. Returns what was removed; the
+    /// caller then deletes those bytes.
+    async fn sweep_blobs(&self, candidates: &[Digest], guard: SweepGuard) -> Result<Vec<SweptBlob>>;
+
+    /// Removes an untagged manifest, in one transaction, only if `guard`
+    /// allows its touch, no tag points at it, nothing in its repository names
+    /// it as a subject, and no manifest of its repository lists it as a
+    /// child. Returns its size if it was removed.
+    async fn sweep_manifest(&self, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>>;
 }

@@ -16,12 +16,14 @@ use storage::BlobStore;
 
 pub mod blobs;
 pub mod error;
+pub mod gc;
 pub mod listing;
 pub mod manifests;
 pub mod uploads;
 
 pub use blobs::OpenBlob;
 pub use error::{RegistryError, Result};
+pub use gc::{GcOptions, GcReport};
 pub use manifests::{ManifestBody, PutManifest};
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,9 @@ pub struct Registry {
     meta: Arc<dyn MetadataStore>,
     config: RegistryConfig,
     uploads: uploads::Sessions,
+    /// Pushes hold it for reading from writing bytes until their metadata
+    /// commit; GC holds it for writing while it deletes bytes (see `gc`).
+    gc_fence: tokio::sync::RwLock<()>,
 }
 
 impl Registry {
@@ -55,6 +60,7 @@ impl Registry {
             meta,
             config,
             uploads: uploads::Sessions::default(),
+            gc_fence: tokio::sync::RwLock::new(()),
         }
     }
 

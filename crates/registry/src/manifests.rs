@@ -87,6 +87,8 @@ impl Registry {
             created: now(),
         };
         // Bytes first, durably; the metadata commit is what makes them visible.
+        // GC must not delete the bytes in between (see `gc`).
+        let fence = self.gc_fence.read().await;
         self.blobs.put(&digest, body).await?;
         let new = NewManifest {
             digest: digest.clone(),
@@ -95,7 +97,9 @@ impl Registry {
             required_manifests,
             tags: all_tags,
         };
-        match self.meta.put_manifest(repo, new).await {
+        let stored = self.meta.put_manifest(repo, new).await;
+        drop(fence);
+        match stored {
             Ok(()) => Ok(PutManifest { digest, subject }),
             Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
                 ErrorCode::ManifestBlobUnknown,

@@ -177,12 +177,16 @@ impl Registry {
             )
             .with_detail(digest.to_string()));
         }
+        // From the bytes landing under their digest to the metadata record,
+        // GC must not delete them (see `gc`).
+        let fence = self.gc_fence.read().await;
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
             Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
             Err(e) => return Err(e.into()),
         };
         self.meta.add_blob(repo, digest, size).await?;
+        drop(fence);
         self.meta.delete_upload(id).await?;
         self.uploads.remove(id);
         Ok(size)
@@ -214,6 +218,21 @@ impl Registry {
             tracing::warn!(upload = %id, error = %e, "could not remove a discarded upload record");
         }
         self.uploads.remove(id);
+    }
+
+    /// Removes an abandoned upload session (GC). Returns its size, or `None`
+    /// if it was completed or cancelled meanwhile. Takes the upload's lock,
+    /// so it never removes an upload under an append in flight.
+    pub(crate) async fn upload_expire(&self, id: &UploadId) -> Result<Option<u64>> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        if self.meta.get_upload(id).await?.is_none() {
+            self.uploads.remove(id);
+            return Ok(None);
+        }
+        let size = self.blobs.upload_size(id).await?.unwrap_or(0);
+        self.discard(id).await;
+        Ok(Some(size))
     }
 
     /// Cancels an upload of `repo`.

@@ -143,6 +143,40 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn list(&self) -> Result<Vec<(Digest, u64)>> {
+        let mut out = Vec::new();
+        let Some(mut algs) = not_found_as_none(fs::read_dir(self.root.join("blobs")).await)? else {
+            return Ok(out);
+        };
+        while let Some(alg) = algs.next_entry().await? {
+            let Some(mut prefixes) = not_found_as_none(fs::read_dir(alg.path()).await)? else {
+                continue;
+            };
+            while let Some(prefix) = prefixes.next_entry().await? {
+                let Some(mut files) = not_found_as_none(fs::read_dir(prefix.path()).await)? else {
+                    continue;
+                };
+                while let Some(f) = files.next_entry().await? {
+                    let name = format!(
+                        "{}:{}",
+                        alg.file_name().to_string_lossy(),
+                        f.file_name().to_string_lossy()
+                    );
+                    // Only names a commit could have made are blobs; anything
+                    // else was put there by hand and is not ours to touch.
+                    let Ok(digest) = name.parse::<Digest>() else {
+                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob");
+                        continue;
+                    };
+                    if let Some(m) = not_found_as_none(f.metadata().await)? {
+                        out.push((digest, m.len()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn upload_create(&self, id: &UploadId) -> Result<()> {
         OpenOptions::new()
             .write(true)

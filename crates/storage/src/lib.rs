@@ -48,6 +48,10 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a committed blob. Removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<()>;
 
+    /// Every committed blob with its size, in no particular order. Garbage
+    /// collection and `fsck` walk it to find bytes metadata does not know.
+    async fn list(&self) -> Result<Vec<(Digest, u64)>>;
+
     /// Creates an empty upload.
     async fn upload_create(&self, id: &UploadId) -> Result<()>;
 
