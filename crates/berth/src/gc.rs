@@ -86,11 +86,28 @@ pub struct GcArgs {
 
 /// `berth gc`: one run on the data directory, report on stdout.
 pub fn run(args: GcArgs) -> Result<(), BoxError> {
-    let dir = args
-        .store
-        .data_dir
-        .clone()
-        .unwrap_or_else(crate::config::default_data_dir);
+    let registry = open_offline(args.store.data_dir.clone(), "gc")?;
+    let opts = GcOptions {
+        dry_run: args.dry_run,
+        ..args.tuning.resolve(&GcTuning::default())
+    };
+    let report = block_on(registry.gc(&opts))?.map_err(|e| format!("garbage collection failed: {e}"))?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Runs a future to completion on a small runtime, for the offline commands.
+pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, BoxError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+/// Opens the registry of a data directory for an offline command (`berth
+/// gc`, `fsck`, `du`). Refuses while berth runs on it.
+pub fn open_offline(dir: Option<std::path::PathBuf>, command: &str) -> Result<Registry, BoxError> {
+    let dir = dir.unwrap_or_else(crate::config::default_data_dir);
     if !dir.join("meta.redb").exists() {
         return Err(format!(
             "{} holds no registry (no meta.redb); pass the data directory of berth serve with --data-dir",
@@ -98,31 +115,24 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
         )
         .into());
     }
-    let opts = GcOptions {
-        dry_run: args.dry_run,
-        ..args.tuning.resolve(&GcTuning::default())
-    };
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(async move {
-            // The database first: its lock says whether berth is running, and
-            // opening the blob store cleans interrupted writes, which must not
-            // happen under a running server.
-            let meta = crate::serve::open_metadata(&dir.join("meta.redb")).map_err(|e| {
-                format!("{e}. A running berth collects garbage itself: see --gc-interval of berth serve")
-            })?;
-            let blobs = FsBlobStore::open(&dir)
-                .await
-                .map_err(|e| format!("cannot open blob storage in {}: {e}", dir.display()))?;
-            let registry = Registry::new(Arc::new(blobs), Arc::new(meta), RegistryConfig::default());
-            let report = registry
-                .gc(&opts)
-                .await
-                .map_err(|e| format!("garbage collection failed: {e}"))?;
-            println!("{report}");
-            Ok(())
-        })
+    // The database first: its lock says whether berth is running, and
+    // opening the blob store cleans interrupted writes, which must not
+    // happen under a running server.
+    let meta = crate::serve::open_metadata(&dir.join("meta.redb")).map_err(|e| {
+        let hint = if command == "gc" {
+            "A running berth collects garbage itself: see --gc-interval of berth serve".to_string()
+        } else {
+            format!("Stop berth to run berth {command}")
+        };
+        format!("{e}. {hint}")
+    })?;
+    let blobs = block_on(FsBlobStore::open(&dir))?
+        .map_err(|e| format!("cannot open blob storage in {}: {e}", dir.display()))?;
+    Ok(Registry::new(
+        Arc::new(blobs),
+        Arc::new(meta),
+        RegistryConfig::default(),
+    ))
 }
 
 /// Runs GC every `interval` until the process ends. A failed run is logged

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod accounts;
 mod config;
+mod fsck;
 mod gc;
 mod serve;
 mod server;
@@ -56,6 +57,11 @@ enum Command {
     /// blobs, abandoned uploads and (per project, if asked) untagged
     /// manifests. A running berth does this itself (--gc-interval).
     Gc(gc::GcArgs),
+    /// Verify every blob's digest and size and the metadata's references,
+    /// with berth stopped; --repair fixes what is safe to fix.
+    Fsck(fsck::FsckArgs),
+    /// Storage used per project and repository, and what shared layers save.
+    Du(fsck::DuArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +73,8 @@ fn main() -> ExitCode {
         Command::Robot { store, cmd } => accounts::robot(store, cmd),
         Command::Audit(args) => accounts::audit_cmd(args),
         Command::Gc(args) => gc::run(args),
+        Command::Fsck(args) => fsck::fsck(args),
+        Command::Du(args) => fsck::du(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

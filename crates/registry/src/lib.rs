@@ -16,15 +16,19 @@ use storage::BlobStore;
 
 pub mod blobs;
 pub mod error;
+pub mod fsck;
 pub mod gc;
 pub mod listing;
 pub mod manifests;
 pub mod uploads;
+pub mod usage;
 
 pub use blobs::OpenBlob;
 pub use error::{RegistryError, Result};
+pub use fsck::{Finding, FsckReport};
 pub use gc::{GcOptions, GcReport};
 pub use manifests::{ManifestBody, PutManifest};
+pub use usage::Usage;
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {

@@ -19,14 +19,21 @@ use crate::{Registry, RegistryConfig};
 mod concurrency;
 mod model;
 
-pub(super) struct Env {
+pub(crate) struct Env {
     pub reg: Arc<Registry>,
     pub blobs: Arc<FsBlobStore>,
     pub meta: Arc<RedbMetadata>,
     _dir: tempfile::TempDir,
 }
 
-pub(super) async fn env() -> Env {
+impl Env {
+    /// The data directory, to damage it on purpose.
+    pub fn root(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+}
+
+pub(crate) async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let blobs = Arc::new(FsBlobStore::open(dir.path()).await.unwrap());
     let meta = Arc::new(RedbMetadata::open(&dir.path().join("meta.redb")).unwrap());
@@ -39,16 +46,16 @@ pub(super) async fn env() -> Env {
     }
 }
 
-pub(super) fn repo(s: &str) -> RepoName {
+pub(crate) fn repo(s: &str) -> RepoName {
     s.parse().unwrap()
 }
 
-pub(super) fn tag(s: &str) -> Tag {
+pub(crate) fn tag(s: &str) -> Tag {
     s.parse().unwrap()
 }
 
 /// Options for tests: no grace, no pauses, tiny batches (so batching runs).
-pub(super) fn now_opts() -> GcOptions {
+pub(crate) fn now_opts() -> GcOptions {
     GcOptions {
         grace: Duration::ZERO,
         upload_ttl: Duration::from_secs(3600),
@@ -59,7 +66,7 @@ pub(super) fn now_opts() -> GcOptions {
     }
 }
 
-pub(super) async fn upload(reg: &Registry, r: &RepoName, data: &[u8]) -> Digest {
+pub(crate) async fn upload(reg: &Registry, r: &RepoName, data: &[u8]) -> Digest {
     let d = Digest::sha256(data);
     let id = reg.upload_start(r, None).await.unwrap();
     let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::copy_from_slice(data))]));
@@ -68,7 +75,7 @@ pub(super) async fn upload(reg: &Registry, r: &RepoName, data: &[u8]) -> Digest 
 }
 
 /// An OCI image manifest for `config` and `layers` (already uploaded).
-pub(super) fn manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
+pub(crate) fn manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
     let desc = |mt: &str, b: &[u8]| serde_json::json!({"mediaType": mt, "digest": Digest::sha256(b).to_string(), "size": b.len()});
     let layers: Vec<_> = layers
         .iter()
@@ -84,7 +91,7 @@ pub(super) fn manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
 }
 
 /// Uploads the blobs and puts the manifest, by tag or by digest.
-pub(super) async fn push(reg: &Registry, r: &RepoName, config: &[u8], layers: &[&[u8]], t: Option<&str>) -> Digest {
+pub(crate) async fn push(reg: &Registry, r: &RepoName, config: &[u8], layers: &[&[u8]], t: Option<&str>) -> Digest {
     upload(reg, r, config).await;
     for l in layers {
         upload(reg, r, l).await;
@@ -102,7 +109,7 @@ pub(super) async fn push(reg: &Registry, r: &RepoName, config: &[u8], layers: &[
 
 /// Pulls manifest `m` of `r` and every blob it references, verifying every
 /// digest. Returns what failed, if anything.
-pub(super) async fn pull(reg: &Registry, r: &RepoName, m: &Digest) -> Result<(), String> {
+pub(crate) async fn pull(reg: &Registry, r: &RepoName, m: &Digest) -> Result<(), String> {
     let body = reg
         .manifest_get(r, &Reference::Digest(m.clone()), true)
         .await
@@ -129,7 +136,7 @@ pub(super) async fn pull(reg: &Registry, r: &RepoName, m: &Digest) -> Result<(),
     Ok(())
 }
 
-pub(super) async fn stored(blobs: &FsBlobStore) -> BTreeSet<Digest> {
+pub(crate) async fn stored(blobs: &FsBlobStore) -> BTreeSet<Digest> {
     blobs.list().await.unwrap().into_iter().map(|(d, _)| d).collect()
 }
 

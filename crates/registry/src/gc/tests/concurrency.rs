@@ -122,4 +122,7 @@ async fn pushes_deletes_and_gc_at_once_lose_nothing_acknowledged() {
         referenced.extend(rec.blobs.iter().map(|d| d.parse::<Digest>().unwrap()));
     }
     assert_eq!(stored(&e.blobs).await, referenced);
+    let fsck = e.reg.fsck(false, &|_, _| {}).await.unwrap();
+    assert!(fsck.findings.is_empty(), "{:?}", fsck.findings);
+    assert_eq!(fsck.blobs_checked, referenced.len() as u64);
 }
