@@ -93,6 +93,12 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub gc: crate::gc::GcTuning,
+
+    /// Tags that, once pushed, cannot be moved or deleted (DENIED):
+    /// comma-separated patterns with `*` and `?`, each for every project
+    /// (`v*`) or one (`team=release-*`). [default: none]
+    #[arg(long, env = "BERTH_IMMUTABLE_TAGS", value_name = "RULES", value_delimiter = ',')]
+    pub immutable_tags: Vec<String>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -121,6 +127,8 @@ struct FileConfig {
     gc_untagged: Vec<String>,
     gc_batch: Option<usize>,
     gc_pause_ms: Option<u64>,
+    #[serde(default)]
+    immutable_tags: Vec<String>,
 }
 
 /// The settings in force.
@@ -145,6 +153,7 @@ pub struct ServeConfig {
     /// Seconds between GC runs; 0 = off.
     pub gc_interval: u64,
     pub gc: registry::GcOptions,
+    pub immutable_tags: Vec<registry::TagRule>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -183,7 +192,17 @@ impl ServeArgs {
                 return Err(format!("external URL {u:?} must start with http:// or https://"));
             }
         }
+        let immutable_tags = if self.immutable_tags.is_empty() {
+            file.immutable_tags
+        } else {
+            self.immutable_tags
+        };
+        let immutable_tags = immutable_tags
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<Vec<registry::TagRule>, String>>()?;
         Ok(ServeConfig {
+            immutable_tags,
             listen,
             token_key: self
                 .token_key

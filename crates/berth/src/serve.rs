@@ -64,6 +64,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         RegistryConfig {
             sparse_index: cfg.sparse_index,
             max_manifest_size: cfg.max_manifest_size,
+            immutable_tags: cfg.immutable_tags.clone(),
         },
     );
     let listener = TcpListener::bind(cfg.listen)

@@ -18,6 +18,7 @@ pub mod blobs;
 pub mod error;
 pub mod fsck;
 pub mod gc;
+pub mod immutable;
 pub mod listing;
 pub mod manifests;
 pub mod uploads;
@@ -27,6 +28,7 @@ pub use blobs::OpenBlob;
 pub use error::{RegistryError, Result};
 pub use fsck::{Finding, FsckReport};
 pub use gc::{GcOptions, GcReport};
+pub use immutable::TagRule;
 pub use manifests::{ManifestBody, PutManifest};
 pub use usage::Usage;
 
@@ -36,6 +38,8 @@ pub struct RegistryConfig {
     pub sparse_index: bool,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_size: usize,
+    /// Tags that, once they exist, cannot be moved or deleted.
+    pub immutable_tags: Vec<TagRule>,
 }
 
 impl Default for RegistryConfig {
@@ -43,6 +47,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             sparse_index: false,
             max_manifest_size: oci::manifest::MAX_MANIFEST_SIZE,
+            immutable_tags: Vec::new(),
         }
     }
 }
@@ -55,6 +60,9 @@ pub struct Registry {
     /// Pushes hold it for reading from writing bytes until their metadata
     /// commit; GC holds it for writing while it deletes bytes (see `gc`).
     gc_fence: tokio::sync::RwLock<()>,
+    /// Serializes the check and the change of tags under immutability rules,
+    /// so two pushes cannot both claim a new immutable tag.
+    tag_lock: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -65,6 +73,7 @@ impl Registry {
             config,
             uploads: uploads::Sessions::default(),
             gc_fence: tokio::sync::RwLock::new(()),
+            tag_lock: tokio::sync::Mutex::new(()),
         }
     }
 

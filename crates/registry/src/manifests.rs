@@ -25,6 +25,74 @@ pub struct ManifestBody {
     pub bytes: Option<Bytes>,
 }
 
+/// Holds the tag lock while a change under immutability rules commits.
+type TagGuard<'a> = Option<tokio::sync::MutexGuard<'a, ()>>;
+
+impl Registry {
+    async fn guard_immutable_tags(&self, repo: &RepoName, tags: &[Tag], digest: &Digest) -> Result<TagGuard<'_>> {
+        let rules = &self.config.immutable_tags;
+        if !tags
+            .iter()
+            .any(|t| crate::immutable::rule_for(rules, repo, t.as_str()).is_some())
+        {
+            return Ok(None);
+        }
+        let guard = self.tag_lock.lock().await;
+        for t in tags {
+            if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
+                match self.meta.resolve_tag(repo, t).await? {
+                    Some(old) if old != *digest => {
+                        return Err(crate::immutable::denied(repo, t, rule, "moved to another manifest"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Some(guard))
+    }
+
+    async fn guard_immutable_delete(&self, repo: &RepoName, reference: &Reference) -> Result<TagGuard<'_>> {
+        let rules = &self.config.immutable_tags;
+        if !rules
+            .iter()
+            .any(|r| r.project.as_deref().is_none_or(|p| p == repo.project()))
+        {
+            return Ok(None);
+        }
+        let guard = self.tag_lock.lock().await;
+        match reference {
+            Reference::Tag(t) => {
+                if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
+                    if self.meta.resolve_tag(repo, t).await?.is_some() {
+                        return Err(crate::immutable::denied(repo, t, rule, "deleted"));
+                    }
+                }
+            }
+            // Deleting a manifest deletes its tags: refused if one is immutable.
+            Reference::Digest(d) => {
+                let mut last: Option<String> = None;
+                loop {
+                    let page = self.meta.list_tags(repo, last.as_deref(), 1000).await?;
+                    for name in &page {
+                        let Some(rule) = crate::immutable::rule_for(rules, repo, name) else {
+                            continue;
+                        };
+                        let Ok(t) = name.parse::<Tag>() else { continue };
+                        if self.meta.resolve_tag(repo, &t).await?.as_ref() == Some(d) {
+                            return Err(crate::immutable::denied(repo, &t, rule, "deleted with its manifest"));
+                        }
+                    }
+                    match page.last() {
+                        Some(l) if page.len() == 1000 => last = Some(l.clone()),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(Some(guard))
+    }
+}
+
 fn manifest_unknown(reference: &Reference) -> RegistryError {
     RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown").with_detail(reference.to_string())
 }
@@ -86,6 +154,9 @@ impl Registry {
             children: children.iter().map(|d| d.to_string()).collect(),
             created: now(),
         };
+        // Immutable tags that exist may only be put again on the same
+        // manifest; the lock keeps the check true until the commit.
+        let _tags = self.guard_immutable_tags(repo, &all_tags, &digest).await?;
         // Bytes first, durably; the metadata commit is what makes them visible.
         // GC must not delete the bytes in between (see `gc`).
         let fence = self.gc_fence.read().await;
@@ -154,6 +225,7 @@ impl Registry {
     /// Deletes by digest (the manifest and every tag pointing at it) or by
     /// tag (only the tag).
     pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let _tags = self.guard_immutable_delete(repo, reference).await?;
         let existed = match reference {
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,

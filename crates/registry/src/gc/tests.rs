@@ -34,10 +34,14 @@ impl Env {
 }
 
 pub(crate) async fn env() -> Env {
+    env_with(RegistryConfig::default()).await
+}
+
+pub(crate) async fn env_with(config: RegistryConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let blobs = Arc::new(FsBlobStore::open(dir.path()).await.unwrap());
     let meta = Arc::new(RedbMetadata::open(&dir.path().join("meta.redb")).unwrap());
-    let reg = Arc::new(Registry::new(blobs.clone(), meta.clone(), RegistryConfig::default()));
+    let reg = Arc::new(Registry::new(blobs.clone(), meta.clone(), config));
     Env {
         reg,
         blobs,

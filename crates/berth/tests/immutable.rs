@@ -1,0 +1,61 @@
+//! Tag immutability through the binary: the exact errors a client sees.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn immutable_tags_are_denied_over_http() {
+    let s = Server::start_with(&["--gc-interval", "0", "--immutable-tags", "v*,lib=release-*"]);
+    let c = client();
+    push_image(&c, &s, "lib/app", "v1", 1).await;
+    push_image(&c, &s, "lib/app", "release-1", 1).await;
+    push_image(&c, &s, "lib/app", "latest", 1).await;
+    // Another image onto v1: refused.
+    let config = b"{\"other\":true}".to_vec();
+    let layer = bytes(2, 100);
+    let cd = push_blob(&c, &s, "lib/app", &config).await;
+    let ld = push_blob(&c, &s, "lib/app", &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())]);
+    for t in ["v1", "release-1"] {
+        let resp = c
+            .put(s.url(&format!("/v2/lib/app/manifests/{t}")))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(m.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status, body["errors"][0]["code"].as_str()),
+            (403, Some("DENIED")),
+            "{body}"
+        );
+        let msg = body["errors"][0]["message"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("tag lib/app:{t} is immutable")), "{msg}");
+    }
+    let resp = c.delete(s.url("/v2/lib/app/manifests/v1")).send().await.unwrap();
+    assert_eq!(error_code(resp).await, (403, "DENIED".to_string()));
+    // A mutable tag still moves.
+    let resp = c
+        .put(s.url("/v2/lib/app/manifests/latest"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+}
+
+#[test]
+fn an_empty_rule_is_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--immutable-tags", "team="])
+        .env_remove("BERTH_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("immutable tag rule \"team=\" is empty"), "{err}");
+}
