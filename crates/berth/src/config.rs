@@ -99,6 +99,12 @@ pub struct ServeArgs {
     /// (`v*`) or one (`team=release-*`). [default: none]
     #[arg(long, env = "BERTH_IMMUTABLE_TAGS", value_name = "RULES", value_delimiter = ',')]
     pub immutable_tags: Vec<String>,
+
+    /// Refuse new uploads (DENIED) while the data directory's volume is at
+    /// least this full, in percent; pulls still work. 100 turns it off.
+    /// [default: 95]
+    #[arg(long, env = "BERTH_DISK_WATERMARK", value_name = "PERCENT")]
+    pub disk_watermark: Option<f64>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -129,6 +135,7 @@ struct FileConfig {
     gc_pause_ms: Option<u64>,
     #[serde(default)]
     immutable_tags: Vec<String>,
+    disk_watermark: Option<f64>,
 }
 
 /// The settings in force.
@@ -154,6 +161,7 @@ pub struct ServeConfig {
     pub gc_interval: u64,
     pub gc: registry::GcOptions,
     pub immutable_tags: Vec<registry::TagRule>,
+    pub disk_watermark: f64,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -201,7 +209,14 @@ impl ServeArgs {
             .iter()
             .map(|r| r.parse())
             .collect::<Result<Vec<registry::TagRule>, String>>()?;
+        let disk_watermark = self.disk_watermark.or(file.disk_watermark).unwrap_or(95.0);
+        if !(0.0..=100.0).contains(&disk_watermark) {
+            return Err(format!(
+                "disk watermark {disk_watermark} is not a percentage; give a number from 0 to 100 (100 turns the guard off)"
+            ));
+        }
         Ok(ServeConfig {
+            disk_watermark,
             immutable_tags,
             listen,
             token_key: self

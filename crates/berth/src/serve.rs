@@ -65,6 +65,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             sparse_index: cfg.sparse_index,
             max_manifest_size: cfg.max_manifest_size,
             immutable_tags: cfg.immutable_tags.clone(),
+            disk_watermark: cfg.disk_watermark,
         },
     );
     let listener = TcpListener::bind(cfg.listen)

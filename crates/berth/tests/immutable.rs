@@ -1,4 +1,5 @@
-//! Tag immutability through the binary: the exact errors a client sees.
+//! Push refusals through the binary: immutable tags and the disk-watermark
+//! guard, with the exact errors a client sees.
 
 mod common;
 
@@ -58,4 +59,25 @@ fn an_empty_rule_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("immutable tag rule \"team=\" is empty"), "{err}");
+}
+
+#[tokio::test]
+async fn above_the_disk_watermark_uploads_are_denied_over_http() {
+    let s = Server::start_with(&["--gc-interval", "0", "--disk-watermark", "0"]);
+    let c = client();
+    let resp = c.post(s.url("/v2/lib/app/blobs/uploads/")).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (403, Some("DENIED")),
+        "{body}"
+    );
+    assert!(
+        body["errors"][0]["message"].as_str().unwrap().contains("watermark"),
+        "{body}"
+    );
+    // Reads still answer.
+    let resp = c.get(s.url("/v2/_catalog")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
 }

@@ -40,6 +40,9 @@ pub struct RegistryConfig {
     pub max_manifest_size: usize,
     /// Tags that, once they exist, cannot be moved or deleted.
     pub immutable_tags: Vec<TagRule>,
+    /// New uploads are refused while the blob storage's volume is at least
+    /// this full (percent); 100 turns the guard off.
+    pub disk_watermark: f64,
 }
 
 impl Default for RegistryConfig {
@@ -48,6 +51,7 @@ impl Default for RegistryConfig {
             sparse_index: false,
             max_manifest_size: oci::manifest::MAX_MANIFEST_SIZE,
             immutable_tags: Vec::new(),
+            disk_watermark: 95.0,
         }
     }
 }

@@ -30,6 +30,7 @@ pub async fn run_all(store: &dyn BlobStore) {
     upload_lifecycle(store).await;
     missing_things(store).await;
     listing(store).await;
+    disk_usage(store).await;
 }
 
 pub async fn put_get_stat_delete(store: &dyn BlobStore) {
@@ -128,4 +129,13 @@ pub async fn listing(store: &dyn BlobStore) {
     after.sort();
     before.sort();
     assert_eq!(after, before);
+}
+
+pub async fn disk_usage(store: &dyn BlobStore) {
+    // A backend may not know; if it does, the numbers must be coherent.
+    if let Some(u) = store.disk_usage().await.unwrap() {
+        assert!(u.total > 0 && u.available <= u.total, "{u:?}");
+        let p = u.used_percent();
+        assert!((0.0..=100.0).contains(&p), "{p}");
+    }
 }
