@@ -105,6 +105,13 @@ pub struct ServeArgs {
     /// [default: 95]
     #[arg(long, env = "BERTH_DISK_WATERMARK", value_name = "PERCENT")]
     pub disk_watermark: Option<f64>,
+
+    /// Storage quotas per project, comma-separated `PROJECT=SIZE` with SIZE
+    /// in bytes or with a K, M, G or T suffix (powers of 1024), e.g.
+    /// `team=50G`. A layer shared by repositories of a project counts once.
+    /// [default: none]
+    #[arg(long, env = "BERTH_QUOTA", value_name = "QUOTAS", value_delimiter = ',')]
+    pub quota: Vec<String>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -136,6 +143,8 @@ struct FileConfig {
     #[serde(default)]
     immutable_tags: Vec<String>,
     disk_watermark: Option<f64>,
+    #[serde(default)]
+    quota: Vec<String>,
 }
 
 /// The settings in force.
@@ -162,6 +171,7 @@ pub struct ServeConfig {
     pub gc: registry::GcOptions,
     pub immutable_tags: Vec<registry::TagRule>,
     pub disk_watermark: f64,
+    pub quotas: std::collections::BTreeMap<String, u64>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -177,6 +187,31 @@ pub fn default_data_dir() -> PathBuf {
 fn read_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {e}", path.display()))
+}
+
+/// `PROJECT=SIZE`, SIZE in bytes or with a K/M/G/T suffix (powers of 1024).
+fn parse_quota(s: &str) -> Result<(String, u64), String> {
+    let bad = || format!("quota {s:?} is not PROJECT=SIZE; write e.g. team=50G or team=1000000");
+    let (project, size) = s.split_once('=').ok_or_else(bad)?;
+    let (project, size) = (project.trim(), size.trim());
+    let (digits, unit) = match size.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => size.split_at(i),
+        None => (size, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    if project.is_empty() {
+        return Err(bad());
+    }
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    Ok((project.to_string(), bytes))
 }
 
 impl ServeArgs {
@@ -215,7 +250,10 @@ impl ServeArgs {
                 "disk watermark {disk_watermark} is not a percentage; give a number from 0 to 100 (100 turns the guard off)"
             ));
         }
+        let quota = if self.quota.is_empty() { file.quota } else { self.quota };
+        let quotas = quota.iter().map(|q| parse_quota(q)).collect::<Result<_, String>>()?;
         Ok(ServeConfig {
+            quotas,
             disk_watermark,
             immutable_tags,
             listen,
@@ -280,6 +318,16 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/srv/berth"));
         assert!(c.sparse_index);
         assert_eq!(c.max_manifest_size, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn quotas_parse_with_units() {
+        assert_eq!(parse_quota("team=50G").unwrap(), ("team".into(), 50 << 30));
+        assert_eq!(parse_quota("a=1000").unwrap(), ("a".into(), 1000));
+        assert_eq!(parse_quota("a=2k").unwrap(), ("a".into(), 2048));
+        for bad in ["team", "=5", "a=5X", "a=", "a=99999999999T"] {
+            assert!(parse_quota(bad).unwrap_err().contains("PROJECT=SIZE"), "{bad}");
+        }
     }
 
     #[test]

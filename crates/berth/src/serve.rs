@@ -66,6 +66,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             max_manifest_size: cfg.max_manifest_size,
             immutable_tags: cfg.immutable_tags.clone(),
             disk_watermark: cfg.disk_watermark,
+            quotas: cfg.quotas.clone(),
         },
     );
     let listener = TcpListener::bind(cfg.listen)

@@ -148,4 +148,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// it as a subject, and no manifest of its repository lists it as a
     /// child. Returns its size if it was removed.
     async fn sweep_manifest(&self, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>>;
+
+    /// Bytes project `project` holds: every blob linked by any of its
+    /// repositories once, plus every manifest once (by digest).
+    async fn project_usage(&self, project: &str) -> Result<u64>;
+
+    /// Whether a repository of `project` links `digest` or holds it as a
+    /// manifest (then adding it elsewhere in the project costs nothing).
+    async fn project_holds(&self, project: &str, digest: &Digest) -> Result<bool>;
 }

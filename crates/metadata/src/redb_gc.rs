@@ -212,3 +212,34 @@ pub(crate) fn sweep_manifest(db: &Database, m: &ManifestSweep, guard: SweepGuard
     w.commit().map_err(be)?;
     Ok(Some(size))
 }
+
+/// Every digest project `project` holds (links and manifests of its
+/// repositories: `project` itself and `project/...`) with its size.
+pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<String, u64>> {
+    let r = db.begin_read().map_err(be)?;
+    let prefix = format!("{project}/");
+    // Keys are ordered by repository; every repository of the project sorts
+    // from `project` up to `project/\u{10ffff}`, with other names between
+    // (`project-x`) filtered out.
+    let end = format!("{project}0");
+    let mine = |repo: &str| repo == project || repo.starts_with(&prefix);
+    let mut items = HashMap::new();
+    let links = r.open_table(LINKS).map_err(be)?;
+    for item in links.range((project, "")..(end.as_str(), "")).map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        if mine(repo) {
+            items.insert(d.to_string(), v.value());
+        }
+    }
+    let manifests = r.open_table(MANIFESTS).map_err(be)?;
+    for item in manifests.range((project, "")..(end.as_str(), "")).map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        if mine(repo) {
+            let rec: ManifestRecord = serde_json::from_slice(v.value()).map_err(be)?;
+            items.insert(d.to_string(), rec.size);
+        }
+    }
+    Ok(items)
+}

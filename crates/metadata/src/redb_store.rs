@@ -428,6 +428,18 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
+    async fn project_usage(&self, project: &str) -> Result<u64> {
+        let project = project.to_string();
+        self.run(move |db| Ok(crate::redb_gc::project_items(db, &project)?.values().sum()))
+            .await
+    }
+
+    async fn project_holds(&self, project: &str, digest: &Digest) -> Result<bool> {
+        let (project, digest) = (project.to_string(), digest.to_string());
+        self.run(move |db| Ok(crate::redb_gc::project_items(db, &project)?.contains_key(&digest)))
+            .await
+    }
+
     async fn gc_snapshot(&self) -> Result<crate::GcSnapshot> {
         self.run(crate::redb_gc::snapshot).await
     }

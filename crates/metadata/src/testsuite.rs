@@ -44,6 +44,7 @@ pub async fn run_all(store: &dyn MetadataStore) {
     pagination(store).await;
     uploads(store).await;
     gc_sweeps(store).await;
+    project_usage(store).await;
 }
 
 pub async fn blobs_and_links(store: &dyn MetadataStore) {
@@ -330,4 +331,26 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         None,
         "already gone"
     );
+}
+
+pub async fn project_usage(store: &dyn MetadataStore) {
+    let (a, b, other) = (repo("quota/a"), repo("quota/b"), repo("quota-x/a"));
+    let (shared, own) = (Digest::sha256(b"q-shared"), Digest::sha256(b"q-own"));
+    assert_eq!(store.project_usage("quota").await.unwrap(), 0);
+    store.add_blob(&a, &shared, 1000).await.unwrap();
+    store.add_blob(&b, &own, 10).await.unwrap();
+    store.link_blob(&b, &shared).await.unwrap();
+    // A neighbour whose name sorts between `quota` and `quota/`.
+    store.link_blob(&other, &shared).await.unwrap();
+    let m = Digest::sha256(b"q-m");
+    store
+        .put_manifest(&a, new_manifest(&m, &[&shared], &["v1"], None))
+        .await
+        .unwrap();
+    // The shared blob once, the own blob, the manifest (record size 100).
+    assert_eq!(store.project_usage("quota").await.unwrap(), 1000 + 10 + 100);
+    assert_eq!(store.project_usage("quota-x").await.unwrap(), 1000);
+    assert!(store.project_holds("quota", &own).await.unwrap());
+    assert!(store.project_holds("quota", &m).await.unwrap());
+    assert!(!store.project_holds("quota-x", &own).await.unwrap());
 }

@@ -21,6 +21,7 @@ pub mod gc;
 pub mod immutable;
 pub mod listing;
 pub mod manifests;
+pub mod quota;
 pub mod uploads;
 pub mod usage;
 
@@ -43,6 +44,8 @@ pub struct RegistryConfig {
     /// New uploads are refused while the blob storage's volume is at least
     /// this full (percent); 100 turns the guard off.
     pub disk_watermark: f64,
+    /// Storage quota per project, in bytes; projects not named have none.
+    pub quotas: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for RegistryConfig {
@@ -52,6 +55,7 @@ impl Default for RegistryConfig {
             max_manifest_size: oci::manifest::MAX_MANIFEST_SIZE,
             immutable_tags: Vec::new(),
             disk_watermark: 95.0,
+            quotas: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Registry {
     /// Serializes the check and the change of tags under immutability rules,
     /// so two pushes cannot both claim a new immutable tag.
     tag_lock: tokio::sync::Mutex<()>,
+    /// Serializes quota checks with the commits they admit (see `quota`).
+    quota_lock: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -78,6 +84,7 @@ impl Registry {
             uploads: uploads::Sessions::default(),
             gc_fence: tokio::sync::RwLock::new(()),
             tag_lock: tokio::sync::Mutex::new(()),
+            quota_lock: tokio::sync::Mutex::new(()),
         }
     }
 

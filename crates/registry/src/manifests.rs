@@ -157,6 +157,7 @@ impl Registry {
         // Immutable tags that exist may only be put again on the same
         // manifest; the lock keeps the check true until the commit.
         let _tags = self.guard_immutable_tags(repo, &all_tags, &digest).await?;
+        let _quota = self.quota_admit(repo, &digest, body.len() as u64).await?;
         // Bytes first, durably; the metadata commit is what makes them visible.
         // GC must not delete the bytes in between (see `gc`).
         let fence = self.gc_fence.read().await;

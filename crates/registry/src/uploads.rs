@@ -202,6 +202,14 @@ impl Registry {
             )
             .with_detail(digest.to_string()));
         }
+        // Over quota: nothing is stored, the upload is gone.
+        let _quota = match self.quota_admit(repo, digest, size).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.discard(id).await;
+                return Err(e);
+            }
+        };
         // From the bytes landing under their digest to the metadata record,
         // GC must not delete them (see `gc`).
         let fence = self.gc_fence.read().await;
@@ -282,6 +290,7 @@ impl Registry {
             None => self.meta.blob_size(digest).await?,
         };
         let Some(size) = size else { return Ok(None) };
+        let _quota = self.quota_admit(repo, digest, size).await?;
         match self.meta.link_blob(repo, digest).await {
             Ok(()) => Ok(Some(size)),
             Err(MetaError::BlobNotStored(_)) => Ok(None),

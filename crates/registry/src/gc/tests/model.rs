@@ -160,7 +160,7 @@ fn run(ops: Vec<Op>, prune_q: bool) -> Result<(), TestCaseError> {
                         .await
                         .unwrap();
                     model.manifests.remove(&(r, m.clone()));
-                    model.tags.retain(|_, d| *d != m);
+                    model.tags.retain(|(tr, _), d| *tr != r || *d != m);
                 }
                 Op::Gc => {
                     let report = e.reg.gc(&opts).await.unwrap();

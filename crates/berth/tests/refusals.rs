@@ -1,5 +1,5 @@
-//! Push refusals through the binary: immutable tags and the disk-watermark
-//! guard, with the exact errors a client sees.
+//! Push refusals through the binary: immutable tags, quotas and the
+//! disk-watermark guard, with the exact errors a client sees.
 
 mod common;
 
@@ -80,4 +80,42 @@ async fn above_the_disk_watermark_uploads_are_denied_over_http() {
     // Reads still answer.
     let resp = c.get(s.url("/v2/_catalog")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_push_over_quota_is_denied_over_http_and_shared_layers_are_free() {
+    let s = Server::start_with(&["--gc-interval", "0", "--quota", "lib=2000"]);
+    let c = client();
+    push_image(&c, &s, "lib/one", "v1", 1).await;
+    // The same image in another repository of the project fits: shared.
+    push_image(&c, &s, "lib/two", "v1", 1).await;
+    let layer = bytes(2, 1000);
+    let resp = c
+        .post(s.url(&format!("/v2/lib/one/blobs/uploads/?digest={}", sha256(&layer))))
+        .body(layer.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (403, Some("DENIED")),
+        "{body}"
+    );
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("project lib is over its storage quota: it uses "),
+        "{msg}"
+    );
+    assert!(msg.contains(" of 2000 bytes, and this needs 1000 more"), "{msg}");
+    // Nothing of it remains.
+    let resp = c
+        .head(s.url(&format!("/v2/lib/one/blobs/{}", sha256(&layer))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    // Other projects are not limited.
+    push_image(&c, &s, "free/app", "v1", 2).await;
 }
