@@ -119,3 +119,56 @@ async fn a_push_over_quota_is_denied_over_http_and_shared_layers_are_free() {
     // Other projects are not limited.
     push_image(&c, &s, "free/app", "v1", 2).await;
 }
+
+#[tokio::test]
+async fn project_usage_is_in_the_admin_api() {
+    use base64::Engine;
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("admin:admin-password-1")
+    );
+    let s = Server::start_env(
+        &["--auth", "--gc-interval", "0", "--quota", "team=1M"],
+        &[("BERTH_INITIAL_ADMIN_PASSWORD", "admin-password-1")],
+    );
+    let c = client();
+    let resp = c
+        .post(s.url("/api/v1/projects"))
+        .header("authorization", &auth)
+        .json(&serde_json::json!({"name": "team"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    push_image_as(&c, &s, "team/a", "v1", 3, Some(&auth)).await;
+    push_image_as(&c, &s, "team/b", "v1", 3, Some(&auth)).await;
+    let usage: serde_json::Value = c
+        .get(s.url("/api/v1/projects/team/usage"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // One config, one layer and one manifest, though two repositories hold them.
+    let config = "{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":3}".len();
+    let manifest = image_manifest(
+        (&sha256(config.to_string().as_bytes()), config),
+        &[(&sha256(b"x"), 1000)],
+    )
+    .len();
+    assert_eq!(
+        usage["bytes"].as_u64().unwrap() as usize,
+        config + 1000 + manifest,
+        "{usage}"
+    );
+    assert_eq!(usage["quota"].as_u64(), Some(1 << 20));
+    let resp = c
+        .get(s.url("/api/v1/projects/nope/usage"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+}

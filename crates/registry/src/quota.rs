@@ -13,7 +13,23 @@ use tokio::sync::MutexGuard;
 
 use crate::{Registry, RegistryError, Result};
 
+/// A project's storage use and quota, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectUsage {
+    pub bytes: u64,
+    /// `None`: no quota.
+    pub quota: Option<u64>,
+}
+
 impl Registry {
+    /// What `project` uses, as its quota counts it.
+    pub async fn project_usage(&self, project: &str) -> Result<ProjectUsage> {
+        Ok(ProjectUsage {
+            bytes: self.meta.project_usage(project).await?,
+            quota: self.config.quotas.get(project).copied(),
+        })
+    }
+
     /// Admits `size` bytes of `digest` into `repo`'s project, or refuses.
     /// Hold the returned guard until the metadata commit.
     pub(crate) async fn quota_admit(
