@@ -112,6 +112,12 @@ pub struct ServeArgs {
     /// [default: none]
     #[arg(long, env = "BERTH_QUOTA", value_name = "QUOTAS", value_delimiter = ',')]
     pub quota: Vec<String>,
+
+    /// Retention rules applied before each GC run, separated by `;`:
+    /// `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:protect=GLOB`.
+    /// [default: none]
+    #[arg(long, env = "BERTH_RETENTION", value_name = "RULES", value_delimiter = ';')]
+    pub retention: Vec<String>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -145,6 +151,8 @@ struct FileConfig {
     disk_watermark: Option<f64>,
     #[serde(default)]
     quota: Vec<String>,
+    #[serde(default)]
+    retention: Vec<String>,
 }
 
 /// The settings in force.
@@ -172,6 +180,7 @@ pub struct ServeConfig {
     pub immutable_tags: Vec<registry::TagRule>,
     pub disk_watermark: f64,
     pub quotas: std::collections::BTreeMap<String, u64>,
+    pub retention: Vec<registry::RetentionRule>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -252,7 +261,17 @@ impl ServeArgs {
         }
         let quota = if self.quota.is_empty() { file.quota } else { self.quota };
         let quotas = quota.iter().map(|q| parse_quota(q)).collect::<Result<_, String>>()?;
+        let retention = if self.retention.is_empty() {
+            file.retention
+        } else {
+            self.retention
+        };
+        let retention = retention
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
         Ok(ServeConfig {
+            retention,
             quotas,
             disk_watermark,
             immutable_tags,
@@ -328,6 +347,27 @@ mod tests {
         for bad in ["team", "=5", "a=5X", "a=", "a=99999999999T"] {
             assert!(parse_quota(bad).unwrap_err().contains("PROJECT=SIZE"), "{bad}");
         }
+    }
+
+    #[test]
+    fn lifecycle_rules_are_checked_at_start() {
+        let args = |retention: &str, immutable: &str| ServeArgs {
+            retention: vec![retention.to_string()],
+            immutable_tags: vec![immutable.to_string()],
+            ..Default::default()
+        };
+        let c = args("team:keep-last=3:pattern=v*", "v*").resolve().unwrap();
+        assert_eq!(c.retention[0].keep_last, Some(3));
+        assert_eq!(c.immutable_tags[0].pattern, "v*");
+        let err = args("team:keep-last=x", "v*").resolve().unwrap_err();
+        assert!(err.contains("keep-last is not a number"), "{err}");
+        let err = ServeArgs {
+            disk_watermark: Some(120.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("from 0 to 100"), "{err}");
     }
 
     #[test]

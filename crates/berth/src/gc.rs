@@ -74,6 +74,36 @@ impl GcTuning {
 }
 
 #[derive(Args, Debug)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub store: crate::accounts::Store,
+    /// A retention rule, `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:protect=GLOB`
+    /// (repeatable; keep-last or pushed-within-days required).
+    #[arg(long = "rule", value_name = "RULE", required = true)]
+    pub rules: Vec<String>,
+    /// Report which tags would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `berth retention`: apply rules once, list the tags deleted.
+pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
+    let rules = args
+        .rules
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
+    let registry = open_offline(args.store.data_dir.clone(), "retention")?;
+    let tags = block_on(registry.retention(&rules, args.dry_run))?.map_err(|e| format!("retention failed: {e}"))?;
+    let verb = if args.dry_run { "would delete" } else { "deleted" };
+    for (repo, tag) in &tags {
+        println!("{verb} {repo}:{tag}");
+    }
+    println!("{verb} {} tags", tags.len());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 pub struct GcArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
@@ -137,13 +167,25 @@ pub fn open_offline(dir: Option<std::path::PathBuf>, command: &str) -> Result<Re
 
 /// Runs GC every `interval` until the process ends. A failed run is logged
 /// and the next one tries again.
-pub async fn schedule(app: Arc<api::App>, interval: Duration, opts: GcOptions) {
+pub async fn schedule(
+    app: Arc<api::App>,
+    interval: Duration,
+    opts: GcOptions,
+    retention: Vec<registry::RetentionRule>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate; let the server settle for one interval.
     tick.tick().await;
     loop {
         tick.tick().await;
+        // Retention first, so the manifests it untags can go in this run.
+        if !retention.is_empty() {
+            match app.registry.retention(&retention, false).await {
+                Ok(tags) => tracing::info!(tags_deleted = tags.len(), "scheduled retention"),
+                Err(e) => tracing::error!(error = %e, "scheduled retention failed; it runs again at the next interval"),
+            }
+        }
         match app.registry.gc(&opts).await {
             Ok(report) => tracing::info!(
                 bytes_freed = report.bytes_freed(),

@@ -60,6 +60,9 @@ enum Command {
     /// Verify every blob's digest and size and the metadata's references,
     /// with berth stopped; --repair fixes what is safe to fix.
     Fsck(fsck::FsckArgs),
+    /// Apply retention rules once (untag old images), with berth stopped;
+    /// a running berth applies --retention before each GC run.
+    Retention(gc::RetentionArgs),
     /// Storage used per project and repository, and what shared layers save.
     Du(fsck::DuArgs),
 }
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => accounts::audit_cmd(args),
         Command::Gc(args) => gc::run(args),
         Command::Fsck(args) => fsck::fsck(args),
+        Command::Retention(args) => gc::retention(args),
         Command::Du(args) => fsck::du(args),
     };
     match result {

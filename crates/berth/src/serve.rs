@@ -88,6 +88,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             app.clone(),
             Duration::from_secs(cfg.gc_interval),
             cfg.gc.clone(),
+            cfg.retention.clone(),
         ));
     }
     let app = api::router(app);

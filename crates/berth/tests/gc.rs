@@ -106,3 +106,45 @@ async fn serve_collects_on_its_schedule() {
     );
     assert!(s.log_text().contains("scheduled garbage collection"));
 }
+
+#[tokio::test]
+async fn berth_retention_untags_and_gc_then_collects() {
+    let mut s = Server::start_with(&["--gc-interval", "0"]);
+    let c = client();
+    push_image(&c, &s, "team/app", "v1", 11).await;
+    push_image(&c, &s, "team/app", "v2", 12).await;
+    push_image(&c, &s, "team/app", "release-1", 13).await;
+    assert!(s.terminate());
+    let rule = "team:keep-last=0:pattern=v*:protect=v2";
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["retention", "--dry-run", "--rule", rule, "--data-dir"])
+        .arg(s.data())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text, "would delete team/app:v1\nwould delete 1 tags\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["retention", "--rule", rule, "--data-dir"])
+        .arg(s.data())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "deleted team/app:v1\ndeleted 1 tags\n"
+    );
+    // The untagged manifest and its blobs go with untagged pruning.
+    let (ok, out, err) = berth_gc(s.data(), &["--gc-grace", "0", "--gc-untagged", "team"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(": 3 blobs") && out.contains("1 untagged manifests"),
+        "{out}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["retention", "--rule", "team:pattern=v*", "--data-dir"])
+        .arg(s.data())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("keeps nothing"));
+}

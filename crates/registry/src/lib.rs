@@ -22,6 +22,7 @@ pub mod immutable;
 pub mod listing;
 pub mod manifests;
 pub mod quota;
+pub mod retention;
 pub mod uploads;
 pub mod usage;
 
@@ -31,6 +32,7 @@ pub use fsck::{Finding, FsckReport};
 pub use gc::{GcOptions, GcReport};
 pub use immutable::TagRule;
 pub use manifests::{ManifestBody, PutManifest};
+pub use retention::RetentionRule;
 pub use usage::Usage;
 
 #[derive(Debug, Clone)]
