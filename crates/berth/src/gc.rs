@@ -179,6 +179,10 @@ pub async fn schedule(
     tick.tick().await;
     loop {
         tick.tick().await;
+        // Pull times reach the store once per interval, off the request path.
+        if let Err(e) = app.registry.flush_pulls().await {
+            tracing::warn!(error = %e, "could not record tag pull times; they are kept for the next interval");
+        }
         // Retention first, so the manifests it untags can go in this run.
         if !retention.is_empty() {
             match app.registry.retention(&retention, false).await {

@@ -45,6 +45,8 @@ pub struct GcSnapshot {
     pub uploads: Vec<(UploadId, UploadRecord)>,
     /// Last touch of every digest that has one (blobs and manifests).
     pub touched: Vec<(Digest, Touch)>,
+    /// Last recorded pull of each (repository, tag), seconds since the epoch.
+    pub pulls: Vec<(String, String, u64)>,
 }
 
 /// The limits a removal transaction checks before removing anything.

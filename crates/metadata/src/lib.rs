@@ -156,4 +156,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Whether a repository of `project` links `digest` or holds it as a
     /// manifest (then adding it elsewhere in the project costs nothing).
     async fn project_holds(&self, project: &str, digest: &Digest) -> Result<bool>;
+
+    /// Records pulls of (repository, tag) at a time (seconds since the
+    /// epoch), batched by the caller off the request path. A time older
+    /// than the one recorded does not replace it.
+    async fn record_pulls(&self, pulls: &[(String, String, u64)]) -> Result<()>;
 }

@@ -17,10 +17,13 @@ const TOUCHED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("gc_touc
 /// Counters: `touch_seq`, the sequence number of the last touch.
 const GC_STATE: TableDefinition<&str, u64> = TableDefinition::new("gc_state");
 const SEQ_KEY: &str = "touch_seq";
+/// (repo, tag) -> time of the last recorded pull, for retention.
+const TAG_PULLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("tag_pulls");
 
 pub(crate) fn create_tables(w: &WriteTransaction) -> Result<()> {
     w.open_table(TOUCHED).map_err(be)?;
     w.open_table(GC_STATE).map_err(be)?;
+    w.open_table(TAG_PULLS).map_err(be)?;
     Ok(())
 }
 
@@ -98,12 +101,32 @@ pub(crate) fn snapshot(db: &Database) -> Result<GcSnapshot> {
             serde_json::from_slice(v.value()).map_err(be)?,
         ));
     }
+    for item in r.open_table(TAG_PULLS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, tag) = k.value();
+        snap.pulls.push((repo.to_string(), tag.to_string(), v.value()));
+    }
     for item in r.open_table(TOUCHED).map_err(be)?.iter().map_err(be)? {
         let (k, v) = item.map_err(be)?;
         let (time, seq) = v.value();
         snap.touched.push((digest(k.value())?, Touch { time, seq }));
     }
     Ok(snap)
+}
+
+pub(crate) fn record_pulls(db: &Database, pulls: &[(String, String, u64)]) -> Result<()> {
+    let w = db.begin_write().map_err(be)?;
+    {
+        let mut t = w.open_table(TAG_PULLS).map_err(be)?;
+        for (repo, tag, time) in pulls {
+            let key = (repo.as_str(), tag.as_str());
+            let old = t.get(key).map_err(be)?.map(|v| v.value()).unwrap_or(0);
+            if *time > old {
+                t.insert(key, *time).map_err(be)?;
+            }
+        }
+    }
+    w.commit().map_err(be)
 }
 
 pub(crate) fn sweep_blobs(db: &Database, candidates: &[Digest], guard: SweepGuard) -> Result<Vec<SweptBlob>> {

@@ -440,6 +440,11 @@ impl MetadataStore for RedbMetadata {
             .await
     }
 
+    async fn record_pulls(&self, pulls: &[(String, String, u64)]) -> Result<()> {
+        let pulls = pulls.to_vec();
+        self.run(move |db| crate::redb_gc::record_pulls(db, &pulls)).await
+    }
+
     async fn gc_snapshot(&self) -> Result<crate::GcSnapshot> {
         self.run(crate::redb_gc::snapshot).await
     }

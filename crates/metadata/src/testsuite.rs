@@ -45,6 +45,7 @@ pub async fn run_all(store: &dyn MetadataStore) {
     uploads(store).await;
     gc_sweeps(store).await;
     project_usage(store).await;
+    pulls(store).await;
 }
 
 pub async fn blobs_and_links(store: &dyn MetadataStore) {
@@ -353,4 +354,21 @@ pub async fn project_usage(store: &dyn MetadataStore) {
     assert!(store.project_holds("quota", &own).await.unwrap());
     assert!(store.project_holds("quota", &m).await.unwrap());
     assert!(!store.project_holds("quota-x", &own).await.unwrap());
+}
+
+pub async fn pulls(store: &dyn MetadataStore) {
+    let p = |r: &str, t: &str, time: u64| (r.to_string(), t.to_string(), time);
+    store
+        .record_pulls(&[p("pull/a", "v1", 100), p("pull/a", "v2", 50)])
+        .await
+        .unwrap();
+    // An older time does not replace a newer one.
+    store
+        .record_pulls(&[p("pull/a", "v1", 90), p("pull/a", "v2", 60)])
+        .await
+        .unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    let mut got: Vec<_> = snap.pulls.into_iter().filter(|(r, _, _)| r == "pull/a").collect();
+    got.sort();
+    assert_eq!(got, vec![p("pull/a", "v1", 100), p("pull/a", "v2", 60)]);
 }

@@ -21,6 +21,7 @@ pub mod gc;
 pub mod immutable;
 pub mod listing;
 pub mod manifests;
+mod pulls;
 pub mod quota;
 pub mod retention;
 pub mod uploads;
@@ -75,6 +76,8 @@ pub struct Registry {
     tag_lock: tokio::sync::Mutex<()>,
     /// Serializes quota checks with the commits they admit (see `quota`).
     quota_lock: tokio::sync::Mutex<()>,
+    /// Tag pulls not yet written to the metadata store (see `pulls`).
+    pulls: pulls::PullLog,
 }
 
 impl Registry {
@@ -87,6 +90,7 @@ impl Registry {
             gc_fence: tokio::sync::RwLock::new(()),
             tag_lock: tokio::sync::Mutex::new(()),
             quota_lock: tokio::sync::Mutex::new(()),
+            pulls: pulls::PullLog::default(),
         }
     }
 

@@ -202,6 +202,7 @@ impl Registry {
     /// Fetches a manifest; with `with_body` false (HEAD) the bytes are not read.
     pub async fn manifest_get(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
         let (digest, record) = self.resolve(repo, reference).await?;
+        self.pulls.note(repo, reference);
         let bytes = if with_body {
             let mut out = Vec::with_capacity(record.size as usize);
             let mut stream = self.blobs.get(&digest, None).await.map_err(|e| {

@@ -7,11 +7,11 @@
 //! untagged, go with GC's untagged pruning (`--gc-untagged`).
 //!
 //! Push time is the time the tag's manifest was last put (a re-tag puts it
-//! again). Pull times are not recorded, so "keep anything pulled within N
-//! days" is not available.
+//! again). Pull time is the last GET or HEAD of the manifest by that tag
+//! (`pulls`); `pulled-within-days` keeps tags pulled that recently.
 //!
 //! Syntax: `PROJECT:key=value:...` with keys `keep-last`, `pattern`
-//! (default `*`), `pushed-within-days`, `protect`.
+//! (default `*`), `pushed-within-days`, `pulled-within-days`, `protect`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -28,6 +28,7 @@ pub struct RetentionRule {
     pub pattern: String,
     pub keep_last: Option<usize>,
     pub pushed_within_days: Option<u64>,
+    pub pulled_within_days: Option<u64>,
     pub protect: Option<String>,
 }
 
@@ -48,6 +49,7 @@ impl FromStr for RetentionRule {
             pattern: "*".into(),
             keep_last: None,
             pushed_within_days: None,
+            pulled_within_days: None,
             protect: None,
         };
         for part in parts {
@@ -63,13 +65,22 @@ impl FromStr for RetentionRule {
                             .map_err(|_| bad("pushed-within-days is not a number"))?,
                     )
                 }
+                "pulled-within-days" => {
+                    rule.pulled_within_days = Some(
+                        v.trim()
+                            .parse()
+                            .map_err(|_| bad("pulled-within-days is not a number"))?,
+                    )
+                }
                 "pattern" => rule.pattern = v.trim().to_string(),
                 "protect" => rule.protect = Some(v.trim().to_string()),
                 other => return Err(bad(&format!("unknown key {other:?}"))),
             }
         }
-        if rule.keep_last.is_none() && rule.pushed_within_days.is_none() {
-            return Err(bad("it keeps nothing: give keep-last or pushed-within-days"));
+        if rule.keep_last.is_none() && rule.pushed_within_days.is_none() && rule.pulled_within_days.is_none() {
+            return Err(bad(
+                "it keeps nothing: give keep-last, pushed-within-days or pulled-within-days",
+            ));
         }
         Ok(rule)
     }
@@ -83,6 +94,11 @@ pub fn plan(snap: &GcSnapshot, rules: &[RetentionRule], now: u64) -> Vec<(String
         .manifests
         .iter()
         .map(|m| ((m.repo.as_str(), m.digest.as_str()), m.record.created))
+        .collect();
+    let pulled: HashMap<(&str, &str), u64> = snap
+        .pulls
+        .iter()
+        .map(|(r, t, time)| ((r.as_str(), t.as_str()), *time))
         .collect();
     let mut out = Vec::new();
     for rule in rules {
@@ -103,9 +119,14 @@ pub fn plan(snap: &GcSnapshot, rules: &[RetentionRule], now: u64) -> Vec<(String
                 let recent = rule
                     .pushed_within_days
                     .is_some_and(|d| pushed.saturating_add(d * 86_400) >= now);
+                let pulled_recently = rule.pulled_within_days.is_some_and(|d| {
+                    pulled
+                        .get(&(repo, *tag))
+                        .is_some_and(|p| p.saturating_add(d * 86_400) >= now)
+                });
                 let within_last = rule.keep_last.is_some_and(|n| i < n);
                 let protected = rule.protect.as_deref().is_some_and(|p| glob(p, tag));
-                if !(recent || within_last || protected) {
+                if !(recent || pulled_recently || within_last || protected) {
                     out.push((repo.to_string(), tag.to_string()));
                 }
             }
@@ -120,6 +141,8 @@ impl Registry {
     /// Applies the rules (or, with `dry_run`, only plans). Returns the tags
     /// deleted (or to delete). Immutable tags are skipped.
     pub async fn retention(&self, rules: &[RetentionRule], dry_run: bool) -> Result<Vec<(String, String)>> {
+        // Pulls noted in memory count too.
+        self.flush_pulls().await?;
         let snap = self.meta.gc_snapshot().await?;
         let planned = plan(&snap, rules, crate::now());
         if dry_run {
@@ -209,6 +232,15 @@ mod tests {
         // Recently pushed tags are kept by pushed-within-days.
         let recent = vec![rule("team:keep-last=0:pushed-within-days=1")];
         assert!(e.reg.retention(&recent, true).await.unwrap().is_empty());
+        // Recently pulled tags are kept by pulled-within-days; pulls are
+        // noted in memory and flushed by retention itself.
+        // Every tag left was just fetched by the loop above, but `np`.
+        push(&e.reg, &a, b"cfg-np", &[b"l"], Some("np")).await;
+        let pulled = vec![rule("team:keep-last=0:pulled-within-days=1")];
+        let planned = e.reg.retention(&pulled, true).await.unwrap();
+        assert_eq!(planned, vec![("team/a".to_string(), "np".to_string())]);
+        e.reg.manifest_get(&a, &Reference::Tag(tag("np")), false).await.unwrap();
+        assert!(e.reg.retention(&pulled, true).await.unwrap().is_empty());
     }
 
     #[test]
@@ -243,5 +275,16 @@ mod tests {
         // 300 s ago is within a day; with now far in the future, nothing is.
         assert!(del("t:pushed-within-days=1", 1000).is_empty());
         assert_eq!(del("t:pushed-within-days=1", 300 + 86_400 + 1).len(), 3);
+        // A pull keeps a tag its age would not.
+        let mut pulled = snap.clone();
+        pulled.pulls = vec![("t/a".into(), "old".into(), 200_000)];
+        let kept = plan(&pulled, &[rule("t:pulled-within-days=1")], 200_000 + 3600);
+        assert_eq!(
+            kept,
+            vec![
+                ("t/a".to_string(), "mid".to_string()),
+                ("t/a".to_string(), "new".to_string())
+            ]
+        );
     }
 }
