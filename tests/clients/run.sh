@@ -6,7 +6,7 @@
 # Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
 # on a free loopback port with a fresh data dir, and stopped on exit.
 #
-# Tests: docker skopeo buildah_podman containerd oras dxf (default: all).
+# Tests: docker skopeo buildah_podman containerd oras dxf lifecycle (default: all).
 #
 # Environment:
 #   BERTH_BIN          berth binary (default $ROOT/target/debug/berth)
@@ -21,7 +21,7 @@
 # Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
 # with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
 
-ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf)
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf lifecycle)
 
 # ---------------------------------------------------------------------------
 # helpers shared by the tests (available in the per-test child process)
@@ -604,6 +604,42 @@ on_err() { # rc command
     reason "command failed (exit $1): $2 (at${where% run_one*})"
 }
 
+# ---------------------------------------------------------------------------
+# lifecycle: tag immutability as skopeo sees it (berth runs with --immutable-tags 'frozen-*')
+# ---------------------------------------------------------------------------
+test_lifecycle() {
+    [[ ${BERTH_STARTED_HERE:-0} == 1 ]] || skip "needs the berth this script starts (with --immutable-tags)"
+    local L=$TEST_DIR/layout base=$NS/lifecycle
+    local app=$REG/$base/app tv=(--tls-verify=false)
+    make_oci_layout "$L" lifecycle
+    local d_amd64
+    d_amd64=$(layout_digest "$L" amd64)
+
+    step "push an immutable tag, then the same image again (allowed: clients retry)"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:amd64" "docker://$app:frozen-1"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:amd64" "docker://$app:frozen-1"
+
+    step "push another image onto it: DENIED"
+    if sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:arm64" "docker://$app:frozen-1" \
+        2>"$TEST_DIR/err"; then
+        fail "overwriting an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/err" >&2
+    assert_contains "$(cat "$TEST_DIR/err")" "tag $base/app:frozen-1 is immutable (rule frozen-*)" "skopeo shows berth's reason"
+
+    step "delete it (skopeo deletes by digest): DENIED"
+    if sko delete "${tv[@]}" "docker://$app:frozen-1" 2>"$TEST_DIR/err"; then
+        fail "deleting an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/err" >&2
+    assert_contains "$(cat "$TEST_DIR/err")" "deleted with its manifest" "skopeo shows berth's reason"
+    assert_eq "$d_amd64" "$(manifest_digest "$base/app" frozen-1)" "the immutable tag still names the first image"
+
+    step "a mutable tag still moves and deletes"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:arm64" "docker://$app:latest"
+    sko delete "${tv[@]}" "docker://$app:latest"
+}
+
 # Entry point of the per-test child process.
 run_one() { # test-name
     set -eEuo pipefail
@@ -707,7 +743,9 @@ if [[ -z $REGISTRY ]]; then
     REGISTRY=127.0.0.1:$PORT
     mkdir -p "$TMP/data"
     echo "starting $BERTH_BIN serve --listen $REGISTRY --data-dir $TMP/data (log: $TMP/berth.log)" >&2
-    "$BERTH_BIN" serve --listen "$REGISTRY" --data-dir "$TMP/data" >"$TMP/berth.log" 2>&1 &
+    # frozen-* tags are immutable (test_lifecycle); no other test uses such tags.
+    "$BERTH_BIN" serve --listen "$REGISTRY" --data-dir "$TMP/data" --immutable-tags 'frozen-*' >"$TMP/berth.log" 2>&1 &
+    export BERTH_STARTED_HERE=1
     BERTH_PID=$!
     deadline=$((SECONDS + 20))
     until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/") == 200 ]]; do

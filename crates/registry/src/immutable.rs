@@ -77,10 +77,21 @@ pub fn rule_for<'a>(rules: &'a [TagRule], repo: &RepoName, tag: &str) -> Option<
         .find(|r| r.project.as_deref().is_none_or(|p| p == repo.project()) && glob(&r.pattern, tag))
 }
 
+fn advice(what: &str) -> &'static str {
+    if what.starts_with("moved") {
+        "push under a new tag"
+    } else {
+        "an administrator must remove the rule (--immutable-tags) first"
+    }
+}
+
 pub(crate) fn denied(repo: &RepoName, tag: &Tag, rule: &TagRule, what: &str) -> RegistryError {
     RegistryError::new(
         ErrorCode::Denied,
-        format!("tag {repo}:{tag} is immutable (rule {rule}): it cannot be {what}; push under a new tag"),
+        format!(
+            "tag {repo}:{tag} is immutable (rule {rule}): it cannot be {what}; {}",
+            advice(what)
+        ),
     )
     .with_detail(tag.to_string())
 }
