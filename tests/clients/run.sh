@@ -638,6 +638,39 @@ test_lifecycle() {
     step "a mutable tag still moves and deletes"
     sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:arm64" "docker://$app:latest"
     sko delete "${tv[@]}" "docker://$app:latest"
+
+    if ! docker info >/dev/null 2>&1; then
+        echo "note: docker info fails; skipping the docker push of an immutable tag" >&2
+        return 0
+    fi
+    step "docker push of another image onto an immutable tag: DENIED"
+    local img=$REG/$base/docker:frozen-1 ctx n
+    LIFECYCLE_IMG=$img   # the EXIT trap runs after this function's locals are gone
+    # shellcheck disable=SC2317
+    lifecycle_docker_cleanup() {
+        docker rmi -f "$LIFECYCLE_IMG" "$LIFECYCLE_IMG-b" >/dev/null 2>&1 || true
+        # The first image lost its tag to the second: find it by the run label.
+        local ids
+        ids=$(docker images -aq --filter "label=org.berth.test.run=$NS" 2>/dev/null | sort -u)
+        # shellcheck disable=SC2086
+        [[ -z $ids ]] || docker rmi -f $ids >/dev/null 2>&1 || true
+    }
+    trap lifecycle_docker_cleanup EXIT
+    for n in a b; do
+        ctx=$TEST_DIR/docker-$n
+        mkdir -p "$ctx"
+        printf '%s %s\n' "$n" "$(rand_hex 8)" >"$ctx/f.txt"
+        printf 'FROM scratch\nLABEL org.berth.test.run=%s\nCOPY f.txt /f.txt\n' "$NS" >"$ctx/Dockerfile"
+    done
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img" "$TEST_DIR/docker-a"
+    x docker push "$img"
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img-b" "$TEST_DIR/docker-b"
+    x docker tag "$img-b" "$img"
+    if docker push "$img" >"$TEST_DIR/push.out" 2>&1; then
+        fail "docker push onto an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/push.out" >&2
+    assert_contains "$(cat "$TEST_DIR/push.out")" "is immutable (rule frozen-*)" "docker shows berth's reason"
 }
 
 # Entry point of the per-test child process.
