@@ -6,7 +6,7 @@
 # Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
 # on a free loopback port with a fresh data dir, and stopped on exit.
 #
-# Tests: docker skopeo buildah_podman containerd oras dxf auth (default: all). auth starts its
+# Tests: docker skopeo buildah_podman containerd oras dxf auth lifecycle (default: all). auth starts its
 # own second berth with --auth (from $BERTH_BIN), so it is skipped with --registry.
 #
 # Environment:
@@ -23,7 +23,7 @@
 # Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
 # with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
 
-ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth)
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth lifecycle)
 
 # ---------------------------------------------------------------------------
 # helpers shared by the tests (available in the per-test child process)
@@ -900,6 +900,75 @@ on_err() { # rc command
     reason "command failed (exit $1): $2 (at${where% run_one*})"
 }
 
+# ---------------------------------------------------------------------------
+# lifecycle: tag immutability as skopeo sees it (berth runs with --immutable-tags 'frozen-*')
+# ---------------------------------------------------------------------------
+test_lifecycle() {
+    [[ ${BERTH_STARTED_HERE:-0} == 1 ]] || skip "needs the berth this script starts (with --immutable-tags)"
+    local L=$TEST_DIR/layout base=$NS/lifecycle
+    local app=$REG/$base/app tv=(--tls-verify=false)
+    make_oci_layout "$L" lifecycle
+    local d_amd64
+    d_amd64=$(layout_digest "$L" amd64)
+
+    step "push an immutable tag, then the same image again (allowed: clients retry)"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:amd64" "docker://$app:frozen-1"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:amd64" "docker://$app:frozen-1"
+
+    step "push another image onto it: DENIED"
+    if sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:arm64" "docker://$app:frozen-1" \
+        2>"$TEST_DIR/err"; then
+        fail "overwriting an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/err" >&2
+    assert_contains "$(cat "$TEST_DIR/err")" "tag $base/app:frozen-1 is immutable (rule frozen-*)" "skopeo shows berth's reason"
+
+    step "delete it (skopeo deletes by digest): DENIED"
+    if sko delete "${tv[@]}" "docker://$app:frozen-1" 2>"$TEST_DIR/err"; then
+        fail "deleting an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/err" >&2
+    assert_contains "$(cat "$TEST_DIR/err")" "deleted with its manifest" "skopeo shows berth's reason"
+    assert_eq "$d_amd64" "$(manifest_digest "$base/app" frozen-1)" "the immutable tag still names the first image"
+
+    step "a mutable tag still moves and deletes"
+    sko copy --authfile "$REGISTRY_AUTH_FILE" --dest-tls-verify=false "oci:$L:arm64" "docker://$app:latest"
+    sko delete "${tv[@]}" "docker://$app:latest"
+
+    if ! docker info >/dev/null 2>&1; then
+        echo "note: docker info fails; skipping the docker push of an immutable tag" >&2
+        return 0
+    fi
+    step "docker push of another image onto an immutable tag: DENIED"
+    local img=$REG/$base/docker:frozen-1 ctx n
+    LIFECYCLE_IMG=$img   # the EXIT trap runs after this function's locals are gone
+    # shellcheck disable=SC2317
+    lifecycle_docker_cleanup() {
+        docker rmi -f "$LIFECYCLE_IMG" "$LIFECYCLE_IMG-b" >/dev/null 2>&1 || true
+        # The first image lost its tag to the second: find it by the run label.
+        local ids
+        ids=$(docker images -aq --filter "label=org.berth.test.run=$NS" 2>/dev/null | sort -u)
+        # shellcheck disable=SC2086
+        [[ -z $ids ]] || docker rmi -f $ids >/dev/null 2>&1 || true
+    }
+    trap lifecycle_docker_cleanup EXIT
+    for n in a b; do
+        ctx=$TEST_DIR/docker-$n
+        mkdir -p "$ctx"
+        printf '%s %s\n' "$n" "$(rand_hex 8)" >"$ctx/f.txt"
+        printf 'FROM scratch\nLABEL org.berth.test.run=%s\nCOPY f.txt /f.txt\n' "$NS" >"$ctx/Dockerfile"
+    done
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img" "$TEST_DIR/docker-a"
+    x docker push "$img"
+    DOCKER_BUILDKIT=0 x docker build -q -t "$img-b" "$TEST_DIR/docker-b"
+    x docker tag "$img-b" "$img"
+    if docker push "$img" >"$TEST_DIR/push.out" 2>&1; then
+        fail "docker push onto an immutable tag succeeded"
+    fi
+    cat "$TEST_DIR/push.out" >&2
+    assert_contains "$(cat "$TEST_DIR/push.out")" "is immutable (rule frozen-*)" "docker shows berth's reason"
+}
+
 # Entry point of the per-test child process.
 run_one() { # test-name
     set -eEuo pipefail
@@ -1001,7 +1070,9 @@ if [[ -z $REGISTRY ]]; then
     REGISTRY=127.0.0.1:$PORT
     mkdir -p "$TMP/data"
     echo "starting $BERTH_BIN serve --listen $REGISTRY --data-dir $TMP/data (log: $TMP/berth.log)" >&2
-    "$BERTH_BIN" serve --listen "$REGISTRY" --data-dir "$TMP/data" >"$TMP/berth.log" 2>&1 &
+    # frozen-* tags are immutable (test_lifecycle); no other test uses such tags.
+    "$BERTH_BIN" serve --listen "$REGISTRY" --data-dir "$TMP/data" --immutable-tags 'frozen-*' >"$TMP/berth.log" 2>&1 &
+    export BERTH_STARTED_HERE=1
     BERTH_PID=$!
     deadline=$((SECONDS + 20))
     until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/") == 200 ]]; do

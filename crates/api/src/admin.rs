@@ -36,6 +36,7 @@ pub fn routes() -> Router<Arc<App>> {
             get(get_project).patch(patch_project).delete(delete_project),
         )
         .route("/api/v1/projects/{name}/members", get(list_members))
+        .route("/api/v1/projects/{name}/usage", get(project_usage))
         .route(
             "/api/v1/projects/{name}/members/{user}",
             put(set_member).delete(remove_member),
@@ -244,6 +245,21 @@ async fn get_project(
     ok(json!(admin::get_project(ctx.auth.store().as_ref(), &name)
         .await
         .map_err(admin_error)?))
+}
+
+/// Storage the project uses, as its quota counts it (each blob once).
+async fn project_usage(
+    State(app): State<Arc<App>>,
+    h: HeaderMap,
+    a: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path(name): Path<String>,
+) -> AdminResult {
+    let ctx = guard(&app, &h, a, Need::ProjectAdmin(&name)).await?;
+    admin::get_project(ctx.auth.store().as_ref(), &name)
+        .await
+        .map_err(admin_error)?;
+    let u = app.registry.project_usage(&name).await?;
+    ok(json!({"project": name, "bytes": u.bytes, "quota": u.quota}))
 }
 
 #[derive(Deserialize)]

@@ -141,6 +141,39 @@ pub struct ServeArgs {
     /// [default: /berth/<hostname>]
     #[arg(long, env = "BERTH_EVENT_SOURCE", value_name = "URI")]
     pub event_source: Option<String>,
+
+    /// Run garbage collection every this many seconds; 0 turns it off.
+    /// [default: 3600]
+    #[arg(long, env = "BERTH_GC_INTERVAL", value_name = "SECS")]
+    pub gc_interval: Option<u64>,
+
+    #[command(flatten)]
+    pub gc: crate::gc::GcTuning,
+
+    /// Tags that, once pushed, cannot be moved or deleted (DENIED):
+    /// comma-separated patterns with `*` and `?`, each for every project
+    /// (`v*`) or one (`team=release-*`). [default: none]
+    #[arg(long, env = "BERTH_IMMUTABLE_TAGS", value_name = "RULES", value_delimiter = ',')]
+    pub immutable_tags: Vec<String>,
+
+    /// Refuse new uploads (DENIED) while the data directory's volume is at
+    /// least this full, in percent; pulls still work. 100 turns it off.
+    /// [default: 95]
+    #[arg(long, env = "BERTH_DISK_WATERMARK", value_name = "PERCENT")]
+    pub disk_watermark: Option<f64>,
+
+    /// Storage quotas per project, comma-separated `PROJECT=SIZE` with SIZE
+    /// in bytes or with a K, M, G or T suffix (powers of 1024), e.g.
+    /// `team=50G`. A layer shared by repositories of a project counts once.
+    /// [default: none]
+    #[arg(long, env = "BERTH_QUOTA", value_name = "QUOTAS", value_delimiter = ',')]
+    pub quota: Vec<String>,
+
+    /// Retention rules applied before each GC run, separated by `;`:
+    /// `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:protect=GLOB`.
+    /// [default: none]
+    #[arg(long, env = "BERTH_RETENTION", value_name = "RULES", value_delimiter = ';')]
+    pub retention: Vec<String>,
 }
 
 /// The file's keys: the same settings, all optional.
@@ -175,6 +208,20 @@ struct FileConfig {
     /// sensible flag form).
     #[serde(default)]
     webhooks: Vec<EndpointConfig>,
+    gc_interval: Option<u64>,
+    gc_grace: Option<u64>,
+    gc_upload_ttl: Option<u64>,
+    #[serde(default)]
+    gc_untagged: Vec<String>,
+    gc_batch: Option<usize>,
+    gc_pause_ms: Option<u64>,
+    #[serde(default)]
+    immutable_tags: Vec<String>,
+    disk_watermark: Option<f64>,
+    #[serde(default)]
+    quota: Vec<String>,
+    #[serde(default)]
+    retention: Vec<String>,
 }
 
 /// The settings in force.
@@ -204,6 +251,13 @@ pub struct ServeConfig {
     pub drain_delay: Duration,
     pub event_source: String,
     pub webhooks: Vec<Endpoint>,
+    /// Seconds between GC runs; 0 = off.
+    pub gc_interval: u64,
+    pub gc: registry::GcOptions,
+    pub immutable_tags: Vec<registry::TagRule>,
+    pub disk_watermark: f64,
+    pub quotas: std::collections::BTreeMap<String, u64>,
+    pub retention: Vec<registry::RetentionRule>,
 }
 
 fn duration(name: &str, v: Option<String>, default: Duration) -> Result<Duration, String> {
@@ -235,6 +289,31 @@ fn read_file(path: &Path) -> Result<FileConfig, String> {
     toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {e}", path.display()))
 }
 
+/// `PROJECT=SIZE`, SIZE in bytes or with a K/M/G/T suffix (powers of 1024).
+fn parse_quota(s: &str) -> Result<(String, u64), String> {
+    let bad = || format!("quota {s:?} is not PROJECT=SIZE; write e.g. team=50G or team=1000000");
+    let (project, size) = s.split_once('=').ok_or_else(bad)?;
+    let (project, size) = (project.trim(), size.trim());
+    let (digits, unit) = match size.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => size.split_at(i),
+        None => (size, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    if project.is_empty() {
+        return Err(bad());
+    }
+    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    Ok((project.to_string(), bytes))
+}
+
 impl ServeArgs {
     /// Merges flags and environment (already in `self`) over the file.
     pub fn resolve(self) -> Result<ServeConfig, String> {
@@ -256,7 +335,37 @@ impl ServeArgs {
                 return Err(format!("external URL {u:?} must start with http:// or https://"));
             }
         }
+        let immutable_tags = if self.immutable_tags.is_empty() {
+            file.immutable_tags
+        } else {
+            self.immutable_tags
+        };
+        let immutable_tags = immutable_tags
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<Vec<registry::TagRule>, String>>()?;
+        let disk_watermark = self.disk_watermark.or(file.disk_watermark).unwrap_or(95.0);
+        if !(0.0..=100.0).contains(&disk_watermark) {
+            return Err(format!(
+                "disk watermark {disk_watermark} is not a percentage; give a number from 0 to 100 (100 turns the guard off)"
+            ));
+        }
+        let quota = if self.quota.is_empty() { file.quota } else { self.quota };
+        let quotas = quota.iter().map(|q| parse_quota(q)).collect::<Result<_, String>>()?;
+        let retention = if self.retention.is_empty() {
+            file.retention
+        } else {
+            self.retention
+        };
+        let retention = retention
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
         Ok(ServeConfig {
+            retention,
+            quotas,
+            disk_watermark,
+            immutable_tags,
             listen,
             token_key: self
                 .token_key
@@ -309,6 +418,14 @@ impl ServeArgs {
                 .or(file.event_source)
                 .unwrap_or_else(|| format!("/berth/{}", hostname())),
             webhooks: events::validate_all(&file.webhooks)?,
+            gc_interval: self.gc_interval.or(file.gc_interval).unwrap_or(3600),
+            gc: self.gc.resolve(&crate::gc::GcTuning {
+                gc_grace: file.gc_grace,
+                gc_upload_ttl: file.gc_upload_ttl,
+                gc_untagged: file.gc_untagged,
+                gc_batch: file.gc_batch,
+                gc_pause_ms: file.gc_pause_ms,
+            }),
         })
     }
 }
@@ -382,6 +499,37 @@ backoff_initial = "100ms"
         .resolve()
         .unwrap_err();
         assert!(err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn quotas_parse_with_units() {
+        assert_eq!(parse_quota("team=50G").unwrap(), ("team".into(), 50 << 30));
+        assert_eq!(parse_quota("a=1000").unwrap(), ("a".into(), 1000));
+        assert_eq!(parse_quota("a=2k").unwrap(), ("a".into(), 2048));
+        for bad in ["team", "=5", "a=5X", "a=", "a=99999999999T"] {
+            assert!(parse_quota(bad).unwrap_err().contains("PROJECT=SIZE"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_rules_are_checked_at_start() {
+        let args = |retention: &str, immutable: &str| ServeArgs {
+            retention: vec![retention.to_string()],
+            immutable_tags: vec![immutable.to_string()],
+            ..Default::default()
+        };
+        let c = args("team:keep-last=3:pattern=v*", "v*").resolve().unwrap();
+        assert_eq!(c.retention[0].keep_last, Some(3));
+        assert_eq!(c.immutable_tags[0].pattern, "v*");
+        let err = args("team:keep-last=x", "v*").resolve().unwrap_err();
+        assert!(err.contains("keep-last is not a number"), "{err}");
+        let err = ServeArgs {
+            disk_watermark: Some(120.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("from 0 to 100"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 mod accounts;
 mod config;
+mod fsck;
+mod gc;
 mod logging;
 mod serve;
 mod server;
@@ -22,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up; the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry (OCI Distribution Spec 1.1).
@@ -53,6 +57,18 @@ enum Command {
     /// Load-test a registry (berth or any other): seed it, then measure a
     /// scenario's throughput and latency.
     Bench(Box<bench::BenchArgs>),
+    /// Collect garbage on a data directory with berth stopped: unreferenced
+    /// blobs, abandoned uploads and (per project, if asked) untagged
+    /// manifests. A running berth does this itself (--gc-interval).
+    Gc(gc::GcArgs),
+    /// Verify every blob's digest and size and the metadata's references,
+    /// with berth stopped; --repair fixes what is safe to fix.
+    Fsck(fsck::FsckArgs),
+    /// Apply retention rules once (untag old images), with berth stopped;
+    /// a running berth applies --retention before each GC run.
+    Retention(gc::RetentionArgs),
+    /// Storage used per project and repository, and what shared layers save.
+    Du(fsck::DuArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +80,10 @@ fn main() -> ExitCode {
         Command::Robot { store, cmd } => accounts::robot(store, cmd),
         Command::Audit(args) => accounts::audit_cmd(args),
         Command::Bench(args) => bench::run(*args).map_err(Into::into),
+        Command::Gc(args) => gc::run(args),
+        Command::Fsck(args) => fsck::fsck(args),
+        Command::Retention(args) => gc::retention(args),
+        Command::Du(args) => fsck::du(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

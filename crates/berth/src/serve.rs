@@ -63,6 +63,9 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             sparse_index: cfg.sparse_index,
             max_manifest_size: cfg.max_manifest_size,
             manifest_cache_bytes: cfg.manifest_cache_size,
+            immutable_tags: cfg.immutable_tags.clone(),
+            disk_watermark: cfg.disk_watermark,
+            quotas: cfg.quotas.clone(),
         },
     );
     let (committed, wake) = tokio::sync::watch::channel(0);
@@ -103,8 +106,16 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
     };
     let mut app = api::App::new(registry, auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
-    let mut app = api::router(Arc::new(app));
-
+    let app = Arc::new(app);
+    if cfg.gc_interval > 0 {
+        tokio::spawn(crate::gc::schedule(
+            app.clone(),
+            Duration::from_secs(cfg.gc_interval),
+            cfg.gc.clone(),
+            cfg.retention.clone(),
+        ));
+    }
+    let mut app = api::router(app);
     let telemetry = Telemetry {
         metrics: metrics.clone(),
         access_log: cfg.access_log,

@@ -17,12 +17,15 @@ use async_trait::async_trait;
 use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use serde::{Deserialize, Serialize};
 
+pub mod gc;
 pub mod identity;
 pub mod identity_testsuite;
+mod redb_gc;
 mod redb_identity;
 pub mod redb_store;
 pub mod testsuite;
 
+pub use gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
 pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User};
 pub use redb_store::RedbMetadata;
 
@@ -193,4 +196,33 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// The dead letters of `endpoint`, oldest first.
     async fn dead_letters(&self, endpoint: &str) -> Result<Vec<DeadLetter>>;
+    /// Everything garbage collection marks from, in one consistent snapshot.
+    async fn gc_snapshot(&self) -> Result<GcSnapshot>;
+
+    /// Removes, in one transaction, each blob of `candidates` that `guard`
+    /// allows: its blob record, its links and its touch. Candidates that are
+    /// not allowed (touched since the snapshot or within the grace window)
+    /// are left alone. A candidate with no blob record (an orphan file) is
+    /// returned with `size: None` when allowed. Returns what was removed; the
+    /// caller then deletes those bytes.
+    async fn sweep_blobs(&self, candidates: &[Digest], guard: SweepGuard) -> Result<Vec<SweptBlob>>;
+
+    /// Removes an untagged manifest, in one transaction, only if `guard`
+    /// allows its touch, no tag points at it, nothing in its repository names
+    /// it as a subject, and no manifest of its repository lists it as a
+    /// child. Returns its size if it was removed.
+    async fn sweep_manifest(&self, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>>;
+
+    /// Bytes project `project` holds: every blob linked by any of its
+    /// repositories once, plus every manifest once (by digest).
+    async fn project_usage(&self, project: &str) -> Result<u64>;
+
+    /// Whether a repository of `project` links `digest` or holds it as a
+    /// manifest (then adding it elsewhere in the project costs nothing).
+    async fn project_holds(&self, project: &str, digest: &Digest) -> Result<bool>;
+
+    /// Records pulls of (repository, tag) at a time (seconds since the
+    /// epoch), batched by the caller off the request path. A time older
+    /// than the one recorded does not replace it.
+    async fn record_pulls(&self, pulls: &[(String, String, u64)]) -> Result<()>;
 }

@@ -16,19 +16,19 @@ use crate::{
 };
 
 /// digest -> size of every committed blob.
-const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
+pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
 /// (repo, digest) -> size: which repository may read which blob.
-const LINKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("links");
+pub(crate) const LINKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("links");
 /// (repo, digest) -> ManifestRecord as JSON.
-const MANIFESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("manifests");
+pub(crate) const MANIFESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("manifests");
 /// (repo, tag) -> manifest digest.
-const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("tags");
+pub(crate) const TAGS: TableDefinition<(&str, &str), &str> = TableDefinition::new("tags");
 /// repo -> number of manifests; a repository exists while this is positive.
-const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
+pub(crate) const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
 /// (repo, subject digest, referrer digest) -> Descriptor as JSON.
-const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("referrers");
+pub(crate) const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("referrers");
 /// upload id -> UploadRecord as JSON.
-const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+pub(crate) const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 /// sequence number -> event payload: the durable event outbox.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// endpoint name -> last sequence number it is done with.
@@ -69,6 +69,7 @@ impl RedbMetadata {
             w.open_table(COUNTERS).map_err(be)?;
         }
         crate::redb_identity::create_tables(&w)?;
+        crate::redb_gc::create_tables(&w)?;
         w.commit().map_err(be)?;
         Ok(RedbMetadata { db: Arc::new(db) })
     }
@@ -128,6 +129,7 @@ impl MetadataStore for RedbMetadata {
                     .map_err(be)?
                     .insert((repo.as_str(), digest.as_str()), size)
                     .map_err(be)?;
+                crate::redb_gc::touch(&w, [digest.as_str()])?;
             }
             w.commit().map_err(be)
         })
@@ -162,6 +164,7 @@ impl MetadataStore for RedbMetadata {
                     .map_err(be)?
                     .insert((repo.as_str(), d.as_str()), size)
                     .map_err(be)?;
+                crate::redb_gc::touch(&w, [d.as_str()])?;
             }
             w.commit().map_err(be)
         })
@@ -242,6 +245,13 @@ impl MetadataStore for RedbMetadata {
                         .insert((repo.as_str(), subject.as_str(), m.digest.as_str()), json.as_slice())
                         .map_err(be)?;
                 }
+                // The manifest's own bytes, its blobs and its children are
+                // referenced from now on: a collector's earlier snapshot must
+                // not remove them.
+                let referenced = std::iter::once(m.digest.as_str())
+                    .chain(m.record.blobs.iter().map(String::as_str))
+                    .chain(m.record.children.iter().map(String::as_str));
+                crate::redb_gc::touch(&w, referenced)?;
             }
             w.commit().map_err(be)
         })
@@ -572,6 +582,38 @@ impl MetadataStore for RedbMetadata {
             Ok(out)
         })
         .await
+    }
+
+    async fn project_usage(&self, project: &str) -> Result<u64> {
+        let project = project.to_string();
+        self.run(move |db| Ok(crate::redb_gc::project_items(db, &project)?.values().sum()))
+            .await
+    }
+
+    async fn project_holds(&self, project: &str, digest: &Digest) -> Result<bool> {
+        let (project, digest) = (project.to_string(), digest.to_string());
+        self.run(move |db| Ok(crate::redb_gc::project_items(db, &project)?.contains_key(&digest)))
+            .await
+    }
+
+    async fn record_pulls(&self, pulls: &[(String, String, u64)]) -> Result<()> {
+        let pulls = pulls.to_vec();
+        self.run(move |db| crate::redb_gc::record_pulls(db, &pulls)).await
+    }
+
+    async fn gc_snapshot(&self) -> Result<crate::GcSnapshot> {
+        self.run(crate::redb_gc::snapshot).await
+    }
+
+    async fn sweep_blobs(&self, candidates: &[Digest], guard: crate::SweepGuard) -> Result<Vec<crate::SweptBlob>> {
+        let candidates = candidates.to_vec();
+        self.run(move |db| crate::redb_gc::sweep_blobs(db, &candidates, guard))
+            .await
+    }
+
+    async fn sweep_manifest(&self, m: &crate::ManifestSweep, guard: crate::SweepGuard) -> Result<Option<u64>> {
+        let m = m.clone();
+        self.run(move |db| crate::redb_gc::sweep_manifest(db, &m, guard)).await
     }
 }
 

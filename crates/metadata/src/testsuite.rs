@@ -3,7 +3,9 @@
 
 use oci::{Digest, RepoName, Tag, UploadId};
 
-use crate::{DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, UploadRecord};
+use crate::{
+    DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, NewManifest, SweepGuard, UploadRecord,
+};
 
 fn repo(s: &str) -> RepoName {
     s.parse().expect("valid repo")
@@ -45,6 +47,9 @@ pub async fn run_all(store: &dyn MetadataStore) {
     uploads(store).await;
     stats(store).await;
     outbox(store).await;
+    gc_sweeps(store).await;
+    project_usage(store).await;
+    pulls(store).await;
 }
 
 pub async fn blobs_and_links(store: &dyn MetadataStore) {
@@ -287,4 +292,168 @@ pub async fn outbox(store: &dyn MetadataStore) {
     assert_eq!(store.outbox_append(vec![b"e4".to_vec()]).await.unwrap(), last + 1);
     assert_eq!(store.outbox_read(last, 10).await.unwrap()[0].seq, last + 1);
     store.outbox_prune(last + 1).await.unwrap();
+}
+
+/// A guard that allows anything the snapshot saw, whatever its age.
+fn guard_at(seq: u64) -> SweepGuard {
+    SweepGuard { seq, cutoff: u64::MAX }
+}
+
+pub async fn gc_sweeps(store: &dyn MetadataStore) {
+    let r = repo("gc/app");
+    let (kept, loose) = (Digest::sha256(b"gc-kept"), Digest::sha256(b"gc-loose"));
+    store.add_blob(&r, &kept, 7).await.unwrap();
+    store.add_blob(&r, &loose, 8).await.unwrap();
+    store.link_blob(&repo("gc/other"), &loose).await.unwrap();
+    let m = Digest::sha256(b"gc-m");
+    store
+        .put_manifest(&r, new_manifest(&m, &[&kept], &["v1"], None))
+        .await
+        .unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    assert!(snap.blobs.contains(&(loose.clone(), 8)));
+    assert!(snap.links.contains(&("gc/other".to_string(), loose.clone())));
+    assert!(snap.tags.contains(&("gc/app".to_string(), "v1".to_string(), m.clone())));
+    assert!(snap.manifests.iter().any(|x| x.repo == "gc/app" && x.digest == m));
+    let touched = |d: &Digest| snap.touched.iter().find(|(x, _)| x == d).map(|(_, t)| *t);
+    let (t_loose, t_m) = (touched(&loose).unwrap(), touched(&m).unwrap());
+    assert!(t_loose.seq < t_m.seq, "the manifest put touched after the blob commits");
+    assert!(t_m.seq <= snap.seq);
+
+    // Within the grace window nothing goes.
+    let young = SweepGuard {
+        seq: snap.seq,
+        cutoff: t_loose.time.saturating_sub(1),
+    };
+    assert!(store
+        .sweep_blobs(std::slice::from_ref(&loose), young)
+        .await
+        .unwrap()
+        .is_empty());
+    // A link made after the snapshot wins against the sweep.
+    store.link_blob(&repo("gc/third"), &loose).await.unwrap();
+    assert!(store
+        .sweep_blobs(std::slice::from_ref(&loose), guard_at(snap.seq))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.blob_size(&loose).await.unwrap(), Some(8));
+    // With a fresh snapshot it goes, with every link, in one transaction.
+    let snap = store.gc_snapshot().await.unwrap();
+    let swept = store
+        .sweep_blobs(std::slice::from_ref(&loose), guard_at(snap.seq))
+        .await
+        .unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!((swept[0].size, swept[0].links), (Some(8), 3));
+    assert_eq!(store.blob_size(&loose).await.unwrap(), None);
+    assert_eq!(store.linked_blob(&repo("gc/other"), &loose).await.unwrap(), None);
+    assert!(matches!(
+        store.link_blob(&r, &loose).await,
+        Err(MetaError::BlobNotStored(_))
+    ));
+    // A digest with no blob record (an orphan file) is reported without a size.
+    let orphan = Digest::sha256(b"gc-orphan");
+    let swept = store
+        .sweep_blobs(std::slice::from_ref(&orphan), guard_at(snap.seq))
+        .await
+        .unwrap();
+    assert_eq!(swept[0].size, None);
+
+    // Untagged manifests: a tagged one stays; a subject or a child stays.
+    let sweep = |d: &Digest| ManifestSweep {
+        repo: r.clone(),
+        digest: d.clone(),
+    };
+    assert_eq!(
+        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
+        None
+    );
+    let sig = Digest::sha256(b"gc-sig");
+    store
+        .put_manifest(&r, new_manifest(&sig, &[&kept], &[], Some(&m)))
+        .await
+        .unwrap();
+    store.delete_tag(&r, &tag("v1")).await.unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    assert_eq!(
+        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
+        None
+    );
+    let idx = Digest::sha256(b"gc-index");
+    let mut nm = new_manifest(&idx, &[], &[], None);
+    nm.required_manifests = vec![sig.clone()];
+    nm.record.children = vec![sig.to_string()];
+    store.put_manifest(&r, nm).await.unwrap();
+    // Touched after this guard's snapshot: refused.
+    assert_eq!(
+        store.sweep_manifest(&sweep(&idx), guard_at(snap.seq)).await.unwrap(),
+        None
+    );
+    let snap = store.gc_snapshot().await.unwrap();
+    assert_eq!(
+        store.sweep_manifest(&sweep(&sig), guard_at(snap.seq)).await.unwrap(),
+        None,
+        "a child stays"
+    );
+    assert_eq!(
+        store.sweep_manifest(&sweep(&idx), guard_at(snap.seq)).await.unwrap(),
+        Some(100)
+    );
+    assert_eq!(store.get_manifest(&r, &idx).await.unwrap(), None);
+    // Now the signature is nobody's child, and its referrers entry goes with it.
+    assert_eq!(
+        store.sweep_manifest(&sweep(&sig), guard_at(snap.seq)).await.unwrap(),
+        Some(100)
+    );
+    assert!(store.referrers(&r, &m).await.unwrap().is_empty());
+    assert_eq!(
+        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
+        Some(100)
+    );
+    assert!(!store.repo_exists(&r).await.unwrap());
+    assert_eq!(
+        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
+        None,
+        "already gone"
+    );
+}
+
+pub async fn project_usage(store: &dyn MetadataStore) {
+    let (a, b, other) = (repo("quota/a"), repo("quota/b"), repo("quota-x/a"));
+    let (shared, own) = (Digest::sha256(b"q-shared"), Digest::sha256(b"q-own"));
+    assert_eq!(store.project_usage("quota").await.unwrap(), 0);
+    store.add_blob(&a, &shared, 1000).await.unwrap();
+    store.add_blob(&b, &own, 10).await.unwrap();
+    store.link_blob(&b, &shared).await.unwrap();
+    // A neighbour whose name sorts between `quota` and `quota/`.
+    store.link_blob(&other, &shared).await.unwrap();
+    let m = Digest::sha256(b"q-m");
+    store
+        .put_manifest(&a, new_manifest(&m, &[&shared], &["v1"], None))
+        .await
+        .unwrap();
+    // The shared blob once, the own blob, the manifest (record size 100).
+    assert_eq!(store.project_usage("quota").await.unwrap(), 1000 + 10 + 100);
+    assert_eq!(store.project_usage("quota-x").await.unwrap(), 1000);
+    assert!(store.project_holds("quota", &own).await.unwrap());
+    assert!(store.project_holds("quota", &m).await.unwrap());
+    assert!(!store.project_holds("quota-x", &own).await.unwrap());
+}
+
+pub async fn pulls(store: &dyn MetadataStore) {
+    let p = |r: &str, t: &str, time: u64| (r.to_string(), t.to_string(), time);
+    store
+        .record_pulls(&[p("pull/a", "v1", 100), p("pull/a", "v2", 50)])
+        .await
+        .unwrap();
+    // An older time does not replace a newer one.
+    store
+        .record_pulls(&[p("pull/a", "v1", 90), p("pull/a", "v2", 60)])
+        .await
+        .unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    let mut got: Vec<_> = snap.pulls.into_iter().filter(|(r, _, _)| r == "pull/a").collect();
+    got.sort();
+    assert_eq!(got, vec![p("pull/a", "v1", 100), p("pull/a", "v2", 60)]);
 }

@@ -20,13 +20,25 @@ pub mod blobs;
 pub mod cache;
 pub mod error;
 pub mod events;
+pub mod fsck;
+pub mod gc;
+pub mod immutable;
 pub mod listing;
 pub mod manifests;
+mod pulls;
+pub mod quota;
+pub mod retention;
 pub mod uploads;
+pub mod usage;
 
 pub use blobs::OpenBlob;
 pub use error::{RegistryError, Result};
+pub use fsck::{Finding, FsckReport};
+pub use gc::{GcOptions, GcReport};
+pub use immutable::TagRule;
 pub use manifests::{ManifestBody, PutManifest};
+pub use retention::RetentionRule;
+pub use usage::Usage;
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -36,6 +48,13 @@ pub struct RegistryConfig {
     pub max_manifest_size: usize,
     /// Memory for hot manifests, in bytes; 0 turns the cache off.
     pub manifest_cache_bytes: usize,
+    /// Tags that, once they exist, cannot be moved or deleted.
+    pub immutable_tags: Vec<TagRule>,
+    /// New uploads are refused while the blob storage's volume is at least
+    /// this full (percent); 100 turns the guard off.
+    pub disk_watermark: f64,
+    /// Storage quota per project, in bytes; projects not named have none.
+    pub quotas: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for RegistryConfig {
@@ -44,6 +63,9 @@ impl Default for RegistryConfig {
             sparse_index: false,
             max_manifest_size: oci::manifest::MAX_MANIFEST_SIZE,
             manifest_cache_bytes: 64 << 20,
+            immutable_tags: Vec::new(),
+            disk_watermark: 95.0,
+            quotas: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -55,6 +77,16 @@ pub struct Registry {
     uploads: uploads::Sessions,
     cache: cache::ManifestCache,
     events: Option<events::Recorder>,
+    /// Pushes hold it for reading from writing bytes until their metadata
+    /// commit; GC holds it for writing while it deletes bytes (see `gc`).
+    gc_fence: tokio::sync::RwLock<()>,
+    /// Serializes the check and the change of tags under immutability rules,
+    /// so two pushes cannot both claim a new immutable tag.
+    tag_lock: tokio::sync::Mutex<()>,
+    /// Serializes quota checks with the commits they admit (see `quota`).
+    quota_lock: tokio::sync::Mutex<()>,
+    /// Tag pulls not yet written to the metadata store (see `pulls`).
+    pulls: pulls::PullLog,
 }
 
 impl Registry {
@@ -65,6 +97,10 @@ impl Registry {
             cache: cache::ManifestCache::new(config.manifest_cache_bytes),
             config,
             uploads: uploads::Sessions::default(),
+            gc_fence: tokio::sync::RwLock::new(()),
+            tag_lock: tokio::sync::Mutex::new(()),
+            quota_lock: tokio::sync::Mutex::new(()),
+            pulls: pulls::PullLog::default(),
             events: None,
         }
     }

@@ -38,6 +38,74 @@ fn served(digest: Digest, m: &Cached, with_body: bool) -> ManifestBody {
     }
 }
 
+/// Holds the tag lock while a change under immutability rules commits.
+type TagGuard<'a> = Option<tokio::sync::MutexGuard<'a, ()>>;
+
+impl Registry {
+    async fn guard_immutable_tags(&self, repo: &RepoName, tags: &[Tag], digest: &Digest) -> Result<TagGuard<'_>> {
+        let rules = &self.config.immutable_tags;
+        if !tags
+            .iter()
+            .any(|t| crate::immutable::rule_for(rules, repo, t.as_str()).is_some())
+        {
+            return Ok(None);
+        }
+        let guard = self.tag_lock.lock().await;
+        for t in tags {
+            if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
+                match self.meta.resolve_tag(repo, t).await? {
+                    Some(old) if old != *digest => {
+                        return Err(crate::immutable::denied(repo, t, rule, "moved to another manifest"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Some(guard))
+    }
+
+    async fn guard_immutable_delete(&self, repo: &RepoName, reference: &Reference) -> Result<TagGuard<'_>> {
+        let rules = &self.config.immutable_tags;
+        if !rules
+            .iter()
+            .any(|r| r.project.as_deref().is_none_or(|p| p == repo.project()))
+        {
+            return Ok(None);
+        }
+        let guard = self.tag_lock.lock().await;
+        match reference {
+            Reference::Tag(t) => {
+                if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
+                    if self.meta.resolve_tag(repo, t).await?.is_some() {
+                        return Err(crate::immutable::denied(repo, t, rule, "deleted"));
+                    }
+                }
+            }
+            // Deleting a manifest deletes its tags: refused if one is immutable.
+            Reference::Digest(d) => {
+                let mut last: Option<String> = None;
+                loop {
+                    let page = self.meta.list_tags(repo, last.as_deref(), 1000).await?;
+                    for name in &page {
+                        let Some(rule) = crate::immutable::rule_for(rules, repo, name) else {
+                            continue;
+                        };
+                        let Ok(t) = name.parse::<Tag>() else { continue };
+                        if self.meta.resolve_tag(repo, &t).await?.as_ref() == Some(d) {
+                            return Err(crate::immutable::denied(repo, &t, rule, "deleted with its manifest"));
+                        }
+                    }
+                    match page.last() {
+                        Some(l) if page.len() == 1000 => last = Some(l.clone()),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(Some(guard))
+    }
+}
+
 fn manifest_unknown(reference: &Reference) -> RegistryError {
     RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown").with_detail(reference.to_string())
 }
@@ -105,7 +173,13 @@ impl Registry {
             Vec::new()
         };
         let (media_type, size) = (manifest.media_type.clone(), body.len() as u64);
+        // Immutable tags that exist may only be put again on the same
+        // manifest; the lock keeps the check true until the commit.
+        let _tags = self.guard_immutable_tags(repo, &all_tags, &digest).await?;
+        let _quota = self.quota_admit(repo, &digest, body.len() as u64).await?;
         // Bytes first, durably; the metadata commit is what makes them visible.
+        // GC must not delete the bytes in between (see `gc`).
+        let fence = self.gc_fence.read().await;
         self.blobs.put(&digest, body).await?;
         let new = NewManifest {
             digest: digest.clone(),
@@ -115,6 +189,7 @@ impl Registry {
             tags: all_tags,
         };
         let stored = self.meta.put_manifest(repo, new).await;
+        drop(fence);
         // After the commit: the tags may have moved.
         self.cache.invalidate(repo);
         match stored {
@@ -169,6 +244,7 @@ impl Registry {
     /// returned. A GET is a pull event.
     pub async fn manifest_get(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
         let m = self.manifest_lookup(repo, reference, with_body).await?;
+        self.pulls.note(repo, reference);
         if with_body {
             self.pull_event(|| EventData {
                 repository: repo.to_string(),
@@ -230,6 +306,7 @@ impl Registry {
     /// Deletes by digest (the manifest and every tag pointing at it) or by
     /// tag (only the tag).
     pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let _tags = self.guard_immutable_delete(repo, reference).await?;
         let existed = match reference {
             Reference::Digest(d) => self.meta.delete_manifest(repo, d).await,
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await,

@@ -87,6 +87,7 @@ impl Registry {
     /// identity, when there is access control): only the same owner can
     /// continue, complete or cancel it.
     pub async fn upload_start(&self, repo: &RepoName, owner: Option<&str>) -> Result<UploadId> {
+        self.check_disk_watermark().await?;
         let id: UploadId = uuid::Uuid::new_v4()
             .to_string()
             .parse()
@@ -102,6 +103,30 @@ impl Registry {
             return Err(e.into());
         }
         Ok(id)
+    }
+
+    /// The disk-watermark guard: refuses new uploads when the volume is too
+    /// full, so the metadata store and in-flight uploads keep room to
+    /// finish. Pulls never pass here.
+    async fn check_disk_watermark(&self) -> Result<()> {
+        let limit = self.config.disk_watermark;
+        if limit >= 100.0 {
+            return Ok(());
+        }
+        let Some(usage) = self.blobs.disk_usage().await? else {
+            return Ok(());
+        };
+        let used = usage.used_percent();
+        if used >= limit {
+            return Err(RegistryError::new(
+                ErrorCode::Denied,
+                format!(
+                    "storage is {used:.1}% full, at or above the {limit}% watermark: new uploads are refused until space is freed \
+                     (delete images and run garbage collection, or raise --disk-watermark); pulls still work"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that `id` is an upload of `repo` opened by `owner`, and
@@ -177,12 +202,24 @@ impl Registry {
             )
             .with_detail(digest.to_string()));
         }
+        // Over quota: nothing is stored, the upload is gone.
+        let _quota = match self.quota_admit(repo, digest, size).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.discard(id).await;
+                return Err(e);
+            }
+        };
+        // From the bytes landing under their digest to the metadata record,
+        // GC must not delete them (see `gc`).
+        let fence = self.gc_fence.read().await;
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
             Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
             Err(e) => return Err(e.into()),
         };
         self.meta.add_blob(repo, digest, size).await?;
+        drop(fence);
         self.meta.delete_upload(id).await?;
         self.uploads.remove(id);
         Ok(size)
@@ -216,6 +253,21 @@ impl Registry {
         self.uploads.remove(id);
     }
 
+    /// Removes an abandoned upload session (GC). Returns its size, or `None`
+    /// if it was completed or cancelled meanwhile. Takes the upload's lock,
+    /// so it never removes an upload under an append in flight.
+    pub(crate) async fn upload_expire(&self, id: &UploadId) -> Result<Option<u64>> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        if self.meta.get_upload(id).await?.is_none() {
+            self.uploads.remove(id);
+            return Ok(None);
+        }
+        let size = self.blobs.upload_size(id).await?.unwrap_or(0);
+        self.discard(id).await;
+        Ok(Some(size))
+    }
+
     /// Cancels an upload of `repo`.
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
@@ -238,6 +290,7 @@ impl Registry {
             None => self.meta.blob_size(digest).await?,
         };
         let Some(size) = size else { return Ok(None) };
+        let _quota = self.quota_admit(repo, digest, size).await?;
         match self.meta.link_blob(repo, digest).await {
             Ok(()) => {
                 self.events(|| {
@@ -258,5 +311,54 @@ impl Registry {
             Err(MetaError::BlobNotStored(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use oci::{ErrorCode, Reference};
+
+    use crate::gc::tests::{env, pull, push, repo};
+    use crate::{Registry, RegistryConfig};
+
+    #[tokio::test]
+    async fn above_the_disk_watermark_uploads_are_refused_and_pulls_work() {
+        let e = env().await;
+        let r = repo("p/a");
+        let m = push(&e.reg, &r, b"cfg", &[b"layer"], Some("v1")).await;
+        // The same stores, with a watermark any real volume is at or above.
+        let full = Registry::new(
+            e.blobs.clone(),
+            e.meta.clone(),
+            RegistryConfig {
+                disk_watermark: 0.0,
+                ..RegistryConfig::default()
+            },
+        );
+        let err = full.upload_start(&r, None).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Denied);
+        assert!(
+            err.message.starts_with("storage is ") && err.message.contains("% full, at or above the 0% watermark"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.ends_with("pulls still work"));
+        pull(&full, &r, &m).await.unwrap();
+        assert!(full
+            .manifest_get(&r, &Reference::Tag("v1".parse().unwrap()), true)
+            .await
+            .is_ok());
+        // 100 turns the guard off.
+        let off = Registry::new(
+            e.blobs.clone(),
+            e.meta.clone(),
+            RegistryConfig {
+                disk_watermark: 100.0,
+                ..RegistryConfig::default()
+            },
+        );
+        assert!(Arc::new(off).upload_start(&r, None).await.is_ok());
     }
 }

@@ -22,7 +22,7 @@ use tokio::fs::{self, File, OpenOptions};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
-use crate::{BlobStore, ByteStream, Result, StorageError};
+use crate::{BlobStore, ByteStream, DiskUsage, Result, StorageError};
 
 /// Read buffer for streaming blobs out: large, to cut syscalls per byte.
 const READ_BUF: usize = 256 * 1024;
@@ -73,6 +73,26 @@ impl FsBlobStore {
         fs::rename(src, &dst).await?;
         sync_dir(dir).await
     }
+}
+
+/// Space used and available to unprivileged writers, as `df` counts them:
+/// blocks reserved for root are neither, so `used_percent` matches `df`'s
+/// Use% column.
+fn statvfs(path: &Path) -> io::Result<DiskUsage> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * frsize;
+    let available = st.f_bavail as u64 * frsize;
+    Ok(DiskUsage {
+        total: used + available,
+        available,
+    })
 }
 
 async fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -143,6 +163,40 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn list(&self) -> Result<Vec<(Digest, u64)>> {
+        let mut out = Vec::new();
+        let Some(mut algs) = not_found_as_none(fs::read_dir(self.root.join("blobs")).await)? else {
+            return Ok(out);
+        };
+        while let Some(alg) = algs.next_entry().await? {
+            let Some(mut prefixes) = not_found_as_none(fs::read_dir(alg.path()).await)? else {
+                continue;
+            };
+            while let Some(prefix) = prefixes.next_entry().await? {
+                let Some(mut files) = not_found_as_none(fs::read_dir(prefix.path()).await)? else {
+                    continue;
+                };
+                while let Some(f) = files.next_entry().await? {
+                    let name = format!(
+                        "{}:{}",
+                        alg.file_name().to_string_lossy(),
+                        f.file_name().to_string_lossy()
+                    );
+                    // Only names a commit could have made are blobs; anything
+                    // else was put there by hand and is not ours to touch.
+                    let Ok(digest) = name.parse::<Digest>() else {
+                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob");
+                        continue;
+                    };
+                    if let Some(m) = not_found_as_none(f.metadata().await)? {
+                        out.push((digest, m.len()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn upload_create(&self, id: &UploadId) -> Result<()> {
         OpenOptions::new()
             .write(true)
@@ -187,6 +241,14 @@ impl BlobStore for FsBlobStore {
         Ok(size)
     }
 
+    async fn disk_usage(&self) -> Result<Option<DiskUsage>> {
+        let root = self.root.clone();
+        let usage = tokio::task::spawn_blocking(move || statvfs(&root))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(Some(usage))
+    }
+
     async fn upload_delete(&self, id: &UploadId) -> Result<()> {
         match fs::remove_file(self.upload_path(id)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
@@ -204,6 +266,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).await.unwrap();
         crate::testsuite::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn the_filesystem_reports_its_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        assert!(store.disk_usage().await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -48,6 +48,10 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a committed blob. Removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<()>;
 
+    /// Every committed blob with its size, in no particular order. Garbage
+    /// collection and `fsck` walk it to find bytes metadata does not know.
+    async fn list(&self) -> Result<Vec<(Digest, u64)>>;
+
     /// Creates an empty upload.
     async fn upload_create(&self, id: &UploadId) -> Result<()>;
 
@@ -69,4 +73,28 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Removes an upload. Removing a missing upload is not an error.
     async fn upload_delete(&self, id: &UploadId) -> Result<()>;
+
+    /// How full the storage is, for the disk-watermark guard; `None` when
+    /// the backend cannot tell (then the guard does not apply).
+    async fn disk_usage(&self) -> Result<Option<DiskUsage>> {
+        Ok(None)
+    }
+}
+
+/// Space on the volume that holds the blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes used plus bytes available (without space reserved for root).
+    pub total: u64,
+    pub available: u64,
+}
+
+impl DiskUsage {
+    /// Percentage used, 0 to 100.
+    pub fn used_percent(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * (self.total.saturating_sub(self.available)) as f64 / self.total as f64
+    }
 }

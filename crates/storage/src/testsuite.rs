@@ -29,6 +29,8 @@ pub async fn run_all(store: &dyn BlobStore) {
     ranged_reads(store).await;
     upload_lifecycle(store).await;
     missing_things(store).await;
+    listing(store).await;
+    disk_usage(store).await;
 }
 
 pub async fn put_get_stat_delete(store: &dyn BlobStore) {
@@ -102,4 +104,38 @@ pub async fn missing_things(store: &dyn BlobStore) {
         store.upload_commit(&id, &d).await,
         Err(StorageError::NotFound)
     ));
+}
+
+pub async fn listing(store: &dyn BlobStore) {
+    let before = store.list().await.unwrap();
+    let (a, b) = (Bytes::from_static(b"list-a"), Bytes::from_static(b"list-bb"));
+    let (da, db) = (Digest::sha256(&a), Digest::sha256(&b));
+    store.put(&da, a).await.unwrap();
+    store.put(&db, b).await.unwrap();
+    // An upload in progress is not a blob.
+    let id = upload_id(20);
+    store.upload_create(&id).await.unwrap();
+    let mut got = store.list().await.unwrap();
+    got.retain(|x| !before.contains(x));
+    got.sort();
+    let mut want = vec![(da.clone(), 6), (db.clone(), 7)];
+    want.sort();
+    assert_eq!(got, want);
+    store.delete(&da).await.unwrap();
+    store.delete(&db).await.unwrap();
+    store.upload_delete(&id).await.unwrap();
+    let mut after = store.list().await.unwrap();
+    let mut before = before;
+    after.sort();
+    before.sort();
+    assert_eq!(after, before);
+}
+
+pub async fn disk_usage(store: &dyn BlobStore) {
+    // A backend may not know; if it does, the numbers must be coherent.
+    if let Some(u) = store.disk_usage().await.unwrap() {
+        assert!(u.total > 0 && u.available <= u.total, "{u:?}");
+        let p = u.used_percent();
+        assert!((0.0..=100.0).contains(&p), "{p}");
+    }
 }

@@ -1,0 +1,204 @@
+//! Garbage collection from the command line (`berth gc`, on a stopped
+//! registry's data directory) and on a schedule inside `berth serve`. Both
+//! run the same `Registry::gc`; see `registry::gc` for how it stays safe
+//! while the registry serves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use registry::{GcOptions, Registry, RegistryConfig};
+use storage::FsBlobStore;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How GC runs; shared by `berth gc` and `berth serve`.
+#[derive(Args, Debug, Clone, Default, PartialEq)]
+pub struct GcTuning {
+    /// Keep anything uploaded, linked or referenced within this many
+    /// seconds: layers arrive before their manifest. [default: 3600]
+    #[arg(long, env = "BERTH_GC_GRACE", value_name = "SECS")]
+    pub gc_grace: Option<u64>,
+
+    /// Remove upload sessions started more than this many seconds ago.
+    /// [default: 86400]
+    #[arg(long, env = "BERTH_GC_UPLOAD_TTL", value_name = "SECS")]
+    pub gc_upload_ttl: Option<u64>,
+
+    /// Projects whose untagged manifests GC removes (comma-separated; `*`
+    /// for all). Manifests that are an index's children, have referrers, or
+    /// are attached to an image as referrers are kept. [default: none]
+    #[arg(long, env = "BERTH_GC_UNTAGGED", value_name = "PROJECTS", value_delimiter = ',')]
+    pub gc_untagged: Vec<String>,
+
+    /// Removals per metadata transaction. [default: 64]
+    #[arg(long, env = "BERTH_GC_BATCH", value_name = "N")]
+    pub gc_batch: Option<usize>,
+
+    /// Pause between batches, in milliseconds, so serving keeps the
+    /// store. [default: 20]
+    #[arg(long, env = "BERTH_GC_PAUSE_MS", value_name = "MS")]
+    pub gc_pause_ms: Option<u64>,
+}
+
+impl GcTuning {
+    /// These flags over `file`'s, over the defaults.
+    pub fn resolve(&self, file: &GcTuning) -> GcOptions {
+        let d = GcOptions::default();
+        let untagged = if self.gc_untagged.is_empty() {
+            file.gc_untagged.clone()
+        } else {
+            self.gc_untagged.clone()
+        };
+        GcOptions {
+            grace: self
+                .gc_grace
+                .or(file.gc_grace)
+                .map(Duration::from_secs)
+                .unwrap_or(d.grace),
+            upload_ttl: self
+                .gc_upload_ttl
+                .or(file.gc_upload_ttl)
+                .map(Duration::from_secs)
+                .unwrap_or(d.upload_ttl),
+            untagged_projects: untagged,
+            dry_run: false,
+            batch: self.gc_batch.or(file.gc_batch).unwrap_or(d.batch),
+            pause: self
+                .gc_pause_ms
+                .or(file.gc_pause_ms)
+                .map(Duration::from_millis)
+                .unwrap_or(d.pause),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub store: crate::accounts::Store,
+    /// A retention rule, `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:protect=GLOB`
+    /// (repeatable; keep-last or pushed-within-days required).
+    #[arg(long = "rule", value_name = "RULE", required = true)]
+    pub rules: Vec<String>,
+    /// Report which tags would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `berth retention`: apply rules once, list the tags deleted.
+pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
+    let rules = args
+        .rules
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
+    let registry = open_offline(args.store.data_dir.clone(), "retention")?;
+    let tags = block_on(registry.retention(&rules, args.dry_run))?.map_err(|e| format!("retention failed: {e}"))?;
+    let verb = if args.dry_run { "would delete" } else { "deleted" };
+    for (repo, tag) in &tags {
+        println!("{verb} {repo}:{tag}");
+    }
+    println!("{verb} {} tags", tags.len());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: crate::accounts::Store,
+    #[command(flatten)]
+    pub tuning: GcTuning,
+    /// Report what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `berth gc`: one run on the data directory, report on stdout.
+pub fn run(args: GcArgs) -> Result<(), BoxError> {
+    let registry = open_offline(args.store.data_dir.clone(), "gc")?;
+    let opts = GcOptions {
+        dry_run: args.dry_run,
+        ..args.tuning.resolve(&GcTuning::default())
+    };
+    let report = block_on(registry.gc(&opts))?.map_err(|e| format!("garbage collection failed: {e}"))?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Runs a future to completion on a small runtime, for the offline commands.
+pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, BoxError> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+/// Opens the registry of a data directory for an offline command (`berth
+/// gc`, `fsck`, `du`). Refuses while berth runs on it.
+pub fn open_offline(dir: Option<std::path::PathBuf>, command: &str) -> Result<Registry, BoxError> {
+    let dir = dir.unwrap_or_else(crate::config::default_data_dir);
+    if !dir.join("meta.redb").exists() {
+        return Err(format!(
+            "{} holds no registry (no meta.redb); pass the data directory of berth serve with --data-dir",
+            dir.display()
+        )
+        .into());
+    }
+    // The database first: its lock says whether berth is running, and
+    // opening the blob store cleans interrupted writes, which must not
+    // happen under a running server.
+    let meta = crate::serve::open_metadata(&dir.join("meta.redb")).map_err(|e| {
+        let hint = if command == "gc" {
+            "A running berth collects garbage itself: see --gc-interval of berth serve".to_string()
+        } else {
+            format!("Stop berth to run berth {command}")
+        };
+        format!("{e}. {hint}")
+    })?;
+    let blobs = block_on(FsBlobStore::open(&dir))?
+        .map_err(|e| format!("cannot open blob storage in {}: {e}", dir.display()))?;
+    Ok(Registry::new(
+        Arc::new(blobs),
+        Arc::new(meta),
+        RegistryConfig::default(),
+    ))
+}
+
+/// Runs GC every `interval` until the process ends. A failed run is logged
+/// and the next one tries again.
+pub async fn schedule(
+    app: Arc<api::App>,
+    interval: Duration,
+    opts: GcOptions,
+    retention: Vec<registry::RetentionRule>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; let the server settle for one interval.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        // Pull times reach the store once per interval, off the request path.
+        if let Err(e) = app.registry.flush_pulls().await {
+            tracing::warn!(error = %e, "could not record tag pull times; they are kept for the next interval");
+        }
+        // Retention first, so the manifests it untags can go in this run.
+        if !retention.is_empty() {
+            match app.registry.retention(&retention, false).await {
+                Ok(tags) => tracing::info!(tags_deleted = tags.len(), "scheduled retention"),
+                Err(e) => tracing::error!(error = %e, "scheduled retention failed; it runs again at the next interval"),
+            }
+        }
+        match app.registry.gc(&opts).await {
+            Ok(report) => tracing::info!(
+                bytes_freed = report.bytes_freed(),
+                objects_freed = report.objects_freed(),
+                "scheduled garbage collection: {report}"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled garbage collection failed; it runs again at the next interval")
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The redb side of garbage collection: the touch table, the snapshot GC
+//! marks from, and the removal transactions that re-check before removing.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use oci::Digest;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use crate::gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
+use crate::redb_store::{be, BLOBS, LINKS, MANIFESTS, REFERRERS, REPOS, TAGS, UPLOADS};
+use crate::{ManifestRecord, Result};
+
+/// digest -> (time, seq) of the last write that committed, linked or
+/// referenced it.
+const TOUCHED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("gc_touched");
+/// Counters: `touch_seq`, the sequence number of the last touch.
+const GC_STATE: TableDefinition<&str, u64> = TableDefinition::new("gc_state");
+const SEQ_KEY: &str = "touch_seq";
+/// (repo, tag) -> time of the last recorded pull, for retention.
+const TAG_PULLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("tag_pulls");
+
+pub(crate) fn create_tables(w: &WriteTransaction) -> Result<()> {
+    w.open_table(TOUCHED).map_err(be)?;
+    w.open_table(GC_STATE).map_err(be)?;
+    w.open_table(TAG_PULLS).map_err(be)?;
+    Ok(())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Records, inside the caller's write transaction, that `digests` were just
+/// committed, linked or referenced. One new sequence number per transaction.
+pub(crate) fn touch<'a>(w: &WriteTransaction, digests: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    let mut state = w.open_table(GC_STATE).map_err(be)?;
+    let seq = state.get(SEQ_KEY).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
+    state.insert(SEQ_KEY, seq).map_err(be)?;
+    let time = now();
+    let mut t = w.open_table(TOUCHED).map_err(be)?;
+    for d in digests {
+        t.insert(d, (time, seq)).map_err(be)?;
+    }
+    Ok(())
+}
+
+fn touch_of(t: &impl ReadableTable<&'static str, (u64, u64)>, digest: &str) -> Result<Option<Touch>> {
+    Ok(t.get(digest).map_err(be)?.map(|v| {
+        let (time, seq) = v.value();
+        Touch { time, seq }
+    }))
+}
+
+fn digest(s: &str) -> Result<Digest> {
+    s.parse().map_err(be)
+}
+
+pub(crate) fn snapshot(db: &Database) -> Result<GcSnapshot> {
+    let r = db.begin_read().map_err(be)?;
+    let mut snap = GcSnapshot {
+        seq: r
+            .open_table(GC_STATE)
+            .map_err(be)?
+            .get(SEQ_KEY)
+            .map_err(be)?
+            .map(|v| v.value())
+            .unwrap_or(0),
+        ..GcSnapshot::default()
+    };
+    for item in r.open_table(BLOBS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        snap.blobs.push((digest(k.value())?, v.value()));
+    }
+    for item in r.open_table(LINKS).map_err(be)?.iter().map_err(be)? {
+        let (k, _) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        snap.links.push((repo.to_string(), digest(d)?));
+    }
+    for item in r.open_table(MANIFESTS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        snap.manifests.push(GcManifest {
+            repo: repo.to_string(),
+            digest: digest(d)?,
+            record: serde_json::from_slice(v.value()).map_err(be)?,
+        });
+    }
+    for item in r.open_table(TAGS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, tag) = k.value();
+        snap.tags.push((repo.to_string(), tag.to_string(), digest(v.value())?));
+    }
+    for item in r.open_table(UPLOADS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        snap.uploads.push((
+            k.value().parse().map_err(be)?,
+            serde_json::from_slice(v.value()).map_err(be)?,
+        ));
+    }
+    for item in r.open_table(TAG_PULLS).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, tag) = k.value();
+        snap.pulls.push((repo.to_string(), tag.to_string(), v.value()));
+    }
+    for item in r.open_table(TOUCHED).map_err(be)?.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (time, seq) = v.value();
+        snap.touched.push((digest(k.value())?, Touch { time, seq }));
+    }
+    Ok(snap)
+}
+
+pub(crate) fn record_pulls(db: &Database, pulls: &[(String, String, u64)]) -> Result<()> {
+    let w = db.begin_write().map_err(be)?;
+    {
+        let mut t = w.open_table(TAG_PULLS).map_err(be)?;
+        for (repo, tag, time) in pulls {
+            let key = (repo.as_str(), tag.as_str());
+            let old = t.get(key).map_err(be)?.map(|v| v.value()).unwrap_or(0);
+            if *time > old {
+                t.insert(key, *time).map_err(be)?;
+            }
+        }
+    }
+    w.commit().map_err(be)
+}
+
+pub(crate) fn sweep_blobs(db: &Database, candidates: &[Digest], guard: SweepGuard) -> Result<Vec<SweptBlob>> {
+    let w = db.begin_write().map_err(be)?;
+    let mut swept = Vec::new();
+    {
+        let mut touched = w.open_table(TOUCHED).map_err(be)?;
+        let mut blobs = w.open_table(BLOBS).map_err(be)?;
+        for d in candidates {
+            // The proof that the blob is still unreferenced: every write
+            // that references a blob touches it, so an untouched blob is
+            // as unreferenced as it was in the snapshot.
+            if !guard.allows(touch_of(&touched, d.as_str())?) {
+                continue;
+            }
+            let size = blobs.remove(d.as_str()).map_err(be)?.map(|v| v.value());
+            touched.remove(d.as_str()).map_err(be)?;
+            swept.push(SweptBlob {
+                digest: d.clone(),
+                size,
+                links: 0,
+            });
+        }
+        if swept.is_empty() {
+            return Ok(swept);
+        }
+        // Links are keyed by repository first; one scan per batch finds the
+        // links of every swept blob.
+        let index: HashMap<String, usize> = swept
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.digest.to_string(), i))
+            .collect();
+        let mut links = w.open_table(LINKS).map_err(be)?;
+        let mut doomed = Vec::new();
+        for item in links.iter().map_err(be)? {
+            let (k, _) = item.map_err(be)?;
+            let (repo, d) = k.value();
+            if let Some(&i) = index.get(d) {
+                doomed.push((repo.to_string(), d.to_string(), i));
+            }
+        }
+        for (repo, d, i) in doomed {
+            links.remove((repo.as_str(), d.as_str())).map_err(be)?;
+            swept[i].links += 1;
+        }
+    }
+    w.commit().map_err(be)?;
+    Ok(swept)
+}
+
+pub(crate) fn sweep_manifest(db: &Database, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>> {
+    let (repo, d) = (m.repo.as_str(), m.digest.as_str());
+    let w = db.begin_write().map_err(be)?;
+    let size = {
+        let touched = w.open_table(TOUCHED).map_err(be)?;
+        if !guard.allows(touch_of(&touched, d)?) {
+            return Ok(None);
+        }
+        let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
+        let record: ManifestRecord = match manifests.get((repo, d)).map_err(be)? {
+            Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
+            None => return Ok(None),
+        };
+        let tags = w.open_table(TAGS).map_err(be)?;
+        for item in tags.range((repo, "")..).map_err(be)? {
+            let (k, v) = item.map_err(be)?;
+            if k.value().0 != repo {
+                break;
+            }
+            if v.value() == d {
+                return Ok(None);
+            }
+        }
+        let mut referrers = w.open_table(REFERRERS).map_err(be)?;
+        if let Some(item) = referrers.range((repo, d, "")..).map_err(be)?.next() {
+            let (k, _) = item.map_err(be)?;
+            let (r, s, _) = k.value();
+            if r == repo && s == d {
+                return Ok(None);
+            }
+        }
+        for item in manifests.range((repo, "")..).map_err(be)? {
+            let (k, v) = item.map_err(be)?;
+            if k.value().0 != repo {
+                break;
+            }
+            let other: ManifestRecord = serde_json::from_slice(v.value()).map_err(be)?;
+            if other.children.iter().any(|c| c == d) {
+                return Ok(None);
+            }
+        }
+        manifests.remove((repo, d)).map_err(be)?;
+        let mut repos = w.open_table(REPOS).map_err(be)?;
+        let n = repos.get(repo).map_err(be)?.map(|v| v.value()).unwrap_or(1);
+        if n <= 1 {
+            repos.remove(repo).map_err(be)?;
+        } else {
+            repos.insert(repo, n - 1).map_err(be)?;
+        }
+        if let Some(subject) = &record.subject {
+            referrers.remove((repo, subject.as_str(), d)).map_err(be)?;
+        }
+        record.size
+    };
+    w.commit().map_err(be)?;
+    Ok(Some(size))
+}
+
+/// Every digest project `project` holds (links and manifests of its
+/// repositories: `project` itself and `project/...`) with its size.
+pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<String, u64>> {
+    let r = db.begin_read().map_err(be)?;
+    let prefix = format!("{project}/");
+    // Keys are ordered by repository; every repository of the project sorts
+    // from `project` up to `project/\u{10ffff}`, with other names between
+    // (`project-x`) filtered out.
+    let end = format!("{project}0");
+    let mine = |repo: &str| repo == project || repo.starts_with(&prefix);
+    let mut items = HashMap::new();
+    let links = r.open_table(LINKS).map_err(be)?;
+    for item in links.range((project, "")..(end.as_str(), "")).map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        if mine(repo) {
+            items.insert(d.to_string(), v.value());
+        }
+    }
+    let manifests = r.open_table(MANIFESTS).map_err(be)?;
+    for item in manifests.range((project, "")..(end.as_str(), "")).map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        if mine(repo) {
+            let rec: ManifestRecord = serde_json::from_slice(v.value()).map_err(be)?;
+            items.insert(d.to_string(), rec.size);
+        }
+    }
+    Ok(items)
+}

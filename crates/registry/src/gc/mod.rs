@@ -1,0 +1,217 @@
+//! Online garbage collection: it runs while the registry serves.
+//!
+//! One run has three phases, each marking from a fresh metadata snapshot:
+//! 1. upload sessions started longer ago than `upload_ttl` are removed;
+//! 2. in the projects that opted in, untagged manifests are removed (see
+//!    `mark::untagged_manifests` for what is kept);
+//! 3. blobs and blob-store files that no manifest references are removed,
+//!    with their links.
+//!
+//! Why it is safe against concurrent pushes:
+//! - the grace window: anything committed, linked or referenced within
+//!   `grace` is never a candidate (layers arrive before their manifest);
+//! - every removal is a metadata transaction that re-checks the digest's
+//!   touch (`metadata::SweepGuard`), so a push that referenced it after the
+//!   snapshot wins;
+//! - bytes are deleted while holding the registry's GC fence for writing; a
+//!   push holds it for reading from writing its bytes until its metadata
+//!   commit, so the sweep never deletes bytes a push has written but not yet
+//!   recorded.
+//!
+//! It is throttled: removals go in small batches with a pause between them,
+//! so serving keeps the store's single writer most of the time.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use metadata::{ManifestSweep, SweepGuard};
+use oci::Digest;
+
+use crate::{now, Registry, Result};
+
+pub mod mark;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GcOptions {
+    /// Anything committed, linked or referenced within this window is kept.
+    pub grace: Duration,
+    /// Upload sessions started longer ago than this are abandoned.
+    pub upload_ttl: Duration,
+    /// Projects whose untagged manifests are removed; `*` means every project.
+    pub untagged_projects: Vec<String>,
+    /// Report what would be removed, remove nothing.
+    pub dry_run: bool,
+    /// Removals per metadata transaction.
+    pub batch: usize,
+    /// Pause between batches, to leave the store to serving.
+    pub pause: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            grace: Duration::from_secs(3600),
+            upload_ttl: Duration::from_secs(24 * 3600),
+            untagged_projects: Vec::new(),
+            dry_run: false,
+            batch: 64,
+            pause: Duration::from_millis(20),
+        }
+    }
+}
+
+impl GcOptions {
+    fn prunes(&self, project: &str) -> bool {
+        self.untagged_projects.iter().any(|p| p == "*" || p == project)
+    }
+}
+
+/// What a run removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    pub manifests: u64,
+    /// Blob-store objects: layers, configs, and the bytes of removed manifests.
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Repository links removed with their blobs.
+    pub links: u64,
+}
+
+impl GcReport {
+    pub fn bytes_freed(&self) -> u64 {
+        self.upload_bytes + self.blob_bytes
+    }
+
+    pub fn objects_freed(&self) -> u64 {
+        self.uploads + self.manifests + self.blobs
+    }
+}
+
+impl std::fmt::Display for GcReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.dry_run { "would free" } else { "freed" };
+        write!(
+            f,
+            "{verb} {} bytes in {} objects: {} blobs ({} bytes, {} links), {} untagged manifests, {} abandoned uploads ({} bytes)",
+            self.bytes_freed(),
+            self.objects_freed(),
+            self.blobs,
+            self.blob_bytes,
+            self.links,
+            self.manifests,
+            self.uploads,
+            self.upload_bytes
+        )
+    }
+}
+
+impl Registry {
+    /// One garbage collection run. Safe while the registry serves.
+    pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        let batch = opts.batch.max(1);
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..GcReport::default()
+        };
+        let start = now();
+        let cutoff = start.saturating_sub(opts.grace.as_secs());
+
+        // 1. Abandoned uploads.
+        let snap = self.meta.gc_snapshot().await?;
+        let abandoned = mark::abandoned_uploads(&snap, start.saturating_sub(opts.upload_ttl.as_secs()));
+        for chunk in abandoned.chunks(batch) {
+            for id in chunk {
+                let freed = if opts.dry_run {
+                    self.blobs.upload_size(id).await?
+                } else {
+                    self.upload_expire(id).await?
+                };
+                if let Some(bytes) = freed {
+                    report.uploads += 1;
+                    report.upload_bytes += bytes;
+                }
+            }
+            self.gc_pause(opts).await;
+        }
+
+        // 2. Untagged manifests.
+        let untagged = if opts.untagged_projects.is_empty() {
+            Vec::new()
+        } else {
+            mark::untagged_manifests(&snap, |p| opts.prunes(p), cutoff)
+        };
+        let guard = SweepGuard { seq: snap.seq, cutoff };
+        if opts.dry_run {
+            report.manifests = untagged.len() as u64;
+            let removed: HashSet<_> = untagged
+                .iter()
+                .map(|m| (m.repo.to_string(), m.digest.clone()))
+                .collect();
+            let stored = self.blobs.list().await?;
+            for (_, size) in mark::unreferenced_blobs(&snap, &removed, &stored, cutoff) {
+                report.blobs += 1;
+                report.blob_bytes += size;
+            }
+            return Ok(report);
+        }
+        for chunk in untagged.chunks(batch) {
+            report.manifests += self.sweep_manifests(chunk, guard).await?;
+            self.gc_pause(opts).await;
+        }
+
+        // 3. Unreferenced blobs, marked from a snapshot taken after phase 2.
+        let snap = self.meta.gc_snapshot().await?;
+        let stored = self.blobs.list().await?;
+        let guard = SweepGuard { seq: snap.seq, cutoff };
+        let candidates = mark::unreferenced_blobs(&snap, &HashSet::new(), &stored, cutoff);
+        for chunk in candidates.chunks(batch) {
+            let digests: Vec<Digest> = chunk.iter().map(|(d, _)| d.clone()).collect();
+            let fence = self.gc_fence.write().await;
+            let swept = self.meta.sweep_blobs(&digests, guard).await?;
+            for s in &swept {
+                // The metadata no longer knows the blob; deleting the bytes
+                // cannot break a reader. A failure leaves an orphan file that
+                // the next run removes.
+                if let Err(e) = self.blobs.delete(&s.digest).await {
+                    tracing::warn!(digest = %s.digest, error = %e, "could not delete an unreferenced blob; the next GC run retries");
+                    continue;
+                }
+                let size = chunk.iter().find(|(d, _)| *d == s.digest).map(|(_, n)| *n);
+                report.blobs += 1;
+                report.blob_bytes += size.or(s.size).unwrap_or(0);
+                report.links += s.links as u64;
+            }
+            drop(fence);
+            self.gc_pause(opts).await;
+        }
+        tracing::info!(%report, "garbage collection finished");
+        Ok(report)
+    }
+
+    async fn sweep_manifests(&self, chunk: &[ManifestSweep], guard: SweepGuard) -> Result<u64> {
+        let mut n = 0;
+        for m in chunk {
+            if self.meta.sweep_manifest(m, guard).await?.is_some() {
+                // A cached copy must not outlive the manifest.
+                self.cache.invalidate(&m.repo);
+                tracing::debug!(repo = %m.repo, digest = %m.digest, "removed an untagged manifest");
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn gc_pause(&self, opts: &GcOptions) {
+        if opts.pause.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(opts.pause).await;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
