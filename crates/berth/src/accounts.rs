@@ -95,6 +95,9 @@ pub enum ProjectCmd {
     },
     /// List a project's members.
     Members { project: String },
+    /// Storage a project uses, as its quota counts it: each blob and manifest
+    /// once, however many of its repositories share it.
+    Usage { project: String },
     /// Delete a project's access rules (its repositories stay).
     Delete { name: String },
     /// List projects.
@@ -224,6 +227,11 @@ pub fn project(store: Store, cmd: ProjectCmd) -> Result<(), BoxError> {
                 admin::set_member(&db, &project, &user, r).await?;
                 store.audit("member_set", &format!("{project}/{user}"), &role);
                 println!("{user} in {project}: {role}");
+            }
+            ProjectCmd::Usage { project } => {
+                use metadata::MetadataStore;
+                let bytes = db.project_usage(&project).await?;
+                println!("{project}\t{bytes} bytes");
             }
             ProjectCmd::Members { project } => {
                 for (u, r) in admin::list_members(&db, &project).await? {

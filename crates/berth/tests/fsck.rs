@@ -42,6 +42,11 @@ async fn du_counts_shared_layers_and_fsck_finds_and_repairs_damage() {
         "{out}"
     );
 
+    // `berth project usage` counts the project's shared content once, as quotas do.
+    let (ok, out, err) = berth(s.data(), &["project", "usage", "lib"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("lib\t{} bytes", per_repo + manifest_len(&m, &s)));
+
     let (ok, out, err) = berth(s.data(), &["fsck"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("checked 3 blobs") && out.contains(": 0 problems"), "{out}");
