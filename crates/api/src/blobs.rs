@@ -8,11 +8,7 @@ use registry::Registry;
 
 use crate::error::{ApiError, ApiResult};
 use crate::request::{body_stream, byte_range, chunk_range, content_length, Query};
-use crate::Ctx;
-
-fn hv(s: impl AsRef<str>) -> HeaderValue {
-    HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
+use crate::{hv, Ctx};
 
 pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMap, with_body: bool) -> ApiResult {
     let blob = reg.blob_open(name, d).await?;

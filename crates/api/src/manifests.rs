@@ -7,11 +7,7 @@ use oci::{ErrorCode, Reference, RepoName, Tag};
 
 use crate::error::{ApiError, ApiResult};
 use crate::request::Query;
-use crate::Ctx;
-
-fn hv(s: impl AsRef<str>) -> HeaderValue {
-    HeaderValue::from_str(s.as_ref()).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
+use crate::{hv, Ctx};
 
 pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
     let m = ctx.reg().manifest_get(name, r, with_body).await?;

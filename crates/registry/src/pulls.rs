@@ -12,28 +12,42 @@ use oci::{Reference, RepoName};
 
 use crate::{now, Registry, Result};
 
+/// repo -> tag -> last pull (seconds). Nested so that noting a pull of a tag
+/// already in the map looks it up by `&str` and allocates nothing: this runs
+/// on every manifest GET and HEAD.
+type Pending = HashMap<String, HashMap<String, u64>>;
+
 #[derive(Default)]
 pub(crate) struct PullLog {
-    pending: Mutex<HashMap<(String, String), u64>>,
+    pending: Mutex<Pending>,
 }
 
 impl PullLog {
     pub(crate) fn note(&self, repo: &RepoName, reference: &Reference) {
         if let Reference::Tag(t) = reference {
+            let t_now = now();
             let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            m.insert((repo.to_string(), t.to_string()), now());
+            match m.get_mut(repo.as_str()).and_then(|tags| tags.get_mut(t.as_str())) {
+                Some(last) => *last = t_now,
+                None => {
+                    m.entry(repo.to_string()).or_default().insert(t.to_string(), t_now);
+                }
+            }
         }
     }
 
-    fn take(&self) -> HashMap<(String, String), u64> {
+    fn take(&self) -> Pending {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn put_back(&self, pulls: HashMap<(String, String), u64>) {
+    fn put_back(&self, pulls: Pending) {
         let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, t) in pulls {
-            let e = m.entry(k).or_insert(t);
-            *e = (*e).max(t);
+        for (repo, tags) in pulls {
+            let entry = m.entry(repo).or_default();
+            for (tag, t) in tags {
+                let e = entry.entry(tag).or_insert(t);
+                *e = (*e).max(t);
+            }
         }
     }
 }
@@ -47,7 +61,7 @@ impl Registry {
         }
         let batch: Vec<(String, String, u64)> = pending
             .iter()
-            .map(|((r, t), time)| (r.clone(), t.clone(), *time))
+            .flat_map(|(r, tags)| tags.iter().map(move |(t, time)| (r.clone(), t.clone(), *time)))
             .collect();
         if let Err(e) = self.meta.record_pulls(&batch).await {
             // Keep them for the next flush.
