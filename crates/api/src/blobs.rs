@@ -13,9 +13,23 @@ use crate::{hv, Ctx};
 pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMap, with_body: bool) -> ApiResult {
     let blob = reg.blob_open(name, d).await?;
     let size = blob.size;
-    let range = byte_range(headers, size)?;
+    send(d, Some(size), headers, with_body, |range| blob.read(range)).await
+}
+
+/// The response for a blob GET or HEAD of `size` bytes (unknown only for a
+/// blob still arriving from an upstream without a length: then `Range` is
+/// ignored). `read` opens the bytes of a range, or all of them.
+pub async fn send<F, Fut>(d: &Digest, size: Option<u64>, headers: &HeaderMap, with_body: bool, read: F) -> ApiResult
+where
+    F: FnOnce(Option<std::ops::Range<u64>>) -> Fut,
+    Fut: std::future::Future<Output = registry::Result<storage::ByteStream>>,
+{
+    let range = match size {
+        Some(size) => byte_range(headers, size)?,
+        None => None,
+    };
     let mut resp = if with_body {
-        Response::new(Body::from_stream(blob.read(range.clone()).await?))
+        Response::new(Body::from_stream(read(range.clone()).await?))
     } else {
         Response::new(Body::empty())
     };
@@ -27,8 +41,8 @@ pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMa
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert("docker-content-digest", hv(d.as_str()));
     h.insert(header::ETAG, hv(format!("\"{d}\"")));
-    match range {
-        Some(r) => {
+    match (range, size) {
+        (Some(r), Some(size)) => {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
             let h = resp.headers_mut();
             h.insert(header::CONTENT_LENGTH, hv((r.end - r.start).to_string()));
@@ -37,9 +51,10 @@ pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMa
                 hv(format!("bytes {}-{}/{size}", r.start, r.end - 1)),
             );
         }
-        None => {
+        (_, Some(size)) => {
             resp.headers_mut().insert(header::CONTENT_LENGTH, hv(size.to_string()));
         }
+        (_, None) => {}
     }
     Ok(resp)
 }

@@ -23,6 +23,7 @@ pub mod error;
 mod lists;
 mod manifests;
 pub mod ops;
+mod proxied;
 pub mod request;
 pub mod route;
 pub mod telemetry;
@@ -35,7 +36,9 @@ use route::Route;
 
 /// Everything a request handler can reach.
 pub struct App {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// The pull-through cache; `None` when no upstream is configured.
+    pub proxy: Option<Arc<proxy::Proxy>>,
     /// `None` when access control is off.
     pub auth: Option<Auth>,
     /// A request body that sends nothing for this long fails.
@@ -43,9 +46,10 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(registry: Registry, auth: Option<Auth>) -> App {
+    pub fn new(registry: Arc<Registry>, auth: Option<Auth>) -> App {
         App {
             registry,
+            proxy: None,
             auth,
             body_idle_timeout: std::time::Duration::from_secs(60),
         }
@@ -195,11 +199,14 @@ async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult 
     let client = connect_addr(&req);
     let (parts, body) = req.into_parts();
     let rest = parts.uri.path().strip_prefix("/v2/").unwrap_or("");
-    let route = match route::parse(rest) {
+    let mut route = match route::parse(rest) {
         None => return Err(not_found().await),
         Some(r) => r?,
     };
     let q = Query::parse(parts.uri.query());
+    if let Some(proxy) = app.proxy.as_deref() {
+        proxied::rewrite_ns(proxy, &mut route, q.get("ns"));
+    }
     let h = &parts.headers;
     let m = &parts.method;
     let caller = access::authenticate(app.auth.as_ref(), h, &client).await?;
@@ -220,6 +227,20 @@ async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult 
 }
 
 async fn handle(ctx: &Ctx<'_>, route: Route, m: &Method, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+    let Some(proxy) = ctx.app.proxy.as_deref() else {
+        return handle_local(ctx, route, m, q, h, body).await;
+    };
+    if let Some(r) = proxied::intercept(ctx, proxy, &route, m, h).await {
+        return r;
+    }
+    let mirror = proxied::mirror_route(proxy, &route, m);
+    match (handle_local(ctx, route, m, q, h, body).await, mirror) {
+        (Err(e), Some(route)) if proxied::is_miss(e.error.code) => proxied::via_mirror(ctx, proxy, route, m, h).await,
+        (r, _) => r,
+    }
+}
+
+async fn handle_local(ctx: &Ctx<'_>, route: Route, m: &Method, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     match route {
         Route::Catalog if m == Method::GET => lists::catalog(ctx, q).await,
         Route::Tags(name) if m == Method::GET => lists::tags(ctx.reg(), &name, q).await,

@@ -11,6 +11,11 @@ use crate::{hv, Ctx};
 
 pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
     let m = ctx.reg().manifest_get(name, r, with_body).await?;
+    Ok(send(ctx, name, r, m, with_body))
+}
+
+/// The response for a manifest GET or HEAD (local or from the cache).
+pub fn send(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, m: registry::ManifestBody, with_body: bool) -> Response {
     if with_body {
         ctx.audit("pull", &resource(name, r), "ok", m.digest.as_str());
     }
@@ -21,7 +26,7 @@ pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool)
     h.insert(header::CONTENT_LENGTH, hv(m.size.to_string()));
     h.insert("docker-content-digest", hv(m.digest.as_str()));
     h.insert(header::ETAG, hv(format!("\"{}\"", m.digest)));
-    Ok(resp)
+    resp
 }
 
 /// `repo:tag` or `repo@digest`, for the audit log.

@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// and optionally `types` (push, pull, delete, mount, tag), `repositories`
     /// (patterns with `*` and `?`), `headers`, `timeout` ("5s"),
     /// `max_attempts` (12), `backoff_initial` ("1s"), `backoff_max` ("5m").
+    /// Pull-through cache upstreams are `[[upstreams]]` tables, only in the
+    /// file: `name`, `url`, and optionally `project`, `namespace`, `mirror`,
+    /// `username`, `password`/`password_file`, `ca_file`, `ttl` ("72h"),
+    /// `max_size` ("500G"), `revalidate` ("60s"), `stale_for` ("24h"),
+    /// `rate` (10), `concurrency` (10), `queue` (100); see the README.
     #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -208,6 +213,9 @@ struct FileConfig {
     /// sensible flag form).
     #[serde(default)]
     webhooks: Vec<EndpointConfig>,
+    /// Pull-through cache upstreams: only in the file, like webhooks.
+    #[serde(default)]
+    upstreams: Vec<proxy::UpstreamConfig>,
     gc_interval: Option<u64>,
     gc_grace: Option<u64>,
     gc_upload_ttl: Option<u64>,
@@ -251,6 +259,7 @@ pub struct ServeConfig {
     pub drain_delay: Duration,
     pub event_source: String,
     pub webhooks: Vec<Endpoint>,
+    pub upstreams: Vec<proxy::Upstream>,
     /// Seconds between GC runs; 0 = off.
     pub gc_interval: u64,
     pub gc: registry::GcOptions,
@@ -293,24 +302,11 @@ fn read_file(path: &Path) -> Result<FileConfig, String> {
 fn parse_quota(s: &str) -> Result<(String, u64), String> {
     let bad = || format!("quota {s:?} is not PROJECT=SIZE; write e.g. team=50G or team=1000000");
     let (project, size) = s.split_once('=').ok_or_else(bad)?;
-    let (project, size) = (project.trim(), size.trim());
-    let (digits, unit) = match size.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => size.split_at(i),
-        None => (size, ""),
-    };
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let project = project.trim();
     if project.is_empty() {
         return Err(bad());
     }
-    let bytes = n.checked_mul(1 << shift).ok_or_else(bad)?;
+    let bytes = observe::size::parse_size(size).map_err(|_| bad())?;
     Ok((project.to_string(), bytes))
 }
 
@@ -418,6 +414,7 @@ impl ServeArgs {
                 .or(file.event_source)
                 .unwrap_or_else(|| format!("/berth/{}", hostname())),
             webhooks: events::validate_all(&file.webhooks)?,
+            upstreams: proxy::validate_all(&file.upstreams)?,
             gc_interval: self.gc_interval.or(file.gc_interval).unwrap_or(3600),
             gc: self.gc.resolve(&crate::gc::GcTuning {
                 gc_grace: file.gc_grace,

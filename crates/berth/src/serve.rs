@@ -104,8 +104,18 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
     } else {
         None
     };
-    let mut app = api::App::new(registry, auth);
+    let registry = Arc::new(registry);
+    let mut app = api::App::new(registry.clone(), auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
+    if !cfg.upstreams.is_empty() {
+        let proxy = Arc::new(proxy::Proxy::new(registry, &cfg.upstreams, &metrics)?);
+        for u in &cfg.upstreams {
+            tracing::info!(upstream = %u.name, url = %u.url, project = %u.project, namespace = %u.namespace,
+                mirror = u.mirror, "pull-through cache");
+        }
+        tokio::spawn(proxy::run_eviction(proxy.clone(), cfg.gc.clone()));
+        app.proxy = Some(proxy);
+    }
     let app = Arc::new(app);
     if cfg.gc_interval > 0 {
         tokio::spawn(crate::gc::schedule(

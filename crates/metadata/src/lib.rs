@@ -60,6 +60,10 @@ pub struct ManifestRecord {
     pub children: Vec<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// The upstream a pull-through cache fetched it from. Its blobs arrive
+    /// only when a client asks for them, so missing ones are expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<String>,
 }
 
 /// A manifest to store, with what must already be present for it.

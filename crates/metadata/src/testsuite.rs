@@ -25,6 +25,7 @@ fn record(blobs: &[&Digest], subject: Option<&Digest>) -> ManifestRecord {
         blobs: blobs.iter().map(|d| d.to_string()).collect(),
         children: vec![],
         created: 1,
+        cached_from: None,
     }
 }
 

@@ -7,6 +7,8 @@ pub mod disk;
 pub mod health;
 pub mod metrics;
 mod process;
+pub mod proxy_metrics;
+pub mod size;
 pub mod time;
 
 pub use health::{Checks, Health, HealthConfig, NotReady};

@@ -309,6 +309,7 @@ pub struct Metrics {
     events_pending: Family<EndpointLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     pub recorder: Arc<EventRecorderCounters>,
+    pub proxy: crate::proxy_metrics::ProxyMetrics,
 }
 
 /// Creates one counter per route kind, registered as one family.
@@ -462,6 +463,7 @@ impl Metrics {
             }),
         );
         r.register_collector(Box::new(ProcessCollector));
+        let proxy = crate::proxy_metrics::ProxyMetrics::register(&mut r);
         Metrics {
             registry: r,
             requests,
@@ -483,6 +485,7 @@ impl Metrics {
             events_pending,
             deliveries,
             recorder,
+            proxy,
         }
     }
 

@@ -173,7 +173,9 @@ impl Registry {
                     digest: m.digest.clone(),
                 });
             }
-            for b in &m.record.blobs {
+            // A cached manifest's blobs arrive only when a client asks.
+            let lazy = m.record.cached_from.is_some();
+            for b in m.record.blobs.iter().filter(|_| !lazy) {
                 let readable = links.contains(&(m.repo.as_str(), b.as_str()))
                     && b.parse::<Digest>().is_ok_and(|d| good.contains(&d));
                 if !readable {

@@ -25,6 +25,7 @@ pub mod gc;
 pub mod immutable;
 pub mod listing;
 pub mod manifests;
+pub mod proxied;
 mod pulls;
 pub mod quota;
 pub mod retention;

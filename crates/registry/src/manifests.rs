@@ -106,6 +106,66 @@ impl Registry {
     }
 }
 
+/// A parsed manifest and what the store records of it.
+pub(crate) struct Described {
+    pub manifest: Manifest,
+    pub record: ManifestRecord,
+    pub required_blobs: Vec<Digest>,
+    pub children: Vec<Digest>,
+    pub subject: Option<Digest>,
+}
+
+pub(crate) fn describe(body: &Bytes, content_type: Option<&str>) -> Result<Described> {
+    let manifest = Manifest::parse(body, content_type)?;
+    let required_blobs: Vec<Digest> = manifest.required_blobs().map(|d| d.digest.clone()).collect();
+    let children: Vec<Digest> = manifest.manifests.iter().map(|d| d.digest.clone()).collect();
+    let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
+    let record = ManifestRecord {
+        media_type: manifest.media_type.clone(),
+        size: body.len() as u64,
+        artifact_type: manifest.effective_artifact_type(),
+        subject: subject.as_ref().map(|d| d.to_string()),
+        annotations: manifest.annotations.clone(),
+        blobs: required_blobs.iter().map(|d| d.to_string()).collect(),
+        children: children.iter().map(|d| d.to_string()).collect(),
+        created: now(),
+        cached_from: None,
+    };
+    Ok(Described {
+        manifest,
+        record,
+        required_blobs,
+        children,
+        subject,
+    })
+}
+
+impl Registry {
+    /// Checks a manifest body's size and, for a push by digest, its digest.
+    /// Returns its digest.
+    pub(crate) fn check_manifest_body(&self, body: &Bytes, reference: &Reference) -> Result<Digest> {
+        if body.len() > self.config.max_manifest_size {
+            return Err(RegistryError::new(
+                ErrorCode::SizeTooLarge,
+                format!(
+                    "manifest is {} bytes; the limit is {} bytes",
+                    body.len(),
+                    self.config.max_manifest_size
+                ),
+            ));
+        }
+        match reference {
+            Reference::Digest(d) if !d.verify(body) => Err(RegistryError::new(
+                ErrorCode::DigestInvalid,
+                "manifest content does not match the digest in the URL",
+            )
+            .with_detail(d.to_string())),
+            Reference::Digest(d) => Ok(d.clone()),
+            Reference::Tag(_) => Ok(Digest::sha256(body)),
+        }
+    }
+}
+
 fn manifest_unknown(reference: &Reference) -> RegistryError {
     RegistryError::new(ErrorCode::ManifestUnknown, "manifest unknown").with_detail(reference.to_string())
 }
@@ -121,52 +181,19 @@ impl Registry {
         body: Bytes,
         tags: Vec<Tag>,
     ) -> Result<PutManifest> {
-        if body.len() > self.config.max_manifest_size {
-            return Err(RegistryError::new(
-                ErrorCode::SizeTooLarge,
-                format!(
-                    "manifest is {} bytes; the limit is {} bytes",
-                    body.len(),
-                    self.config.max_manifest_size
-                ),
-            ));
-        }
-        let digest = match reference {
-            Reference::Digest(d) => {
-                if !d.verify(&body) {
-                    return Err(RegistryError::new(
-                        ErrorCode::DigestInvalid,
-                        "manifest content does not match the digest in the URL",
-                    )
-                    .with_detail(d.to_string()));
-                }
-                d.clone()
-            }
-            Reference::Tag(_) => Digest::sha256(&body),
-        };
-        let manifest = Manifest::parse(&body, content_type)?;
+        let digest = self.check_manifest_body(&body, reference)?;
         let mut all_tags = tags;
         if let Reference::Tag(t) = reference {
             all_tags.push(t.clone());
         }
-        let required_blobs: Vec<Digest> = manifest.required_blobs().map(|d| d.digest.clone()).collect();
-        let children: Vec<Digest> = manifest.manifests.iter().map(|d| d.digest.clone()).collect();
-        let required_manifests = if self.config.sparse_index {
-            vec![]
-        } else {
-            children.clone()
-        };
-        let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
-        let record = ManifestRecord {
-            media_type: manifest.media_type.clone(),
-            size: body.len() as u64,
-            artifact_type: manifest.effective_artifact_type(),
-            subject: subject.as_ref().map(|d| d.to_string()),
-            annotations: manifest.annotations.clone(),
-            blobs: required_blobs.iter().map(|d| d.to_string()).collect(),
-            children: children.iter().map(|d| d.to_string()).collect(),
-            created: now(),
-        };
+        let Described {
+            manifest,
+            record,
+            required_blobs,
+            children,
+            subject,
+        } = describe(&body, content_type)?;
+        let required_manifests = if self.config.sparse_index { vec![] } else { children };
         let event_tags = if self.events.is_some() {
             all_tags.clone()
         } else {

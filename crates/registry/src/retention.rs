@@ -258,6 +258,7 @@ mod tests {
                 blobs: vec![],
                 children: vec![],
                 created,
+                cached_from: None,
             },
         };
         let snap = GcSnapshot {

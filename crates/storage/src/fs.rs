@@ -231,6 +231,12 @@ impl BlobStore for FsBlobStore {
         Ok(Box::pin(ReaderStream::with_capacity(f, READ_BUF)))
     }
 
+    async fn upload_read_at(&self, id: &UploadId, offset: u64) -> Result<ByteStream> {
+        let mut f = File::open(self.upload_path(id)).await.map_err(io_to_storage)?;
+        f.seek(io::SeekFrom::Start(offset)).await?;
+        Ok(Box::pin(ReaderStream::with_capacity(f, READ_BUF)))
+    }
+
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64> {
         let path = self.upload_path(id);
         let f = File::open(&path).await.map_err(io_to_storage)?;

@@ -67,6 +67,31 @@ pub trait BlobStore: Send + Sync + 'static {
     /// (a restart, or another node continuing the upload).
     async fn upload_read(&self, id: &UploadId) -> Result<ByteStream>;
 
+    /// Reads an upload from byte `offset` to its current end, while it may
+    /// still grow: the pull-through cache streams a blob to waiting clients
+    /// as it arrives. This default skips the prefix; backends that can seek
+    /// should.
+    async fn upload_read_at(&self, id: &UploadId, offset: u64) -> Result<ByteStream> {
+        use futures_util::StreamExt;
+        let mut skip = offset;
+        let stream = self.upload_read(id).await?.filter_map(move |chunk| {
+            let out = match chunk {
+                Ok(b) if skip >= b.len() as u64 => {
+                    skip -= b.len() as u64;
+                    None
+                }
+                Ok(b) => {
+                    let b = b.slice(skip as usize..);
+                    skip = 0;
+                    Some(Ok(b))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        });
+        Ok(Box::pin(stream))
+    }
+
     /// Makes the upload durable and visible as blob `digest`, which the
     /// caller has verified, and removes the upload. Returns the blob size.
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64>;

@@ -28,6 +28,7 @@ pub async fn run_all(store: &dyn BlobStore) {
     put_get_stat_delete(store).await;
     ranged_reads(store).await;
     upload_lifecycle(store).await;
+    upload_read_while_growing(store).await;
     missing_things(store).await;
     listing(store).await;
     disk_usage(store).await;
@@ -88,6 +89,23 @@ pub async fn upload_lifecycle(store: &dyn BlobStore) {
     assert_eq!(store.upload_size(&id3).await.unwrap(), None);
     store.upload_delete(&id3).await.unwrap();
     store.delete(&d).await.unwrap();
+}
+
+/// The pull-through cache streams an upload to clients while it grows.
+pub async fn upload_read_while_growing(store: &dyn BlobStore) {
+    let id = upload_id(7);
+    store.upload_create(&id).await.unwrap();
+    store.upload_append(&id, chunks(&[b"abc", b"def"])).await.unwrap();
+    assert_eq!(collect(store.upload_read_at(&id, 4).await.unwrap()).await, b"ef");
+    assert_eq!(collect(store.upload_read_at(&id, 6).await.unwrap()).await, b"");
+    store.upload_append(&id, chunks(&[b"ghi"])).await.unwrap();
+    assert_eq!(collect(store.upload_read_at(&id, 5).await.unwrap()).await, b"fghi");
+    assert_eq!(collect(store.upload_read_at(&id, 0).await.unwrap()).await, b"abcdefghi");
+    store.upload_delete(&id).await.unwrap();
+    assert!(matches!(
+        store.upload_read_at(&id, 0).await,
+        Err(StorageError::NotFound)
+    ));
 }
 
 pub async fn missing_things(store: &dyn BlobStore) {

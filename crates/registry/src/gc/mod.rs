@@ -163,10 +163,36 @@ impl Registry {
         }
 
         // 3. Unreferenced blobs, marked from a snapshot taken after phase 2.
+        self.sweep_blobs(None, opts, cutoff, &mut report).await?;
+        tracing::info!(%report, "garbage collection finished");
+        Ok(report)
+    }
+
+    /// Phase 3 alone, limited to `only`: frees the bytes of blobs the
+    /// pull-through cache evicted, once nothing references them and the
+    /// grace window has passed (a push may be about to reference them).
+    pub async fn gc_blobs(&self, only: &HashSet<Digest>, opts: &GcOptions) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let cutoff = now().saturating_sub(opts.grace.as_secs());
+        self.sweep_blobs(Some(only), opts, cutoff, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn sweep_blobs(
+        &self,
+        only: Option<&HashSet<Digest>>,
+        opts: &GcOptions,
+        cutoff: u64,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        let batch = opts.batch.max(1);
         let snap = self.meta.gc_snapshot().await?;
         let stored = self.blobs.list().await?;
         let guard = SweepGuard { seq: snap.seq, cutoff };
-        let candidates = mark::unreferenced_blobs(&snap, &HashSet::new(), &stored, cutoff);
+        let mut candidates = mark::unreferenced_blobs(&snap, &HashSet::new(), &stored, cutoff);
+        if let Some(only) = only {
+            candidates.retain(|(d, _)| only.contains(d));
+        }
         for chunk in candidates.chunks(batch) {
             let digests: Vec<Digest> = chunk.iter().map(|(d, _)| d.clone()).collect();
             let fence = self.gc_fence.write().await;
@@ -187,8 +213,7 @@ impl Registry {
             drop(fence);
             self.gc_pause(opts).await;
         }
-        tracing::info!(%report, "garbage collection finished");
-        Ok(report)
+        Ok(())
     }
 
     async fn sweep_manifests(&self, chunk: &[ManifestSweep], guard: SweepGuard) -> Result<u64> {
