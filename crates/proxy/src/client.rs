@@ -3,6 +3,7 @@
 //! tokens cached until they expire), and the limits on what we ask of it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,8 @@ pub struct Client {
     limiter: Limiter,
     /// Bearer tokens by scope, with when they stop being good.
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// The upstream asked for Basic once: send it up front from then on.
+    wants_basic: AtomicBool,
 }
 
 impl Client {
@@ -133,6 +136,7 @@ impl Client {
             up: up.clone(),
             http,
             tokens: Mutex::new(HashMap::new()),
+            wants_basic: AtomicBool::new(false),
         })
     }
 
@@ -204,9 +208,11 @@ impl Client {
                 .to_string();
             let auth = match challenge::parse(&header) {
                 Some(Challenge::Bearer { realm, params }) => self.fetch_token(&realm, &params, &scope).await?,
-                Some(Challenge::Basic) => self
-                    .basic()
-                    .ok_or_else(|| UpstreamError::Auth("it asks for Basic auth and none is configured".into()))?,
+                Some(Challenge::Basic) => {
+                    self.wants_basic.store(true, Ordering::Relaxed);
+                    self.basic()
+                        .ok_or_else(|| UpstreamError::Auth("it asks for Basic auth and none is configured".into()))?
+                }
                 None => {
                     return Err(UpstreamError::Auth(format!(
                         "401 with a challenge berth cannot answer: {header:?}"
@@ -260,7 +266,9 @@ impl Client {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         match tokens.get(scope) {
             Some((t, until)) if *until > Instant::now() => Some(format!("Bearer {t}")),
-            _ => self.basic(),
+            // Credentials go only where the upstream asked for them.
+            _ if self.wants_basic.load(Ordering::Relaxed) => self.basic(),
+            _ => None,
         }
     }
 

@@ -304,12 +304,7 @@ impl Proxy {
         };
         let fresh = match (reference, &local) {
             (Reference::Digest(_), Some(_)) => true,
-            (Reference::Tag(t), Some(m)) => c
-                .tags
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&(repo.clone(), t.clone()))
-                .is_some_and(|k| k.digest == m.digest && k.checked.elapsed() < c.up.revalidate),
+            (Reference::Tag(t), Some(m)) => is_fresh(c, repo, t, Some(&m.digest)),
             (_, None) => false,
         };
         if let (true, Some(m)) = (fresh, &local) {
@@ -482,6 +477,16 @@ impl Proxy {
     }
 }
 
+/// Whether the upstream confirmed the tag (at `digest`, if given) within
+/// the revalidation interval.
+fn is_fresh(c: &Cache, repo: &RepoName, tag: &Tag, digest: Option<&Digest>) -> bool {
+    c.tags
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(repo.clone(), tag.clone()))
+        .is_some_and(|k| digest.is_none_or(|d| *d == k.digest) && k.checked.elapsed() < c.up.revalidate)
+}
+
 /// Revalidates a tag (HEAD) or fetches a manifest, storing what changed.
 /// Returns whether content came from the upstream.
 async fn fetch_manifest(
@@ -498,6 +503,9 @@ async fn fetch_manifest(
     };
     let max = reg.config().max_manifest_size;
     match reference {
+        // A flight that ended just before this one began may have stored it.
+        Reference::Digest(d) if reg.manifest_get(repo, reference, false).await.is_ok() => Ok(false),
+        Reference::Tag(t) if is_fresh(c, repo, t, None) => Ok(false),
         Reference::Digest(d) => {
             let (head, body) = c
                 .client
