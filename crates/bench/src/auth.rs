@@ -132,68 +132,6 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// A `WWW-Authenticate` challenge: its scheme and parameters.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Challenge {
-    pub scheme: String,
-    pub params: Vec<(String, String)>,
-}
-
-impl Challenge {
-    fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses `Scheme k="v", k2=v2` (quoted values may hold commas and `\"`).
-pub fn parse_challenge(h: &str) -> Option<Challenge> {
-    let h = h.trim();
-    let (scheme, mut rest) = match h.find(' ') {
-        Some(i) => (&h[..i], h[i + 1..].trim_start()),
-        None => (h, ""),
-    };
-    if scheme.is_empty() {
-        return None;
-    }
-    let mut params = Vec::new();
-    while !rest.is_empty() {
-        let eq = rest.find('=')?;
-        let key = rest[..eq].trim().to_string();
-        rest = rest[eq + 1..].trim_start();
-        let value;
-        if let Some(q) = rest.strip_prefix('"') {
-            let mut v = String::new();
-            let mut chars = q.char_indices();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => v.extend(chars.next().map(|(_, c)| c)),
-                    '"' => {
-                        end = Some(i + 1);
-                        break;
-                    }
-                    c => v.push(c),
-                }
-            }
-            value = v;
-            rest = &q[end?..];
-        } else {
-            let end = rest.find(',').unwrap_or(rest.len());
-            value = rest[..end].trim().to_string();
-            rest = &rest[end..];
-        }
-        params.push((key, value));
-        rest = rest.trim_start().trim_start_matches(',').trim_start();
-    }
-    Some(Challenge {
-        scheme: scheme.to_string(),
-        params,
-    })
-}
-
 fn basic_header(user: &str, password: &str) -> HeaderValue {
     let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     HeaderValue::from_str(&format!("Basic {b64}")).expect("base64 is a valid header value")
@@ -223,7 +161,7 @@ pub async fn negotiate(target: &Target, creds: &Credentials, tls: &TlsOptions) -
     };
     let challenge =
         challenge.ok_or_else(|| format!("{url}/v2/ answered 401 without a usable WWW-Authenticate header"))?;
-    if challenge.scheme.eq_ignore_ascii_case("basic") {
+    if challenge.is("basic") {
         let basic = basic.ok_or_else(|| format!("{url} asks for credentials: pass --user USER:PASSWORD"))?;
         let (status, _) = probe(target, Some(&basic)).await?;
         if status != 200 {
@@ -233,7 +171,7 @@ pub async fn negotiate(target: &Target, creds: &Credentials, tls: &TlsOptions) -
         }
         return Ok(Auth::Header(basic));
     }
-    if challenge.scheme.eq_ignore_ascii_case("bearer") {
+    if challenge.is("bearer") {
         let realm = challenge
             .param("realm")
             .ok_or_else(|| format!("{url} asks for a Bearer token but names no realm"))?;
@@ -257,7 +195,10 @@ pub async fn negotiate(target: &Target, creds: &Credentials, tls: &TlsOptions) -
     ))
 }
 
-async fn probe(target: &Target, auth: Option<&HeaderValue>) -> Result<(u16, Option<Challenge>), String> {
+async fn probe(
+    target: &Target,
+    auth: Option<&HeaderValue>,
+) -> Result<(u16, Option<oci::challenge::Challenge>), String> {
     let unreachable = |e: Failure| {
         format!(
             "cannot reach the registry at {}: {e}; is it running, and is --registry right?",
@@ -282,7 +223,7 @@ async fn probe(target: &Target, auth: Option<&HeaderValue>) -> Result<(u16, Opti
         .headers()
         .get(WWW_AUTHENTICATE)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_challenge);
+        .and_then(|h| oci::challenge::parse(h).into_iter().next());
     let _ = conn::drain(resp.into_body(), None).await;
     Ok((status, challenge))
 }
@@ -290,25 +231,6 @@ async fn probe(target: &Target, auth: Option<&HeaderValue>) -> Result<(u16, Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn challenges() {
-        let c = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        )
-        .unwrap();
-        assert_eq!(c.scheme, "Bearer");
-        assert_eq!(c.param("realm"), Some("https://auth.example/token"));
-        assert_eq!(c.param("service"), Some("registry.example"));
-        assert_eq!(c.param("scope"), Some("repository:a/b:pull,push"));
-
-        let c = parse_challenge(r#"Basic realm="a \"quoted\" realm", charset=UTF-8"#).unwrap();
-        assert_eq!(c.param("realm"), Some(r#"a "quoted" realm"#));
-        assert_eq!(c.param("charset"), Some("UTF-8"));
-        assert_eq!(parse_challenge("Basic").unwrap().params, vec![]);
-        assert!(parse_challenge("Bearer realm=\"unterminated").is_none());
-        assert!(parse_challenge("").is_none());
-    }
 
     #[test]
     fn urls_and_escapes() {

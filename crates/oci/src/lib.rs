@@ -4,6 +4,7 @@
 //! digest, a manifest) is parsed here into a type that can only hold a valid
 //! value, so the layers above never see unvalidated input.
 
+pub mod challenge;
 pub mod digest;
 pub mod error;
 pub mod manifest;

@@ -12,7 +12,6 @@ use oci::Digest;
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
-use crate::challenge::{self, Challenge};
 use crate::limit::{Limiter, Permit, Refused};
 use crate::Upstream;
 
@@ -206,9 +205,21 @@ impl Client {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let auth = match challenge::parse(&header) {
-                Some(Challenge::Bearer { realm, params }) => self.fetch_token(&realm, &params, &scope).await?,
-                Some(Challenge::Basic) => {
+            let challenges = oci::challenge::parse(&header);
+            // A token when offered (the realm must be a URL), else Basic.
+            let bearer = challenges.iter().find(|c| c.is("bearer")).and_then(|c| {
+                let realm = c
+                    .param("realm")
+                    .filter(|r| r.starts_with("https://") || r.starts_with("http://"))?;
+                Some((
+                    realm.to_string(),
+                    c.param("service").map(str::to_string),
+                    c.param("scope").map(str::to_string),
+                ))
+            });
+            let auth = match bearer {
+                Some((realm, service, want)) => self.fetch_token(&realm, service, want, &scope).await?,
+                None if challenges.iter().any(|c| c.is("basic")) => {
                     self.wants_basic.store(true, Ordering::Relaxed);
                     self.basic()
                         .ok_or_else(|| UpstreamError::Auth("it asks for Basic auth and none is configured".into()))?
@@ -277,7 +288,8 @@ impl Client {
     async fn fetch_token(
         &self,
         realm: &str,
-        params: &std::collections::BTreeMap<String, String>,
+        service: Option<String>,
+        want: Option<String>,
         scope: &str,
     ) -> Result<String> {
         #[derive(serde::Deserialize)]
@@ -286,8 +298,8 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let mut query: Vec<(&str, &str)> = vec![("scope", params.get("scope").map_or(scope, String::as_str))];
-        if let Some(service) = params.get("service") {
+        let mut query: Vec<(&str, &str)> = vec![("scope", want.as_deref().unwrap_or(scope))];
+        if let Some(service) = &service {
             query.push(("service", service));
         }
         let mut req = self.http.get(realm).query(&query);

@@ -26,7 +26,6 @@ use registry::{ManifestBody, OpenBlob, Registry, RegistryError};
 use storage::ByteStream;
 use tokio::sync::watch;
 
-pub mod challenge;
 pub mod client;
 pub mod config;
 pub mod evict;
