@@ -114,6 +114,12 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
                 mirror = u.mirror, "pull-through cache");
         }
         tokio::spawn(proxy::run_eviction(proxy.clone(), cfg.gc.clone()));
+        tokio::spawn(proxy::run_health(
+            proxy.clone(),
+            health.clone(),
+            metrics.clone(),
+            cfg.health.interval,
+        ));
         app.proxy = Some(proxy);
     }
     let app = Arc::new(app);

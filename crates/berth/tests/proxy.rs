@@ -377,11 +377,31 @@ async fn serves_stale_while_the_upstream_is_down_and_fails_after_the_window() {
     let s = berth_with(
         &up.url(""),
         "revalidate = \"1s\"\nstale_for = \"4s\"\ntimeout = \"2s\"",
-        &[],
+        &["--health-interval", "200ms", "--health-failures", "1"],
     );
     pull(&c, &s, "hub/lib/app", "v1", &img).await;
+    let healthz = |c: reqwest::Client, url: String| async move {
+        let r = c.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while healthz(c.clone(), s.url("/healthz")).await.1["dependencies"]["upstream:hub"] != "reachable" {
+        assert!(Instant::now() < deadline, "/healthz never reported the upstream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let confirmed = Instant::now();
     up.kill();
+    // /healthz reports it, but berth stays healthy: it serves from the cache.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = healthz(c.clone(), s.url("/healthz")).await;
+        if body["dependencies"]["upstream:hub"] == "unreachable" {
+            assert_eq!((status, body["status"].as_str()), (200, Some("healthy")));
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz never saw the upstream go: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Past revalidate, within stale_for: the cached copy, counted as stale.
     pull(&c, &s, "hub/lib/app", "v1", &img).await;

@@ -12,8 +12,9 @@
 //!   small write, reads it back intact and deletes it ("available");
 //! - `disk`: the data directory's filesystem has at least the configured
 //!   free space ("ok", else "low");
-//! - later, `upstream:<name>` for each pull-through upstream: reported but
-//!   not fatal, since serving from the cache goes on without it.
+//! - `upstream:<name>` for each pull-through upstream (checked by the
+//!   `proxy` crate): its `/v2/` answers ("reachable"); reported but not
+//!   fatal, since serving from the cache goes on without it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -143,6 +143,18 @@ impl Client {
         &self.up
     }
 
+    /// Whether the upstream answers `/v2/` (any status below 500: a 401 is
+    /// an upstream that is up). Outside the limits: it pulls nothing.
+    pub async fn ping(&self) -> std::result::Result<(), String> {
+        let url = format!("{}/v2/", self.up.url);
+        match tokio::time::timeout(self.up.timeout, self.http.get(&url).send()).await {
+            Err(_) => Err(format!("{url} did not answer within {:?}", self.up.timeout)),
+            Ok(Err(e)) => Err(format!("{url}: {}", UpstreamError::from_reqwest(e))),
+            Ok(Ok(r)) if r.status().is_server_error() => Err(format!("{url} answered {}", r.status())),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
     /// HEAD of a manifest: its digest without its bytes, which spares the
     /// upstream's pull rate limits (Docker Hub counts GETs only).
     pub async fn head_manifest(&self, repo: &str, reference: &str) -> Result<ManifestHead> {

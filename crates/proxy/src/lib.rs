@@ -571,6 +571,31 @@ async fn fetch_manifest(
     }
 }
 
+/// Reports each upstream in `/healthz` as `upstream:<name>`, every
+/// `interval`. Not fatal: berth serves what it has cached without it.
+pub async fn run_health(
+    proxy: Arc<Proxy>,
+    health: Arc<observe::Health>,
+    metrics: Arc<observe::Metrics>,
+    interval: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for c in &proxy.caches {
+            let result = c.client.ping().await;
+            health.record(
+                &metrics,
+                &format!("upstream:{}", c.up.name),
+                false,
+                ("reachable", "unreachable"),
+                result,
+            );
+        }
+    }
+}
+
 /// Eviction, forever: one pass per upstream every `evict_interval`.
 pub async fn run_eviction(proxy: Arc<Proxy>, gc: registry::GcOptions) {
     let Some(every) = proxy.caches.iter().map(|c| c.up.evict_interval).min() else {
