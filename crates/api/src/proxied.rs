@@ -70,6 +70,8 @@ pub async fn intercept(ctx: &Ctx<'_>, proxy: &Proxy, route: &Route, m: &Method, 
                 })
                 .await
             }
+            // No length, no ranges: the whole blob as it arrives.
+            Ok(CachedBlob::Direct(stream)) => blobs::send(d, None, h, true, |_| async { Ok(stream) }).await,
             Ok(CachedBlob::Remote { size }) => blobs::send(d, size, h, false, |_| async { unreachable_read() }).await,
             Err(e) => Err(e.into()),
         },

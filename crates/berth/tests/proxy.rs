@@ -712,3 +712,29 @@ async fn a_mirror_upstream_serves_what_is_missing_locally() {
     let r = c.get(s.url("/v2/library/none/manifests/v1")).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".into()));
 }
+
+#[tokio::test]
+async fn with_storage_full_blobs_stream_straight_from_upstream() {
+    let up = Upstream::start();
+    let c = client();
+    let img = push_to(&c, &up.url(""), None, "lib/app", "v1", &[bytes(13, 300_000)]).await;
+    // Any volume is at or above a 0 % watermark: nothing can be uploaded.
+    let s = berth_with(&up.url(""), "", &["--disk-watermark", "0"]);
+    let r = c.get(s.url("/v2/hub/lib/app/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    for (d, data) in &img.blobs {
+        let r = c
+            .get(s.url(&format!("/v2/hub/lib/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "the pull is no worse than going direct");
+        assert!(r.bytes().await.unwrap().as_ref() == data.as_slice());
+        let hex = &d["sha256:".len()..];
+        assert!(
+            !s.data().join("blobs/sha256").join(&hex[..2]).join(hex).exists(),
+            "nothing cached"
+        );
+    }
+    assert!(s.log_text().contains("streaming the blob straight from upstream"));
+}

@@ -92,17 +92,19 @@ async fn download(
     if ctx.reg.blob_size(repo, digest).await.is_ok() {
         return Ok(());
     }
+    // Room first: with storage above its watermark nothing is fetched
+    // (the caller streams straight from the upstream instead).
+    let id = ctx.reg.upload_start(repo, Some(FILL_OWNER)).await?;
+    tx.send_modify(|s| s.upload = Some(id.clone()));
     let (resp, _permit) = ctx
         .client
         .get_blob(up_repo, digest)
         .await
         .map_err(FillError::Upstream)?;
     let size = resp.content_length();
-    let id = ctx.reg.upload_start(repo, Some(FILL_OWNER)).await?;
     tx.send_modify(|s| {
         s.started = true;
         s.size = size;
-        s.upload = Some(id.clone());
     });
     let mut body = resp.bytes_stream();
     let mut written = 0u64;
@@ -276,5 +278,55 @@ pub fn follow(
     });
     Box::pin(futures_util::stream::unfold(recv, |mut r| async move {
         r.recv().await.map(|item| (item, r))
+    }))
+}
+
+/// A blob straight from the upstream to one client, stored nowhere: for
+/// when storage is too full to cache. Hashed on the way; the last chunk is
+/// held back until the digest is verified, so a corrupt transfer never
+/// reaches the client whole.
+pub fn pass_through(resp: reqwest::Response, digest: Digest, permit: crate::limit::Permit) -> ByteStream {
+    struct St {
+        body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+        hasher: Option<oci::Hasher>,
+        held: Option<Bytes>,
+        digest: Digest,
+        _permit: crate::limit::Permit,
+    }
+    let st = St {
+        body: Box::pin(resp.bytes_stream()),
+        hasher: Some(digest.algorithm().hasher()),
+        held: None,
+        digest,
+        _permit: permit,
+    };
+    Box::pin(futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            let hasher = st.hasher.as_mut()?;
+            match st.body.next().await {
+                Some(Ok(b)) => {
+                    hasher.update(&b);
+                    if let Some(prev) = st.held.replace(b) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.hasher = None;
+                    return Some((
+                        Err(std::io::Error::other(format!("upstream broke off the transfer: {e}"))),
+                        st,
+                    ));
+                }
+                None => {
+                    let actual = st.hasher.take()?.finish();
+                    if actual != st.digest {
+                        let e = format!("upstream sent content with digest {actual}, not {}", st.digest);
+                        return Some((Err(std::io::Error::other(e)), st));
+                    }
+                    let last = st.held.take()?;
+                    return Some((Ok(last), st));
+                }
+            }
+        }
     }))
 }

@@ -137,6 +137,8 @@ pub enum CachedBlob {
     },
     /// HEAD of a blob not cached: the upstream's answer, nothing fetched.
     Remote { size: Option<u64> },
+    /// Straight from the upstream, stored nowhere (storage is full).
+    Direct(ByteStream),
 }
 
 impl CachedBlob {
@@ -144,6 +146,7 @@ impl CachedBlob {
         match self {
             CachedBlob::Local(b) => Some(b.size),
             CachedBlob::Filling { size, .. } | CachedBlob::Remote { size } => *size,
+            CachedBlob::Direct(_) => None,
         }
     }
 }
@@ -424,11 +427,23 @@ impl Proxy {
                 }
             };
         }
-        let mut rx = self.join_fill(c, repo, up_repo, digest);
+        let mut rx = self.join_fill(c, repo, up_repo.clone(), digest);
         let in_use = InUse::new(c, digest);
-        let size = fill::started(&mut rx)
-            .await
-            .map_err(|e| upstream_failed(&c.up, &what, &e))?;
+        let size = match fill::started(&mut rx).await {
+            Ok(size) => size,
+            // Storage is above its watermark: no worse than going direct.
+            Err(FillError::Local(e)) if e.code == ErrorCode::Denied => {
+                tracing::warn!(upstream = %c.up.name, %repo, %digest, reason = %e.message,
+                    "cannot cache; streaming the blob straight from upstream");
+                let (resp, permit) = c.client.get_blob(&up_repo, digest).await.map_err(|u| {
+                    c.metrics.error(u.kind());
+                    upstream_failed(&c.up, &what, &FillError::Upstream(u))
+                })?;
+                c.metrics.misses.inc();
+                return Ok(CachedBlob::Direct(fill::pass_through(resp, digest.clone(), permit)));
+            }
+            Err(e) => return Err(upstream_failed(&c.up, &what, &e)),
+        };
         c.metrics.misses.inc();
         Self::noted(c, repo, digest);
         let (reg, repo, digest) = (self.reg.clone(), repo.clone(), digest.clone());
