@@ -6,8 +6,8 @@
 # Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
 # on a free loopback port with a fresh data dir, and stopped on exit.
 #
-# Tests: docker skopeo buildah_podman containerd oras dxf auth lifecycle (default: all). auth starts its
-# own second berth with --auth (from $BERTH_BIN), so it is skipped with --registry.
+# Tests: docker skopeo buildah_podman containerd oras dxf auth lifecycle retention (default: all). auth and
+# retention start their own berth (from $BERTH_BIN), so they are skipped with --registry.
 #
 # Environment:
 #   BERTH_BIN          berth binary (default $ROOT/target/debug/berth)
@@ -23,7 +23,7 @@
 # Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
 # with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
 
-ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth lifecycle)
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth lifecycle retention)
 
 # ---------------------------------------------------------------------------
 # helpers shared by the tests (available in the per-test child process)
@@ -967,6 +967,185 @@ test_lifecycle() {
     fi
     cat "$TEST_DIR/push.out" >&2
     assert_contains "$(cat "$TEST_DIR/push.out")" "is immutable (rule frozen-*)" "docker shows berth's reason"
+}
+
+# ---------------------------------------------------------------------------
+# retention: a berth of its own with --retention, --gc-untagged and --immutable-tags, as skopeo sees it
+# ---------------------------------------------------------------------------
+RET_BERTH_PID=""
+# Start $BERTH_BIN on $RREG with data dir $RDATA and the given options; log to $TEST_DIR/NAME.log.
+ret_berth_start() { # name options...
+    local name=$1; shift
+    local unset_env=() v code="" deadline=$((SECONDS + 20))
+    # Only the options given here: no BERTH_* settings leak in from the caller's environment.
+    for v in $(compgen -e); do [[ $v != BERTH_* ]] || unset_env+=(-u "$v"); done
+    printf '+ berth serve --listen %s --data-dir %s %s\n' "$RREG" "$RDATA" "$*" >&2
+    env "${unset_env[@]}" BERTH_LOG=info BERTH_LOG_FORMAT=json \
+        "$BERTH_BIN" serve --listen "$RREG" --data-dir "$RDATA" "$@" >"$TEST_DIR/$name.log" 2>&1 &
+    RET_BERTH_PID=$!
+    echo "$RET_BERTH_PID" >>"$PIDS_FILE"
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$RREG/v2/" || true)
+        [[ $code != 200 ]] || break
+        kill -0 "$RET_BERTH_PID" 2>/dev/null || fail "berth exited during startup: $(tail -3 "$TEST_DIR/$name.log" | tr '\n' ' ')"
+        ((SECONDS < deadline)) || fail "berth did not answer GET /v2/ with 200 within 20 s (last: '$code')"
+        sleep 0.2
+    done
+}
+# shellcheck disable=SC2317
+ret_berth_stop() {
+    [[ -n $RET_BERTH_PID ]] || return 0
+    local i
+    if kill "$RET_BERTH_PID" 2>/dev/null; then
+        for i in $(seq 100); do kill -0 "$RET_BERTH_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$RET_BERTH_PID" 2>/dev/null || true
+    fi
+    RET_BERTH_PID=""
+}
+# One small single-layer image per tag in the OCI layout L, each with its own content.
+make_tag_images() { # layout-dir tag...
+    local L=$1 t src; shift
+    x umoci init --layout "$L" >&2
+    for t in "$@"; do
+        src=$TEST_DIR/rootfs-$t
+        mkdir -p "$src"
+        printf 'berth retention %s %s\n' "$t" "$(rand_hex 8)" >"$src/tag.txt"
+        x umoci new --image "$L:$t" >&2
+        x umoci insert --image "$L:$t" "$src" /app >&2
+        x umoci config --image "$L:$t" --architecture amd64 --os linux >&2
+    done
+}
+# Wait (at most 30 s) until the log has N JSON lines with this message.
+wait_log_lines() { # log message n
+    local deadline=$((SECONDS + 30))
+    until (($(jq -c --arg m "$2" 'select(.message == $m)' "$1" 2>/dev/null | wc -l) >= $3)); do
+        ((SECONDS < deadline)) || fail "no $3 '$2' lines in $1 within 30 s"
+        sleep 0.2
+    done
+}
+
+test_retention() {
+    [[ ${OWN_BERTH:-0} == 1 ]] || skip "needs to start its own berth with --retention (not possible with --registry)"
+    [[ -x ${BERTH_BIN:-} ]] || fail "BERTH_BIN not executable: '${BERTH_BIN:-}'"
+    local port
+    port=$(free_port)
+    export RREG=127.0.0.1:$port RDATA=$TEST_DIR/berth-data
+    # Two projects: P is named in --gc-untagged, Q is not.
+    local P=$NS Q=$NS-other
+    local p_app=$P/retention/app q_app=$Q/retention/app tv=(--tls-verify=false)
+    local rule_p="$P:keep-last=2:protect=v1" rule_q="$Q:keep-last=1"
+    local L=$TEST_DIR/layout t i
+    trap ret_berth_stop EXIT
+
+    step "images: one per tag (umoci)"
+    make_tag_images "$L" frozen-1 v1 v2 v3 v4 v5 q-v1 q-v2 q-v3
+    declare -A dig layer
+    for t in frozen-1 v1 v2 v3 v4 v5 q-v1 q-v2 q-v3; do
+        dig[$t]=$(layout_digest "$L" "$t")
+        layer[$t]=$(jq -r '.layers[0].digest' "$L/blobs/sha256/${dig[$t]#sha256:}")
+    done
+
+    step "start berth with --immutable-tags 'frozen-*' and no GC schedule"
+    mkdir -p "$RDATA"
+    ret_berth_start berth-push --immutable-tags 'frozen-*' --gc-interval 0
+
+    step "push with skopeo, one second apart: berth keeps push times in whole seconds, and keep-last orders by them"
+    # Oldest first: P gets frozen-1 v1 v2 v3 v4 v5, Q gets v1 v2 v3.
+    local p_tags=(frozen-1 v1 v2 v3 v4 v5) q_tags=(v1 v2 v3)
+    for i in "${!p_tags[@]}"; do
+        ((i == 0)) || sleep 1.1
+        t=${p_tags[i]}
+        sko copy --dest-tls-verify=false --digestfile "$TEST_DIR/d" "oci:$L:$t" "docker://$RREG/$p_app:$t"
+        assert_eq "${dig[$t]}" "$(cat "$TEST_DIR/d")" "pushed $p_app:$t"
+        if ((i < ${#q_tags[@]})); then
+            t=${q_tags[i]}
+            sko copy --dest-tls-verify=false --digestfile "$TEST_DIR/d" "oci:$L:q-$t" "docker://$RREG/$q_app:$t"
+            assert_eq "${dig[q-$t]}" "$(cat "$TEST_DIR/d")" "pushed $q_app:$t"
+        fi
+    done
+    sko list-tags "${tv[@]}" "docker://$RREG/$p_app" >"$TEST_DIR/tags.json"
+    assert_eq "frozen-1 v1 v2 v3 v4 v5" "$(jq -r '.Tags | sort | join(" ")' "$TEST_DIR/tags.json")" "list-tags of $p_app before retention"
+
+    # What the rules mean here: in P keep the 2 newest (v5, v4) and v1 (protected); frozen-1 is
+    # immutable, so it stays although it is the oldest; v2 and v3 go. In Q keep the newest (v3).
+    step "stop berth; berth retention --dry-run lists exactly what the rules delete"
+    ret_berth_stop
+    x "$BERTH_BIN" retention --dry-run --data-dir "$RDATA" --immutable-tags 'frozen-*' \
+        --rule "$rule_p" --rule "$rule_q" >"$TEST_DIR/plan.txt"
+    cat "$TEST_DIR/plan.txt" >&2
+    # In order of repository name ("$NS-other/..." sorts before "$NS/..."), then tag.
+    assert_eq "would delete $Q/retention/app:v1|would delete $Q/retention/app:v2|would delete $P/retention/app:v2|would delete $P/retention/app:v3|would delete 4 tags" \
+        "$(paste -sd'|' "$TEST_DIR/plan.txt")" "berth retention --dry-run"
+
+    step "restart berth with --retention, --gc-untagged $P, a GC run every second, no grace"
+    ret_berth_start berth-gc --immutable-tags 'frozen-*' --retention "$rule_p;$rule_q" \
+        --gc-untagged "$P" --gc-interval 1 --gc-grace 0 --gc-pause-ms 0
+    local log=$TEST_DIR/berth-gc.log
+    # Two runs, so the second shows that retention has nothing left to do.
+    wait_log_lines "$log" "scheduled retention" 2
+    wait_log_lines "$log" "retention deleted a tag" 4
+    jq -c 'select(.message | startswith("scheduled") or startswith("retention"))' "$log" >&2
+    assert_eq "4 0" "$(jq -r 'select(.message == "scheduled retention") | .tags_deleted' "$log" | head -2 | paste -sd' ')" \
+        "tags deleted by the first and the second scheduled retention"
+    assert_eq "$Q/retention/app:v1 $Q/retention/app:v2 $P/retention/app:v2 $P/retention/app:v3" \
+        "$(jq -r 'select(.message == "retention deleted a tag") | "\(.repo):\(.tag)"' "$log" | LC_ALL=C sort | paste -sd' ')" \
+        "tags the scheduled retention deleted"
+    assert_eq 2 "$(jq -r 'select(.message | startswith("scheduled garbage collection")) | .untagged_manifests' "$log" | head -1)" \
+        "untagged manifests the first GC run removed (P's v2 and v3; Q's stay)"
+
+    step "skopeo list-tags: exactly the kept tags"
+    sko list-tags "${tv[@]}" "docker://$RREG/$p_app" >"$TEST_DIR/tags.json"
+    assert_eq "frozen-1 v1 v4 v5" "$(jq -r '.Tags | sort | join(" ")' "$TEST_DIR/tags.json")" "list-tags of $p_app"
+    sko list-tags "${tv[@]}" "docker://$RREG/$q_app" >"$TEST_DIR/tags.json"
+    assert_eq "v3" "$(jq -r '.Tags | sort | join(" ")' "$TEST_DIR/tags.json")" "list-tags of $q_app"
+
+    step "deleted tags fail to pull with 'manifest unknown'"
+    for t in "$p_app:v2" "$p_app:v3" "$q_app:v1" "$q_app:v2"; do
+        fails_with "pull of deleted tag $t" sko copy --src-tls-verify=false "docker://$RREG/$t" "oci:$TEST_DIR/deleted:x"
+        assert_contains "$FAIL_OUT" "manifest unknown" "pull of $t: manifest unknown"
+    done
+
+    step "kept tags still pull, with the digests pushed"
+    for t in frozen-1 v1 v4 v5; do
+        sko copy --src-tls-verify=false "docker://$RREG/$p_app:$t" "oci:$TEST_DIR/pulled:$t"
+        assert_eq "${dig[$t]}" "$(layout_digest "$TEST_DIR/pulled" "$t")" "pulled $p_app:$t"
+    done
+    sko copy --src-tls-verify=false "docker://$RREG/$q_app:v3" "oci:$TEST_DIR/pulled:q-v3"
+    assert_eq "${dig[q-v3]}" "$(layout_digest "$TEST_DIR/pulled" q-v3)" "pulled $q_app:v3"
+
+    step "untagged images: removed in $P (--gc-untagged), still pullable by digest in $Q"
+    for t in v2 v3; do
+        fails_with "pull of $p_app@${dig[$t]} (was $t)" sko inspect --raw "${tv[@]}" "docker://$RREG/$p_app@${dig[$t]}"
+        assert_contains "$FAIL_OUT" "manifest unknown" "untagged manifest of $P removed"
+        assert_eq 404 "$(rcurl -o /dev/null -w '%{http_code}' -I "http://$RREG/v2/$p_app/blobs/${layer[$t]}")" \
+            "layer of the removed image ($t) collected"
+    done
+    for t in v1 v2; do
+        sko inspect --raw "${tv[@]}" "docker://$RREG/$q_app@${dig[q-$t]}" >"$TEST_DIR/raw.json"
+        assert_eq "${dig[q-$t]}" "$(sha256_file "$TEST_DIR/raw.json")" "untagged manifest of $Q (was $t) kept"
+        assert_eq 200 "$(rcurl -o /dev/null -w '%{http_code}' -I "http://$RREG/v2/$q_app/blobs/${layer[q-$t]}")" \
+            "layer of the kept untagged image ($t)"
+    done
+
+    step "skopeo delete of the immutable tag: refused with berth's reason"
+    fails_with "skopeo delete of $p_app:frozen-1" sko delete "${tv[@]}" "docker://$RREG/$p_app:frozen-1"
+    # skopeo prints the error body as JSON inside logrus quoting: the quotes around the message
+    # pin the whole text.
+    assert_contains "$FAIL_OUT" \
+        "\\\"code\\\":\\\"DENIED\\\",\\\"message\\\":\\\"tag $p_app:frozen-1 is immutable (rule frozen-*): it cannot be deleted with its manifest; an administrator must remove the rule (--immutable-tags) first\\\"" \
+        "skopeo shows berth's exact reason"
+    assert_contains "$FAIL_OUT" "(403 Forbidden)" "skopeo delete of an immutable tag: 403"
+    assert_eq "${dig[frozen-1]}" "$(sko inspect --raw "${tv[@]}" "docker://$RREG/$p_app:frozen-1" | sha256_stdin)" \
+        "frozen-1 still names the image first pushed"
+
+    step "stop berth"
+    ret_berth_stop
+    trap - EXIT
+    if grep -n 'panicked' "$TEST_DIR"/berth-*.log >&2; then fail "berth panicked"; fi
+    local errors
+    errors=$(jq -c 'select(.["log.level"] == "error")' "$TEST_DIR"/berth-*.log)
+    [[ -z $errors ]] || fail "berth logged errors: $errors"
+    echo "ok: no errors or panics in berth's logs" >&2
 }
 
 # Entry point of the per-test child process.

@@ -422,7 +422,7 @@ impl ServeArgs {
                 gc_untagged: file.gc_untagged,
                 gc_batch: file.gc_batch,
                 gc_pause_ms: file.gc_pause_ms,
-            }),
+            })?,
         })
     }
 }

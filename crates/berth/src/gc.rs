@@ -43,14 +43,26 @@ pub struct GcTuning {
 
 impl GcTuning {
     /// These flags over `file`'s, over the defaults.
-    pub fn resolve(&self, file: &GcTuning) -> GcOptions {
+    pub fn resolve(&self, file: &GcTuning) -> Result<GcOptions, String> {
         let d = GcOptions::default();
         let untagged = if self.gc_untagged.is_empty() {
             file.gc_untagged.clone()
         } else {
             self.gc_untagged.clone()
         };
-        GcOptions {
+        let untagged: Vec<String> = untagged.iter().map(|p| p.trim().to_string()).collect();
+        // A project is the first component of a repository name; anything
+        // else would silently match nothing.
+        if let Some(bad) = untagged
+            .iter()
+            .find(|p| p.as_str() != "*" && (p.is_empty() || p.contains('/') || p.parse::<oci::RepoName>().is_err()))
+        {
+            return Err(format!(
+                "--gc-untagged {bad:?} is not a project name: give projects (the first part of a repository name, \
+                 e.g. team for team/app), comma-separated, or * for all"
+            ));
+        }
+        Ok(GcOptions {
             grace: self
                 .gc_grace
                 .or(file.gc_grace)
@@ -69,7 +81,7 @@ impl GcTuning {
                 .or(file.gc_pause_ms)
                 .map(Duration::from_millis)
                 .unwrap_or(d.pause),
-        }
+        })
     }
 }
 
@@ -77,10 +89,16 @@ impl GcTuning {
 pub struct RetentionArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
-    /// A retention rule, `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:protect=GLOB`
-    /// (repeatable; keep-last or pushed-within-days required).
+    /// A retention rule,
+    /// `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:pulled-within-days=D:protect=GLOB`
+    /// (repeatable; keep-last, pushed-within-days or pulled-within-days
+    /// required).
     #[arg(long = "rule", value_name = "RULE", required = true)]
     pub rules: Vec<String>,
+    /// The immutable-tag rules of `berth serve` (same syntax): tags they
+    /// match are never deleted. [default: none]
+    #[arg(long, env = "BERTH_IMMUTABLE_TAGS", value_name = "RULES", value_delimiter = ',')]
+    pub immutable_tags: Vec<String>,
     /// Report which tags would be deleted; delete nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -93,7 +111,16 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
         .iter()
         .map(|r| r.parse())
         .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
-    let registry = open_offline(args.store.data_dir.clone(), "retention")?;
+    let immutable_tags = args
+        .immutable_tags
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<registry::TagRule>, String>>()?;
+    let config = RegistryConfig {
+        immutable_tags,
+        ..RegistryConfig::default()
+    };
+    let registry = open_offline(args.store.data_dir.clone(), "retention", config)?;
     let tags = block_on(registry.retention(&rules, args.dry_run))?.map_err(|e| format!("retention failed: {e}"))?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     for (repo, tag) in &tags {
@@ -116,11 +143,11 @@ pub struct GcArgs {
 
 /// `berth gc`: one run on the data directory, report on stdout.
 pub fn run(args: GcArgs) -> Result<(), BoxError> {
-    let registry = open_offline(args.store.data_dir.clone(), "gc")?;
     let opts = GcOptions {
         dry_run: args.dry_run,
-        ..args.tuning.resolve(&GcTuning::default())
+        ..args.tuning.resolve(&GcTuning::default())?
     };
+    let registry = open_offline(args.store.data_dir.clone(), "gc", RegistryConfig::default())?;
     let report = block_on(registry.gc(&opts))?.map_err(|e| format!("garbage collection failed: {e}"))?;
     println!("{report}");
     Ok(())
@@ -135,8 +162,12 @@ pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, BoxError> {
 }
 
 /// Opens the registry of a data directory for an offline command (`berth
-/// gc`, `fsck`, `du`). Refuses while berth runs on it.
-pub fn open_offline(dir: Option<std::path::PathBuf>, command: &str) -> Result<Registry, BoxError> {
+/// gc`, `retention`, `fsck`, `du`). Refuses while berth runs on it.
+pub fn open_offline(
+    dir: Option<std::path::PathBuf>,
+    command: &str,
+    config: RegistryConfig,
+) -> Result<Registry, BoxError> {
     let dir = dir.unwrap_or_else(crate::config::default_data_dir);
     if !dir.join("meta.redb").exists() {
         return Err(format!(
@@ -158,11 +189,7 @@ pub fn open_offline(dir: Option<std::path::PathBuf>, command: &str) -> Result<Re
     })?;
     let blobs = block_on(FsBlobStore::open(&dir))?
         .map_err(|e| format!("cannot open blob storage in {}: {e}", dir.display()))?;
-    Ok(Registry::new(
-        Arc::new(blobs),
-        Arc::new(meta),
-        RegistryConfig::default(),
-    ))
+    Ok(Registry::new(Arc::new(blobs), Arc::new(meta), config))
 }
 
 /// Runs GC every `interval` until the process ends. A failed run is logged
@@ -190,10 +217,13 @@ pub async fn schedule(
                 Err(e) => tracing::error!(error = %e, "scheduled retention failed; it runs again at the next interval"),
             }
         }
+        let started = std::time::Instant::now();
         match app.registry.gc(&opts).await {
             Ok(report) => tracing::info!(
                 bytes_freed = report.bytes_freed(),
                 objects_freed = report.objects_freed(),
+                untagged_manifests = report.manifests,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "scheduled garbage collection: {report}"
             ),
             Err(e) => {

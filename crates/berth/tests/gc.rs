@@ -148,3 +148,134 @@ async fn berth_retention_untags_and_gc_then_collects() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("keeps nothing"));
 }
+
+async fn tags(c: &reqwest::Client, s: &Server, repo: &str) -> Vec<String> {
+    let resp = c.get(s.url(&format!("/v2/{repo}/tags/list"))).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "tags of {repo}");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    let mut t: Vec<String> = v["tags"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    t.sort();
+    t
+}
+
+/// The retention rules of `serve`, applied by its schedule, then GC pruning
+/// untagged manifests only in the project named by `--gc-untagged`; and
+/// `berth retention --dry-run`, which lists exactly those tags when given
+/// the same `--immutable-tags`.
+#[tokio::test]
+async fn serve_applies_retention_and_prunes_untagged_manifests_per_project() {
+    let immutable = "frozen-*";
+    let mut s = Server::start_with(&["--gc-interval", "0", "--immutable-tags", immutable]);
+    let c = client();
+    let mut digest = std::collections::HashMap::new();
+    for (repo, tag, seed) in [
+        ("team/app", "frozen-1", 21),
+        ("team/app", "v1", 22),
+        ("team/app", "v2", 23),
+        ("team/app", "v3", 24),
+        ("other/app", "v1", 31),
+        ("other/app", "v2", 32),
+    ] {
+        digest.insert((repo, tag), (push_image(&c, &s, repo, tag, seed).await, seed));
+    }
+    assert!(s.terminate());
+
+    // keep-last=0: only protect (and immutability) keep a tag, so push
+    // times, which may all fall in one second here, do not matter.
+    let rules = ["team:keep-last=0:protect=v3", "other:keep-last=0"];
+    let dry_run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args([
+                "retention",
+                "--dry-run",
+                "--rule",
+                rules[0],
+                "--rule",
+                rules[1],
+                "--data-dir",
+            ])
+            .arg(s.data())
+            .args(extra)
+            .env_remove("BERTH_IMMUTABLE_TAGS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let planned = "would delete other/app:v1\nwould delete other/app:v2\nwould delete team/app:v1\n\
+                   would delete team/app:v2\nwould delete 4 tags\n";
+    assert_eq!(dry_run(&["--immutable-tags", immutable]), planned);
+    // Without the serve's immutability rules, the plan would include the
+    // frozen tag: the flag is what keeps it.
+    assert!(dry_run(&[]).contains("would delete team/app:frozen-1\n"));
+
+    let joined = rules.join(";");
+    s.restart_with(&[
+        "--immutable-tags",
+        immutable,
+        "--retention",
+        &joined,
+        "--gc-untagged",
+        "team",
+        "--gc-interval",
+        "1",
+        "--gc-grace",
+        "0",
+        "--gc-pause-ms",
+        "0",
+    ]);
+    let c = client();
+    // Bounded wait for the first scheduled run (retention, then GC): 30 s.
+    let mut ran = false;
+    for _ in 0..300 {
+        if s.log_text().contains("scheduled garbage collection") {
+            ran = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ran, "no scheduled GC run; log:\n{}", s.log_text());
+    let log = s.log_text();
+    assert_eq!(log.matches("retention deleted a tag").count(), 4, "{log}");
+    assert!(
+        !log.contains("retention kept a tag"),
+        "no refused delete was even tried: {log}"
+    );
+
+    assert_eq!(tags(&c, &s, "team/app").await, ["frozen-1", "v3"]);
+    assert!(tags(&c, &s, "other/app").await.is_empty());
+    let manifest = |repo: &str, d: &str| s.url(&format!("/v2/{repo}/manifests/{d}"));
+    let layer = |repo: &str, seed: u64| s.url(&format!("/v2/{repo}/blobs/{}", sha256(&bytes(seed, 1000))));
+    for ((repo, tag), (d, seed)) in &digest {
+        // team is in --gc-untagged: its untagged manifests and their layers
+        // are gone. other is not: its manifests stay, by digest.
+        let kept = *repo == "other/app" || ["frozen-1", "v3"].contains(tag);
+        let want = if kept { 200 } else { 404 };
+        assert_eq!(status(&c, manifest(repo, d)).await, want, "manifest of {repo}:{tag}");
+        assert_eq!(status(&c, layer(repo, *seed)).await, want, "layer of {repo}:{tag}");
+    }
+}
+
+#[test]
+fn gc_untagged_takes_projects_not_repositories() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in [
+        &["gc", "--gc-untagged", "team/app"][..],
+        &["serve", "--gc-untagged", "team,Bad"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(cmd)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("BERTH_CONFIG")
+            .env_remove("BERTH_GC_UNTAGGED")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is not a project name"), "{cmd:?}: {err}");
+    }
+}

@@ -2,9 +2,10 @@
 //! collected. A rule applies to the tags of a project's repositories that
 //! match its `pattern`; of those, each repository keeps its `keep_last`
 //! most recently pushed, anything pushed within `pushed_within_days`, and
-//! anything matching `protect`. Immutable tags are never deleted (their
-//! delete is refused). The rest lose their tag; their manifests, now
-//! untagged, go with GC's untagged pruning (`--gc-untagged`).
+//! anything matching `protect`. Immutable tags are never deleted: they are
+//! left out of the plan (and their delete would be refused anyway). The
+//! rest lose their tag; their manifests, now untagged, go with GC's
+//! untagged pruning (`--gc-untagged`).
 //!
 //! Push time is the time the tag's manifest was last put (a re-tag puts it
 //! again). Pull time is the last GET or HEAD of the manifest by that tag
@@ -43,6 +44,11 @@ impl FromStr for RetentionRule {
         let project = parts.next().unwrap_or("").trim();
         if project.is_empty() {
             return Err(bad("it names no project"));
+        }
+        if project.contains('/') {
+            return Err(bad(&format!(
+                "{project:?} is a repository, not a project (the first part of a repository name)"
+            )));
         }
         let mut rule = RetentionRule {
             project: project.to_string(),
@@ -139,12 +145,23 @@ pub fn plan(snap: &GcSnapshot, rules: &[RetentionRule], now: u64) -> Vec<(String
 
 impl Registry {
     /// Applies the rules (or, with `dry_run`, only plans). Returns the tags
-    /// deleted (or to delete). Immutable tags are skipped.
+    /// deleted (or to delete). Tags this registry's `--immutable-tags` rules
+    /// protect are left out of the plan, so a dry run lists exactly what a
+    /// real run deletes.
     pub async fn retention(&self, rules: &[RetentionRule], dry_run: bool) -> Result<Vec<(String, String)>> {
         // Pulls noted in memory count too.
         self.flush_pulls().await?;
         let snap = self.meta.gc_snapshot().await?;
-        let planned = plan(&snap, rules, crate::now());
+        let mut planned = plan(&snap, rules, crate::now());
+        planned.retain(|(repo, tag)| {
+            let immutable = repo
+                .parse::<RepoName>()
+                .is_ok_and(|r| crate::immutable::rule_for(&self.config.immutable_tags, &r, tag).is_some());
+            if immutable {
+                tracing::debug!(%repo, %tag, "retention keeps an immutable tag");
+            }
+            !immutable
+        });
         if dry_run {
             return Ok(planned);
         }
@@ -154,7 +171,10 @@ impl Registry {
                 continue;
             };
             match self.manifest_delete(&r, &Reference::Tag(t)).await {
-                Ok(()) => deleted.push((repo, tag)),
+                Ok(()) => {
+                    tracing::info!(%repo, %tag, "retention deleted a tag");
+                    deleted.push((repo, tag))
+                }
                 Err(e) => tracing::info!(%repo, %tag, reason = %e.message, "retention kept a tag"),
             }
         }
@@ -181,7 +201,14 @@ mod tests {
             (r.keep_last, r.pattern.as_str(), r.protect.as_deref()),
             (Some(2), "v*", Some("v1*"))
         );
-        for bad in ["", "team", "team:keep-last=x", "team:color=blue", "team:keep-last"] {
+        for bad in [
+            "",
+            "team",
+            "team:keep-last=x",
+            "team:color=blue",
+            "team:keep-last",
+            "team/app:keep-last=1",
+        ] {
             assert!(bad.parse::<RetentionRule>().is_err(), "{bad}");
         }
         assert!("team:pattern=v*"
@@ -207,16 +234,16 @@ mod tests {
         // here (`keep_last_follows_push_time` checks it): keep none by count.
         let rules = vec![rule("team:keep-last=0:pattern=v*:protect=v3")];
         let planned = e.reg.retention(&rules, true).await.unwrap();
-        let want: Vec<(String, String)> = ["v0", "v1", "v2"]
+        let want: Vec<(String, String)> = ["v1", "v2"]
             .iter()
             .map(|t| ("team/a".to_string(), t.to_string()))
             .collect();
         assert_eq!(
             planned, want,
-            "v3 is protected, dev and keep-me do not match, other/ is another project"
+            "v0 is immutable, v3 is protected, dev and keep-me do not match, other/ is another project"
         );
         let deleted = e.reg.retention(&rules, false).await.unwrap();
-        assert_eq!(deleted, want[1..].to_vec(), "v0 is immutable");
+        assert_eq!(deleted, want, "the dry run listed exactly what the real run deletes");
         for (t, present) in [
             ("v0", true),
             ("v1", false),

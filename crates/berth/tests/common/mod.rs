@@ -129,6 +129,13 @@ impl Server {
         false
     }
 
+    /// Starts berth again on the same address and data directory, with
+    /// these options instead of the ones it was started with.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Starts berth again on the same address and data directory.
     pub fn restart(&mut self) {
         let addr = self.addr.clone();
