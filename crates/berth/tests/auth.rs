@@ -495,15 +495,23 @@ async fn robots_public_projects_catalog_mounts_and_uploads() {
         .map(|r| r["action"].as_str().unwrap())
         .collect();
     assert!(actions.contains(&"push"), "{actions:?}");
-    let log: Value = c
-        .get(s.url("/api/v1/audit?action=robot_revoke"))
-        .header("authorization", basic("admin", ADMIN_PW))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // The audit log is written in the background: wait for the record.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let log = loop {
+        let log: Value = c
+            .get(s.url("/api/v1/audit?action=robot_revoke"))
+            .header("authorization", basic("admin", ADMIN_PW))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if log.as_array().is_some_and(|a| !a.is_empty()) || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(log[0]["resource"], "robot$ci");
     assert_eq!(log[0]["actor"], "admin");
 }
