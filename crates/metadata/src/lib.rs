@@ -215,7 +215,18 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// allows its touch, no tag points at it, nothing in its repository names
     /// it as a subject, and no manifest of its repository lists it as a
     /// child. Returns its size if it was removed.
-    async fn sweep_manifest(&self, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>>;
+    async fn sweep_manifest(&self, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>> {
+        Ok(self
+            .sweep_manifests(std::slice::from_ref(m), guard)
+            .await?
+            .pop()
+            .flatten())
+    }
+
+    /// `sweep_manifest` for each of `ms`, in order, in one transaction (an
+    /// index before its children: removing it can free them). Returns, for
+    /// each, its size if it was removed.
+    async fn sweep_manifests(&self, ms: &[ManifestSweep], guard: SweepGuard) -> Result<Vec<Option<u64>>>;
 
     /// Bytes project `project` holds: every blob linked by any of its
     /// repositories once, plus every manifest once (by digest).

@@ -178,62 +178,71 @@ pub(crate) fn sweep_blobs(db: &Database, candidates: &[Digest], guard: SweepGuar
     Ok(swept)
 }
 
-pub(crate) fn sweep_manifest(db: &Database, m: &ManifestSweep, guard: SweepGuard) -> Result<Option<u64>> {
-    let (repo, d) = (m.repo.as_str(), m.digest.as_str());
+/// Removes each untagged manifest the guard and the store allow, in one
+/// transaction, in order (an index before its children, so a child the
+/// index held is free by its turn). `None` for those left alone.
+pub(crate) fn sweep_manifests(db: &Database, ms: &[ManifestSweep], guard: SweepGuard) -> Result<Vec<Option<u64>>> {
     let w = db.begin_write().map_err(be)?;
-    let size = {
+    let mut out = Vec::with_capacity(ms.len());
+    {
         let touched = w.open_table(TOUCHED).map_err(be)?;
-        if !guard.allows(touch_of(&touched, d)?) {
-            return Ok(None);
-        }
         let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
-        let record: ManifestRecord = match manifests.get((repo, d)).map_err(be)? {
-            Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
-            None => return Ok(None),
-        };
         let tags = w.open_table(TAGS).map_err(be)?;
-        for item in tags.range((repo, "")..).map_err(be)? {
-            let (k, v) = item.map_err(be)?;
-            if k.value().0 != repo {
-                break;
-            }
-            if v.value() == d {
-                return Ok(None);
-            }
-        }
         let mut referrers = w.open_table(REFERRERS).map_err(be)?;
-        if let Some(item) = referrers.range((repo, d, "")..).map_err(be)?.next() {
-            let (k, _) = item.map_err(be)?;
-            let (r, s, _) = k.value();
-            if r == repo && s == d {
-                return Ok(None);
-            }
-        }
-        for item in manifests.range((repo, "")..).map_err(be)? {
-            let (k, v) = item.map_err(be)?;
-            if k.value().0 != repo {
-                break;
-            }
-            let other: ManifestRecord = serde_json::from_slice(v.value()).map_err(be)?;
-            if other.children.iter().any(|c| c == d) {
-                return Ok(None);
-            }
-        }
-        manifests.remove((repo, d)).map_err(be)?;
         let mut repos = w.open_table(REPOS).map_err(be)?;
-        let n = repos.get(repo).map_err(be)?.map(|v| v.value()).unwrap_or(1);
-        if n <= 1 {
-            repos.remove(repo).map_err(be)?;
-        } else {
-            repos.insert(repo, n - 1).map_err(be)?;
+        for m in ms {
+            let (repo, d) = (m.repo.as_str(), m.digest.as_str());
+            let size = 'one: {
+                if !guard.allows(touch_of(&touched, d)?) {
+                    break 'one None;
+                }
+                let record: ManifestRecord = match manifests.get((repo, d)).map_err(be)? {
+                    Some(v) => serde_json::from_slice(v.value()).map_err(be)?,
+                    None => break 'one None,
+                };
+                for item in tags.range((repo, "")..).map_err(be)? {
+                    let (k, v) = item.map_err(be)?;
+                    if k.value().0 != repo {
+                        break;
+                    }
+                    if v.value() == d {
+                        break 'one None;
+                    }
+                }
+                if let Some(item) = referrers.range((repo, d, "")..).map_err(be)?.next() {
+                    let (k, _) = item.map_err(be)?;
+                    let (r, s, _) = k.value();
+                    if r == repo && s == d {
+                        break 'one None;
+                    }
+                }
+                for item in manifests.range((repo, "")..).map_err(be)? {
+                    let (k, v) = item.map_err(be)?;
+                    if k.value().0 != repo {
+                        break;
+                    }
+                    let other: ManifestRecord = serde_json::from_slice(v.value()).map_err(be)?;
+                    if other.children.iter().any(|c| c == d) {
+                        break 'one None;
+                    }
+                }
+                manifests.remove((repo, d)).map_err(be)?;
+                let n = repos.get(repo).map_err(be)?.map(|v| v.value()).unwrap_or(1);
+                if n <= 1 {
+                    repos.remove(repo).map_err(be)?;
+                } else {
+                    repos.insert(repo, n - 1).map_err(be)?;
+                }
+                if let Some(subject) = &record.subject {
+                    referrers.remove((repo, subject.as_str(), d)).map_err(be)?;
+                }
+                Some(record.size)
+            };
+            out.push(size);
         }
-        if let Some(subject) = &record.subject {
-            referrers.remove((repo, subject.as_str(), d)).map_err(be)?;
-        }
-        record.size
-    };
+    }
     w.commit().map_err(be)?;
-    Ok(Some(size))
+    Ok(out)
 }
 
 /// Every digest project `project` holds (links and manifests of its

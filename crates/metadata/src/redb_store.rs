@@ -611,9 +611,10 @@ impl MetadataStore for RedbMetadata {
             .await
     }
 
-    async fn sweep_manifest(&self, m: &crate::ManifestSweep, guard: crate::SweepGuard) -> Result<Option<u64>> {
-        let m = m.clone();
-        self.run(move |db| crate::redb_gc::sweep_manifest(db, &m, guard)).await
+    async fn sweep_manifests(&self, ms: &[crate::ManifestSweep], guard: crate::SweepGuard) -> Result<Vec<Option<u64>>> {
+        let ms = ms.to_vec();
+        self.run(move |db| crate::redb_gc::sweep_manifests(db, &ms, guard))
+            .await
     }
 }
 

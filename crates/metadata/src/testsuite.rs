@@ -397,27 +397,17 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         None,
         "a child stays"
     );
+    // One batch, one transaction, in order: the index goes, which frees its
+    // child (and the signature's referrers entry), which frees its subject.
+    let batch = [sweep(&idx), sweep(&sig), sweep(&m), sweep(&m)];
     assert_eq!(
-        store.sweep_manifest(&sweep(&idx), guard_at(snap.seq)).await.unwrap(),
-        Some(100)
+        store.sweep_manifests(&batch, guard_at(snap.seq)).await.unwrap(),
+        vec![Some(100), Some(100), Some(100), None],
+        "the last is already gone"
     );
     assert_eq!(store.get_manifest(&r, &idx).await.unwrap(), None);
-    // Now the signature is nobody's child, and its referrers entry goes with it.
-    assert_eq!(
-        store.sweep_manifest(&sweep(&sig), guard_at(snap.seq)).await.unwrap(),
-        Some(100)
-    );
     assert!(store.referrers(&r, &m).await.unwrap().is_empty());
-    assert_eq!(
-        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
-        Some(100)
-    );
     assert!(!store.repo_exists(&r).await.unwrap());
-    assert_eq!(
-        store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
-        None,
-        "already gone"
-    );
 }
 
 pub async fn project_usage(store: &dyn MetadataStore) {

@@ -216,10 +216,13 @@ impl Registry {
         Ok(())
     }
 
+    /// One transaction per batch: a store that syncs every commit pays
+    /// one sync per batch, not per manifest.
     async fn sweep_manifests(&self, chunk: &[ManifestSweep], guard: SweepGuard) -> Result<u64> {
+        let removed = self.meta.sweep_manifests(chunk, guard).await?;
         let mut n = 0;
-        for m in chunk {
-            if self.meta.sweep_manifest(m, guard).await?.is_some() {
+        for (m, size) in chunk.iter().zip(removed) {
+            if size.is_some() {
                 // A cached copy must not outlive the manifest.
                 self.cache.invalidate(&m.repo);
                 tracing::debug!(repo = %m.repo, digest = %m.digest, "removed an untagged manifest");
