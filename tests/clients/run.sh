@@ -6,8 +6,9 @@
 # Without --registry, berth is started from $BERTH_BIN (default $ROOT/target/debug/berth)
 # on a free loopback port with a fresh data dir, and stopped on exit.
 #
-# Tests: docker skopeo buildah_podman containerd oras dxf auth lifecycle retention (default: all). auth and
-# retention start their own berth (from $BERTH_BIN), so they are skipped with --registry.
+# Tests: docker skopeo buildah_podman containerd oras dxf auth lifecycle retention proxy proxy_htpasswd
+# (default: all). auth, retention, proxy and proxy_htpasswd start their own berth (from $BERTH_BIN; the
+# proxy tests also an upstream docker-registry), so they are skipped with --registry.
 #
 # Environment:
 #   BERTH_BIN          berth binary (default $ROOT/target/debug/berth)
@@ -23,7 +24,7 @@
 # Each test runs in its own bash process (this file sourced with BERTH_CLIENTS_LIB=1),
 # with `set -eEuo pipefail`, its output captured to $TMP/logs/<test>.log.
 
-ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth lifecycle retention)
+ALL_TESTS=(docker skopeo buildah_podman containerd oras dxf auth lifecycle retention proxy proxy_htpasswd)
 
 # ---------------------------------------------------------------------------
 # helpers shared by the tests (available in the per-test child process)
@@ -1148,6 +1149,455 @@ test_retention() {
     echo "ok: no errors or panics in berth's logs" >&2
 }
 
+# ---------------------------------------------------------------------------
+# proxy, proxy_htpasswd: berth as a pull-through cache of a Debian docker-registry
+# upstream (without auth / with htpasswd basic auth), pulled through with skopeo,
+# podman, ctr (containerd mirror via hosts.toml, ?ns=) and docker
+# ---------------------------------------------------------------------------
+PROXY_BERTH_PID=""
+PROXY_UP_PID=""
+PROXY_DOCKER_IMAGES=()
+
+# shellcheck disable=SC2317
+proxy_cleanup() {
+    local rc=$? i
+    containerd_stop
+    ((${#PROXY_DOCKER_IMAGES[@]} == 0)) || docker rmi -f "${PROXY_DOCKER_IMAGES[@]}" >/dev/null 2>&1 || true
+    proxy_berth_stop
+    if [[ -n $PROXY_UP_PID ]] && kill "$PROXY_UP_PID" 2>/dev/null; then
+        for i in $(seq 50); do kill -0 "$PROXY_UP_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$PROXY_UP_PID" 2>/dev/null || true
+    fi
+    if ((rc != 0)); then
+        if [[ -s ${PBERTH_LOG:-} ]]; then
+            echo "--- last lines of the proxy berth's log ($PBERTH_LOG):" >&2
+            tail -n 15 "$PBERTH_LOG" >&2
+        fi
+        if [[ -s ${UP_LOG:-} ]]; then
+            echo "--- last lines of the upstream's log ($UP_LOG):" >&2
+            tail -n 10 "$UP_LOG" >&2
+        fi
+    fi
+}
+
+# Debian's docker-registry (distribution 2.8) on a free loopback port, with a config in the
+# test dir (never /etc/docker/registry/config.yml, which turns on htpasswd). Sets UP, UP_LOG,
+# UP_CREDS (user:password, or empty) and UP_CURL (curl options with the credentials).
+proxy_upstream_start() { # auth: none|htpasswd
+    local d=$TEST_DIR/upstream auth=""
+    mkdir -p "$d/data"
+    UP=127.0.0.1:$(free_port)
+    UP_LOG=$d/registry.log
+    UP_CREDS=""
+    UP_CURL=()
+    if [[ $1 == htpasswd ]]; then
+        local pw
+        pw="up-$(rand_hex 8)"
+        UP_CREDS="puller:$pw"
+        UP_CURL=(-u "$UP_CREDS")
+        htpasswd -Bbn puller "$pw" >"$d/htpasswd"
+        auth="auth: { htpasswd: { realm: berth-upstream, path: $d/htpasswd } }"
+    fi
+    cat >"$d/config.yml" <<YML
+version: 0.1
+log: { level: info, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $d/data }, delete: { enabled: true } }
+http: { addr: $UP }
+$auth
+YML
+    step "start the upstream docker-registry on $UP (auth: $1)"
+    # distribution reads REGISTRY_* variables as config overrides: REGISTRY_AUTH_FILE (the
+    # containers auth file of this harness) would become auth.file.
+    local unset_env=() v
+    for v in $(compgen -e); do [[ $v != REGISTRY_* ]] || unset_env+=(-u "$v"); done
+    env "${unset_env[@]}" setsid docker-registry serve "$d/config.yml" >"$UP_LOG" 2>&1 &
+    PROXY_UP_PID=$!
+    echo "$PROXY_UP_PID" >>"$PIDS_FILE"
+    local deadline=$((SECONDS + 20)) code=""
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${UP_CURL[@]}" "http://$UP/v2/" || true)
+        [[ $code != 200 ]] || break
+        kill -0 "$PROXY_UP_PID" 2>/dev/null || fail "docker-registry exited during startup: $(tail -3 "$UP_LOG" | tr '\n' ' ')"
+        ((SECONDS < deadline)) || fail "docker-registry did not answer GET /v2/ with 200 within 20 s (last: '$code')"
+        sleep 0.2
+    done
+    if [[ -n $UP_CREDS ]]; then
+        assert_eq 401 "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://$UP/v2/")" "the upstream refuses anonymous requests"
+    fi
+}
+
+# Waits until the upstream has logged every request answered so far: a marker request,
+# then (bounded) until its log line shows up. Prints the number of log lines.
+up_sync() {
+    local tok i
+    tok="berth-sync-$(rand_hex 6)"
+    curl -s -o /dev/null --max-time 5 "${UP_CURL[@]}" "http://$UP/v2/?$tok" || true
+    for i in $(seq 100); do
+        grep -q "$tok" "$UP_LOG" && break
+        ((i < 100)) || fail "the upstream did not log the marker request within 10 s"
+        sleep 0.1
+    done
+    wc -l <"$UP_LOG"
+}
+# Requests the upstream logged after line SINCE, one per line (marker requests left out):
+# METHOD <tab> URI <tab> STATUS <tab> USER-AGENT. distribution logs "response completed" (or
+# "... with error") per request, and only "error authorizing context" for a 401 challenge.
+up_requests() { # since
+    tail -n +"$(($1 + 1))" "$UP_LOG" | python3 -c '
+import shlex, sys
+for line in sys.stdin:
+    challenge = "msg=\"error authorizing context" in line
+    if "msg=\"response completed" not in line and not challenge:
+        continue
+    try:
+        kv = dict(t.split("=", 1) for t in shlex.split(line) if "=" in t)
+    except ValueError:
+        print("unparsable upstream log line: " + line.strip(), file=sys.stderr)
+        sys.exit(1)
+    if "berth-sync-" in kv.get("http.request.uri", ""):
+        continue
+    status = "401" if challenge else kv.get("http.response.status", "")
+    print("\t".join([kv.get("http.request.method", ""), kv.get("http.request.uri", ""), status,
+                     kv.get("http.request.useragent", "")]))
+'
+}
+
+# What the upstream was asked for since line SINCE (a pull of repository REPO through berth):
+# only berth asked (the client did not go around it), each digest of WANT was fetched with a GET
+# (each blob exactly once), and no digest of NOT (another platform's manifest, config and
+# layers) was asked for at all.
+check_upstream_fetches() { # label since repo "want digests" "not digests"
+    local label=$1 since=$2 repo=$3 want=$4 not=$5 reqs d n kind
+    up_sync >/dev/null
+    reqs=$(up_requests "$since")
+    printf 'upstream requests for %s:\n%s\n' "$label" "$reqs" | sed 's/^/    /' >&2
+    [[ -n $reqs ]] || fail "$label: the upstream got no request at all (expected a cold pull through berth)"
+    n=$(awk -F'\t' '$4 !~ /^berth\//' <<<"$reqs" | wc -l)
+    assert_eq 0 "$n" "$label: every upstream request came from berth (user agent berth/...)"
+    for d in $want; do
+        n=$(awk -F'\t' -v m="/v2/$repo/manifests/$d" -v b="/v2/$repo/blobs/$d" \
+            '$1 == "GET" && $3 == 200 && ($2 == m || $2 == b)' <<<"$reqs" | wc -l)
+        kind=$(awk -F'\t' -v b="/v2/$repo/blobs/$d" '$2 == b {print "blob"; exit}' <<<"$reqs")
+        if [[ $kind == blob ]]; then
+            assert_eq 1 "$n" "$label: upstream GETs of blob $d"
+        else
+            ((n >= 1)) || fail "$label: $d was never fetched from the upstream (GET $repo manifests or blobs, 200)"
+            echo "ok: $label: $d fetched from the upstream" >&2
+        fi
+    done
+    for d in $not; do
+        if grep -F -- "$d" <<<"$reqs" >&2; then
+            fail "$label: the upstream was asked for $d, which belongs to a platform that was not pulled"
+        fi
+    done
+    [[ -z $not ]] || echo "ok: $label: nothing of the other platform was asked of the upstream" >&2
+}
+# A warm pull: berth asked the upstream for no blob since line SINCE.
+check_no_blob_fetches() { # label since
+    local reqs
+    up_sync >/dev/null
+    reqs=$(up_requests "$2")
+    printf 'upstream requests for %s:\n%s\n' "$1" "$reqs" | sed 's/^/    /' >&2
+    if grep -F '/blobs/' <<<"$reqs" >&2; then fail "$1: blobs were fetched from the upstream again"; fi
+    echo "ok: $1: no blob fetched from the upstream" >&2
+}
+
+proxy_berth_stop() {
+    [[ -n $PROXY_BERTH_PID ]] || return 0
+    local i
+    if kill "$PROXY_BERTH_PID" 2>/dev/null; then
+        for i in $(seq 50); do kill -0 "$PROXY_BERTH_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$PROXY_BERTH_PID" 2>/dev/null || true
+    fi
+    PROXY_BERTH_PID=""
+}
+# (Re)starts the caching berth on a fresh data dir, with upstream "hub" = the docker-registry
+# (project hub). Sets PREG and PBERTH_LOG. PROXY_PASSWORD_FILE overrides the password.
+proxy_berth_start() { # name
+    proxy_berth_stop
+    local name=$1 cfg=$TEST_DIR/berth-$1.toml
+    PREG=127.0.0.1:$(free_port)
+    PBERTH_LOG=$TEST_DIR/berth-$name.log
+    mkdir -p "$TEST_DIR/berth-$name-data"
+    cat >"$cfg" <<TOML
+listen = "$PREG"
+data_dir = "$TEST_DIR/berth-$name-data"
+log = "info"
+log_format = "json"
+
+[[upstreams]]
+name = "hub"
+url = "http://$UP"
+TOML
+    if [[ -n ${PROXY_PASSWORD_FILE:-} ]]; then
+        printf 'username = "%s"\npassword_file = "%s"\n' "${UP_CREDS%%:*}" "$PROXY_PASSWORD_FILE" >>"$cfg"
+    elif [[ -n $UP_CREDS ]]; then
+        printf 'username = "%s"\npassword = "%s"\n' "${UP_CREDS%%:*}" "${UP_CREDS#*:}" >>"$cfg"
+    fi
+    step "start the caching berth '$name' on $PREG ($cfg)"
+    sed 's/^password = .*/password = "..."/' "$cfg" >&2
+    local unset_env=() v
+    for v in $(compgen -e); do [[ $v != BERTH_* ]] || unset_env+=(-u "$v"); done
+    env "${unset_env[@]}" "$BERTH_BIN" serve --config "$cfg" >"$PBERTH_LOG" 2>&1 &
+    PROXY_BERTH_PID=$!
+    echo "$PROXY_BERTH_PID" >>"$PIDS_FILE"
+    local deadline=$((SECONDS + 20)) code=""
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$PREG/v2/" || true)
+        [[ $code != 200 ]] || break
+        kill -0 "$PROXY_BERTH_PID" 2>/dev/null || fail "berth exited during startup: $(tail -3 "$PBERTH_LOG" | tr '\n' ' ')"
+        ((SECONDS < deadline)) || fail "berth did not answer GET /v2/ with 200 within 20 s (last: '$code')"
+        sleep 0.2
+    done
+}
+
+# Digests of a manifest's config and layers (as stored in the direct pull's layout).
+proxy_blobs() { # manifest-digest
+    jq -r '.config.digest, .layers[].digest' "$TEST_DIR/direct/blobs/sha256/${1#sha256:}" | tr '\n' ' '
+}
+proxy_diff_ids() { # manifest-digest -> the config's rootfs.diff_ids as compact JSON
+    local cfg
+    cfg=$(jq -r .config.digest "$TEST_DIR/direct/blobs/sha256/${1#sha256:}")
+    jq -c .rootfs.diff_ids "$TEST_DIR/direct/blobs/sha256/${cfg#sha256:}"
+}
+proxy_metric() { # name labels -> value (0 if absent)
+    curl -sS --max-time 10 "http://$PREG/metrics" |
+        awk -v k="$1{$2}" 'index($0, k " ") == 1 {v = $2} END {print v + 0}'
+}
+
+proxy_suite() { # auth: none|htpasswd
+    [[ ${OWN_BERTH:-0} == 1 ]] || skip "needs to start its own berth with an upstream (not possible with --registry)"
+    [[ -x ${BERTH_BIN:-} ]] || fail "BERTH_BIN not executable: '${BERTH_BIN:-}'"
+    command -v docker-registry >/dev/null || fail "docker-registry missing: run scripts/install-test-deps.sh"
+    [[ $1 != htpasswd ]] || command -v htpasswd >/dev/null || fail "htpasswd missing (apache2-utils): run scripts/install-test-deps.sh"
+    trap proxy_cleanup EXIT
+    proxy_upstream_start "$1"
+    local src_creds=() dst_creds=()
+    if [[ -n $UP_CREDS ]]; then src_creds=(--src-creds "$UP_CREDS"); dst_creds=(--dest-creds "$UP_CREDS"); fi
+
+    step "seed the upstream: lib/app:v1 (amd64, 2 layers) and lib/multi:v1 (amd64 + arm64 index)"
+    local L=$TEST_DIR/layout
+    make_oci_layout "$L" proxy
+    sko copy --dest-tls-verify=false "${dst_creds[@]}" "oci:$L:amd64" "docker://$UP/lib/app:v1"
+    sko copy --dest-tls-verify=false "${dst_creds[@]}" --all "oci:$L:multi" "docker://$UP/lib/multi:v1"
+
+    step "direct pull from the upstream (the reference)"
+    sko copy --src-tls-verify=false "${src_creds[@]}" "docker://$UP/lib/app:v1" "oci:$TEST_DIR/direct:app"
+    sko copy --src-tls-verify=false "${src_creds[@]}" --all "docker://$UP/lib/multi:v1" "oci:$TEST_DIR/direct:multi"
+    local d_app d_multi d_amd64 d_arm64
+    d_app=$(layout_digest "$TEST_DIR/direct" app)
+    d_multi=$(layout_digest "$TEST_DIR/direct" multi)
+    assert_eq "$(layout_digest "$L" amd64)" "$d_app" "direct pull: app manifest digest == seeded"
+    assert_eq "$(layout_digest "$L" multi)" "$d_multi" "direct pull: index digest == seeded"
+    d_amd64=$(jq -r '.manifests[] | select(.platform.architecture == "amd64") | .digest' "$TEST_DIR/direct/blobs/sha256/${d_multi#sha256:}")
+    d_arm64=$(jq -r '.manifests[] | select(.platform.architecture == "arm64") | .digest' "$TEST_DIR/direct/blobs/sha256/${d_multi#sha256:}")
+    local arm64_set amd64_only="" d
+    arm64_set="$d_arm64 $(proxy_blobs "$d_arm64")"
+    for d in $d_amd64 $(proxy_blobs "$d_amd64"); do
+        [[ " $arm64_set " == *" $d "* ]] || amd64_only+="$d "
+    done
+    [[ -n $amd64_only ]] || fail "the amd64 and arm64 images share everything: the platform check would prove nothing"
+    echo "arm64: $arm64_set; amd64 only: $amd64_only" >&2
+
+    # ---- skopeo ----------------------------------------------------------
+    proxy_berth_start skopeo
+    grep -F '"message":"pull-through cache"' "$PBERTH_LOG" >&2 || fail "berth did not log its upstream at startup"
+    assert_contains "$(grep -F '"message":"pull-through cache"' "$PBERTH_LOG")" "\"namespace\":\"$UP\"" "upstream namespace defaults to its host:port"
+    local since blob
+    step "skopeo: hub/lib/multi:v1 for linux/arm64 only"
+    since=$(up_sync)
+    sko copy --src-tls-verify=false --override-arch arm64 --override-os linux \
+        "docker://$PREG/hub/lib/multi:v1" "oci:$TEST_DIR/sk:multi"
+    assert_eq "$d_arm64" "$(layout_digest "$TEST_DIR/sk" multi)" "skopeo picked the arm64 manifest"
+    for blob in $(proxy_blobs "$d_arm64"); do
+        cmp "$TEST_DIR/direct/blobs/sha256/${blob#sha256:}" "$TEST_DIR/sk/blobs/sha256/${blob#sha256:}" ||
+            fail "arm64 blob $blob differs from the direct pull"
+    done
+    check_upstream_fetches "skopeo arm64 of multi" "$since" lib/multi "$d_multi $arm64_set" "$amd64_only"
+
+    step "skopeo: cold pull of hub/lib/app:v1 through berth"
+    since=$(up_sync)
+    sko copy --src-tls-verify=false "docker://$PREG/hub/lib/app:v1" "oci:$TEST_DIR/sk:app"
+    assert_eq "$d_app" "$(layout_digest "$TEST_DIR/sk" app)" "skopeo through berth: manifest digest == direct"
+    for blob in $(proxy_blobs "$d_app"); do
+        cmp "$TEST_DIR/direct/blobs/sha256/${blob#sha256:}" "$TEST_DIR/sk/blobs/sha256/${blob#sha256:}" ||
+            fail "blob $blob pulled through berth differs from the direct pull"
+    done
+    echo "ok: config and every layer identical to the direct pull" >&2
+    check_upstream_fetches "skopeo cold app" "$since" lib/app "$d_app $(proxy_blobs "$d_app")" ""
+    assert_eq "$d_app" "$(manifest_digest_at "$PREG" hub/lib/app v1)" "berth serves the upstream's manifest bytes"
+
+    step "skopeo: warm pull (served from the cache)"
+    local hits0 hits1
+    hits0=$(proxy_metric berth_proxy_requests_total 'upstream="hub",result="hit"')
+    since=$(up_sync)
+    sko copy --src-tls-verify=false "docker://$PREG/hub/lib/app:v1" "oci:$TEST_DIR/sk2:app"
+    assert_eq "$d_app" "$(layout_digest "$TEST_DIR/sk2" app)" "warm pull: manifest digest"
+    for blob in $(proxy_blobs "$d_app"); do
+        cmp "$TEST_DIR/direct/blobs/sha256/${blob#sha256:}" "$TEST_DIR/sk2/blobs/sha256/${blob#sha256:}" ||
+            fail "blob $blob of the warm pull differs from the direct pull"
+    done
+    check_no_blob_fetches "skopeo warm app" "$since"
+    hits1=$(proxy_metric berth_proxy_requests_total 'upstream="hub",result="hit"')
+    ((hits1 >= hits0 + 3)) || fail "berth_proxy_requests_total{result=\"hit\"} went from $hits0 to $hits1 over a warm pull of 3 blobs"
+    echo "ok: berth_proxy_requests_total{result=\"hit\"} $hits0 -> $hits1" >&2
+    (($(proxy_metric berth_proxy_requests_total 'upstream="hub",result="miss"') >= 3)) ||
+        fail "berth_proxy_requests_total{result=\"miss\"} < 3 after a cold pull"
+
+    step "skopeo: a push into the cache project is refused"
+    fails_with "skopeo push into hub/" sko copy --dest-tls-verify=false "oci:$L:arm64" "docker://$PREG/hub/lib/pushed:v1"
+    assert_contains "$FAIL_OUT" "unsupported: project hub is a pull-through cache of hub (http://$UP): it is read-only" \
+        "skopeo shows berth's UNSUPPORTED message"
+    local code
+    code=$(curl -sS --max-time 10 -o "$TEST_DIR/del.out" -w '%{http_code}' -X DELETE "http://$PREG/v2/hub/lib/app/manifests/$d_app")
+    cat "$TEST_DIR/del.out" >&2; echo >&2
+    assert_eq UNSUPPORTED "$(jq -r '.errors[0].code' "$TEST_DIR/del.out")" "DELETE of a cached manifest: error code (HTTP $code)"
+    assert_eq "$d_app" "$(manifest_digest_at "$PREG" hub/lib/app v1)" "the cached manifest is still served"
+
+    # ---- podman ----------------------------------------------------------
+    proxy_berth_start podman
+    containers_env "$TEST_DIR/podstore"
+    step "podman: hub/lib/multi:v1 for linux/arm64 only"
+    since=$(up_sync)
+    pod pull --tls-verify=false --arch arm64 --os linux "$PREG/hub/lib/multi:v1" >&2
+    pod image inspect "$PREG/hub/lib/multi:v1" >"$TEST_DIR/pod-multi.json"
+    assert_eq "$(proxy_blobs "$d_arm64" | cut -d' ' -f1 | sed 's/^sha256://') arm64" \
+        "$(jq -r '"\(.[0].Id) \(.[0].Architecture)"' "$TEST_DIR/pod-multi.json")" "podman: arm64 image id and architecture"
+    assert_eq "$(proxy_diff_ids "$d_arm64")" "$(jq -c '.[0].RootFS.Layers' "$TEST_DIR/pod-multi.json")" "podman: arm64 layer diff ids"
+    check_upstream_fetches "podman arm64 of multi" "$since" lib/multi "$d_multi $arm64_set" "$amd64_only"
+    step "podman: cold pull of hub/lib/app:v1 through berth"
+    since=$(up_sync)
+    pod pull --tls-verify=false "$PREG/hub/lib/app:v1" >&2
+    pod image inspect "$PREG/hub/lib/app:v1" >"$TEST_DIR/pod-app.json"
+    assert_eq "$d_app" "$(jq -r '.[0].Digest' "$TEST_DIR/pod-app.json")" "podman: manifest digest == direct"
+    assert_eq "$(proxy_blobs "$d_app" | cut -d' ' -f1 | sed 's/^sha256://')" "$(jq -r '.[0].Id' "$TEST_DIR/pod-app.json")" "podman: image id == config digest"
+    assert_eq "$(proxy_diff_ids "$d_app")" "$(jq -c '.[0].RootFS.Layers' "$TEST_DIR/pod-app.json")" "podman: layer diff ids == direct"
+    check_upstream_fetches "podman cold app" "$since" lib/app "$d_app $(proxy_blobs "$d_app")" ""
+
+    # ---- containerd: berth as the upstream's mirror (hosts.toml, ?ns=) -----
+    proxy_berth_start ctr
+    containerd_start "$TEST_DIR/containerd"
+    local hosts=$TEST_DIR/certs.d
+    mkdir -p "$hosts/$UP"
+    cat >"$hosts/$UP/hosts.toml" <<TOML
+server = "http://$UP"
+
+[host."http://$PREG"]
+  capabilities = ["pull", "resolve"]
+TOML
+    cat "$hosts/$UP/hosts.toml" >&2
+    step "ctr: pull $UP/lib/multi:v1 for linux/arm64 only"
+    since=$(up_sync)
+    x ctr images pull --hosts-dir "$hosts" --platform linux/arm64 "$UP/lib/multi:v1" >&2
+    assert_eq "$d_multi" "$(ctr_target "$UP/lib/multi:v1")" "ctr: index target digest"
+    for blob in $d_arm64 $(proxy_blobs "$d_arm64"); do
+        cmp <(ctr content get "$blob") "$TEST_DIR/direct/blobs/sha256/${blob#sha256:}" || fail "arm64 blob $blob in containerd differs"
+    done
+    for blob in $amd64_only; do
+        if ctr content get "$blob" >/dev/null 2>&1; then fail "containerd has amd64 content $blob after an arm64-only pull"; fi
+    done
+    echo "ok: containerd holds the arm64 manifest and blobs, no amd64 content" >&2
+    check_upstream_fetches "ctr arm64 of multi" "$since" lib/multi "$d_multi $arm64_set" "$amd64_only"
+    step "ctr: pull $UP/lib/app:v1 with berth as its mirror"
+    since=$(up_sync)
+    x ctr images pull --hosts-dir "$hosts" --platform linux/amd64 "$UP/lib/app:v1" >&2
+    assert_eq "$d_app" "$(ctr_target "$UP/lib/app:v1")" "ctr: target digest == direct"
+    for blob in $(proxy_blobs "$d_app"); do
+        cmp <(ctr content get "$blob") "$TEST_DIR/direct/blobs/sha256/${blob#sha256:}" || fail "blob $blob in containerd differs from the direct pull"
+    done
+    echo "ok: every blob in containerd's content store identical to the direct pull" >&2
+    check_upstream_fetches "ctr cold app" "$since" lib/app "$d_app $(proxy_blobs "$d_app")" ""
+    # berth's access log: containerd asked berth, naming the upstream in ?ns=
+    jq -R -c 'fromjson? | select(.message == "request") | {m: ."http.request.method", p: ."url.path", q: ."url.query", s: ."http.response.status_code"}' \
+        "$PBERTH_LOG" >"$TEST_DIR/ctr-access.jsonl"
+    for blob in $(proxy_blobs "$d_app"); do
+        assert_eq 1 "$(jq -r --arg p "/v2/lib/app/blobs/$blob" --arg ns "ns=$UP" \
+            'select(.p == $p and .m == "GET" and .s == 200 and ((.q // "") | gsub("%3A"; ":")) == $ns) | 1' "$TEST_DIR/ctr-access.jsonl" | wc -l)" \
+            "berth's access log: GET /v2/lib/app/blobs/$blob?ns=$UP answered 200"
+    done
+    containerd_stop
+
+    # ---- docker ----------------------------------------------------------
+    if docker info >/dev/null 2>&1; then
+        proxy_berth_start docker
+        local img=$PREG/hub/lib/app:v1 mimg=$PREG/hub/lib/multi:v1 pimg=$PREG/hub/lib/dpushed:v1
+        PROXY_DOCKER_IMAGES=("$img" "$mimg" "$pimg" "$PREG/hub/lib/app@$d_app" "$PREG/hub/lib/multi@$d_multi")
+        step "docker: pull $mimg for linux/arm64 only"
+        since=$(up_sync)
+        x docker pull --platform linux/arm64 "$mimg" >&2
+        assert_eq "$(proxy_blobs "$d_arm64" | cut -d' ' -f1) arm64" \
+            "$(docker image inspect -f '{{.Id}} {{.Architecture}}' "$mimg")" "docker: arm64 image id and architecture"
+        assert_contains "$(docker image inspect -f '{{json .RepoDigests}}' "$mimg")" "$PREG/hub/lib/multi@$d_multi" "docker: RepoDigests has the index digest"
+        check_upstream_fetches "docker arm64 of multi" "$since" lib/multi "$d_multi $arm64_set" "$amd64_only"
+        step "docker: cold pull of $img"
+        since=$(up_sync)
+        x docker pull "$img" >&2
+        assert_eq "$(proxy_blobs "$d_app" | cut -d' ' -f1)" "$(docker image inspect -f '{{.Id}}' "$img")" "docker: image id == config digest"
+        assert_contains "$(docker image inspect -f '{{json .RepoDigests}}' "$img")" "$PREG/hub/lib/app@$d_app" "docker: RepoDigests has the upstream's digest"
+        assert_eq "$(proxy_diff_ids "$d_app")" "$(docker image inspect -f '{{json .RootFS.Layers}}' "$img")" "docker: layer diff ids == direct"
+        check_upstream_fetches "docker cold app" "$since" lib/app "$d_app $(proxy_blobs "$d_app")" ""
+        step "docker: a push into the cache project is refused"
+        x docker tag "$img" "$pimg"
+        fails_with "docker push into hub/" docker push "$pimg"
+        assert_contains "$FAIL_OUT" "project hub is a pull-through cache of hub (http://$UP): it is read-only" \
+            "docker shows berth's UNSUPPORTED message"
+        docker rmi -f "${PROXY_DOCKER_IMAGES[@]}" >/dev/null 2>&1 || true
+    else
+        echo "note: docker info fails; skipping the docker pulls" >&2
+    fi
+
+    # ---- wrong upstream credentials ----------------------------------------
+    if [[ -n $UP_CREDS ]]; then
+        step "berth with a wrong upstream password: the pull fails and names the upstream"
+        PROXY_PASSWORD_FILE=$TEST_DIR/wrong-password
+        echo "wrong-$(rand_hex 4)" >"$PROXY_PASSWORD_FILE"
+        proxy_berth_start badcreds
+        PROXY_PASSWORD_FILE=""
+        code=$(curl -sS --max-time 10 -o "$TEST_DIR/bad.out" -w '%{http_code}' -H "Accept: $ACCEPT_ALL" "http://$PREG/v2/hub/lib/app/manifests/v1")
+        cat "$TEST_DIR/bad.out" >&2; echo >&2
+        [[ $code == [45]?? ]] || fail "GET of a manifest with wrong upstream credentials answered $code"
+        assert_contains "$(jq -r '.errors[0].message' "$TEST_DIR/bad.out")" "upstream hub (http://$UP)" "berth's error body (HTTP $code) names the upstream"
+        assert_contains "$(jq -r '.errors[0].message' "$TEST_DIR/bad.out")" "credentials" "berth's error body says the credentials were refused"
+        (($(proxy_metric berth_proxy_upstream_errors_total 'upstream="hub",kind="auth"') >= 1)) ||
+            { curl -sS --max-time 10 "http://$PREG/metrics" | grep berth_proxy_upstream_errors >&2 || true
+              fail "berth_proxy_upstream_errors_total{kind=\"auth\"} not counted"; }
+        echo "ok: berth_proxy_upstream_errors_total{kind=\"auth\"} counted" >&2
+        # What a user sees: the client's own error message.
+        local seen=""
+        fails_with "skopeo pull through berth with wrong upstream credentials" \
+            sko copy --src-tls-verify=false "docker://$PREG/hub/lib/app:v1" "oci:$TEST_DIR/bad:app"
+        seen+="skopeo: $(grep -m1 'level=fatal' <<<"$FAIL_OUT" || echo "$FAIL_OUT" | tail -1)"$'\n'
+        if docker info >/dev/null 2>&1; then
+            PROXY_DOCKER_IMAGES=("$PREG/hub/lib/app:v1")
+            fails_with "docker pull through berth with wrong upstream credentials" docker pull "$PREG/hub/lib/app:v1"
+            seen+="docker: $(echo "$FAIL_OUT" | tail -1)"
+        fi
+        local line unclear=""
+        while IFS= read -r line; do
+            [[ -z $line || $line == *"upstream hub (http://$UP)"* ]] || unclear+="$line | "
+        done <<<"$seen"
+        # containers/image and Docker show a registry's error message only for 4xx answers.
+        [[ -z $unclear ]] || fail "with wrong upstream credentials (berth answered HTTP $code) the clients do not show which upstream failed: ${unclear% | }"
+        echo "ok: the clients' errors name the upstream" >&2
+    fi
+
+    step "stop berth and the upstream"
+    proxy_berth_stop
+    if grep -n 'panicked' "$TEST_DIR"/berth-*.log >&2; then fail "a caching berth panicked"; fi
+    echo "ok: no panics in the caching berths' logs" >&2
+}
+# Digest of the manifest bytes served by registry HOST for NAME:REF.
+manifest_digest_at() { # host name ref
+    local f
+    f=$(mktemp)
+    rcurl -f -H "Accept: $ACCEPT_ALL" -o "$f" "http://$1/v2/$2/manifests/$3"
+    sha256_file "$f"
+    rm -f "$f"
+}
+
+test_proxy() { proxy_suite none; }
+test_proxy_htpasswd() { proxy_suite htpasswd; }
+
 # Entry point of the per-test child process.
 run_one() { # test-name
     set -eEuo pipefail
@@ -1169,7 +1619,7 @@ SCRIPT_DIR=$(dirname "$SCRIPT")
 ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 
 usage() {
-    sed -n '2,22p' "$SCRIPT" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$SCRIPT" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
