@@ -666,8 +666,9 @@ async fn upstream_with_htpasswd_basic_auth() {
     pull(&c, &s, "hub/lib/app", "v1", &img).await;
     let bad = berth_with(&up.url(""), "username = \"puller\"\npassword = \"wrong\"", &[]);
     let r = c.get(bad.url("/v2/hub/lib/app/manifests/v1")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.status().as_u16(), 403, "a 4xx, so clients show the message");
     let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED");
     let msg = body["errors"][0]["message"].as_str().unwrap();
     assert!(msg.contains("upstream hub") && msg.contains("credentials"), "{msg}");
 }

@@ -195,6 +195,11 @@ fn upstream_failed(up: &Upstream, what: &str, e: &FillError) -> RegistryError {
             };
             RegistryError::new(code, format!("upstream {} ({}) has no {what}: {u}", up.name, up.url))
         }
+        // A 4xx, so clients print the message (they hide 5xx bodies).
+        FillError::Upstream(u @ UpstreamError::Auth(_)) => RegistryError::new(
+            ErrorCode::Denied,
+            format!("cannot fetch {what}: upstream {} ({}) {u}", up.name, up.url),
+        ),
         FillError::Upstream(u @ (UpstreamError::QueueFull(_) | UpstreamError::QueueTimeout(_))) => {
             RegistryError::new(ErrorCode::TooManyRequests, format!("upstream {} {u}", up.name))
         }
