@@ -524,7 +524,9 @@ async fn fetch_manifest(
     match reference {
         // A flight that ended just before this one began may have stored it.
         Reference::Digest(d) if reg.manifest_get(repo, reference, false).await.is_ok() => Ok(false),
-        Reference::Tag(t) if is_fresh(c, repo, t, None) => Ok(false),
+        Reference::Tag(t) if is_fresh(c, repo, t, None) && reg.manifest_get(repo, reference, false).await.is_ok() => {
+            Ok(false)
+        }
         Reference::Digest(d) => {
             let (head, body) = c
                 .client
