@@ -739,3 +739,54 @@ async fn with_storage_full_blobs_stream_straight_from_upstream() {
     }
     assert!(s.log_text().contains("streaming the blob straight from upstream"));
 }
+
+#[tokio::test]
+async fn a_corrupt_upstream_blob_never_reaches_a_client_whole_nor_the_cache() {
+    let up = Upstream::start();
+    let c = client();
+    let layer = bytes(14, 3 << 20);
+    let img = push_to(&c, &up.url(""), None, "lib/app", "v1", std::slice::from_ref(&layer)).await;
+    let d = img.blobs[1].0.clone();
+    // Flip one byte of the upstream's stored copy: same length, wrong digest.
+    let hex = &d["sha256:".len()..];
+    let path = up
+        .dir
+        .path()
+        .join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+    let mut stored = std::fs::read(&path).expect("distribution's blob file");
+    stored[1000] ^= 0xff;
+    std::fs::write(&path, &stored).unwrap();
+    let s = berth_with(&up.url(""), "", &[]);
+    for _ in 0..2 {
+        let mut r = c
+            .get(s.url(&format!("/v2/hub/lib/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        let mut got = 0usize;
+        let failed = if r.status().as_u16() != 200 {
+            true
+        } else {
+            loop {
+                match r.chunk().await {
+                    Err(_) => break true,
+                    Ok(None) => break false,
+                    Ok(Some(b)) => got += b.len(),
+                }
+            }
+        };
+        assert!(failed, "a corrupt blob was served as if whole ({got} bytes)");
+        assert!(got < layer.len());
+    }
+    let hex_dir = s.data().join("blobs/sha256").join(&hex[..2]).join(hex);
+    assert!(!hex_dir.exists(), "a corrupt blob was cached");
+    assert!(
+        metric(
+            &c,
+            &s,
+            "berth_proxy_upstream_errors_total{upstream=\"hub\",kind=\"digest\"}"
+        )
+        .await
+            >= 2.0
+    );
+}

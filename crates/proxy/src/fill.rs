@@ -35,6 +35,9 @@ pub struct FillState {
     pub upload: Option<UploadId>,
     /// Bytes appended to the upload so far.
     pub written: u64,
+    /// All of them arrived and hash to the digest; the commit may still be
+    /// under way.
+    pub verified: bool,
     /// `Some` once the blob is committed (Ok) or the fill failed.
     pub done: Option<Result<(), FillError>>,
 }
@@ -152,6 +155,11 @@ async fn download(
             "sent {written} of the {s} bytes it announced"
         ))));
     }
+    // The streaming hash already tells whether the bytes are right: let
+    // the clients have the rest while the commit syncs them.
+    if ctx.reg.upload_hashed(&id).await.as_ref() == Some(digest) {
+        tx.send_modify(|s| s.verified = true);
+    }
     // Verifies the digest, commits durably and links into the repository.
     match ctx.reg.upload_finish(repo, &id, Some(FILL_OWNER), digest, None).await {
         Ok(_) => Ok(()),
@@ -240,10 +248,14 @@ pub fn follow(
                 }
                 None => {}
             }
-            // Hold back the last byte until the digest is verified.
-            let verified_end = s.size.map_or(s.written.saturating_sub(1), |size| {
-                s.written.min(size.saturating_sub(1))
-            });
+            // Hold back the last byte until the digest is verified (which
+            // comes before the commit makes it durable: clients need the
+            // right bytes, not synced ones).
+            let verified_end = match (s.verified, s.size) {
+                (true, _) => s.written,
+                (false, Some(size)) => s.written.min(size.saturating_sub(1)),
+                (false, None) => s.written.saturating_sub(1),
+            };
             let allowed = end.map_or(verified_end, |e| e.min(verified_end));
             if let (true, Some(id)) = (pos < allowed, &s.upload) {
                 // An error means committed or cancelled meanwhile: the

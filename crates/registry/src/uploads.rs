@@ -225,6 +225,18 @@ impl Registry {
         Ok(size)
     }
 
+    /// The sha256 digest of what the upload holds now, from the streaming
+    /// hash, if it is in step with the stored bytes (no I/O beyond a stat).
+    /// The pull-through cache uses it to release a blob's last bytes to
+    /// clients before the commit has synced them.
+    pub async fn upload_hashed(&self, id: &UploadId) -> Option<Digest> {
+        let slot = self.uploads.slot(id);
+        let _guard = slot.lock.lock().await;
+        let size = self.blobs.upload_size(id).await.ok()??;
+        let h = slot.hash.lock().ok()?;
+        (h.hashed == size).then(|| h.hasher.clone().finish())
+    }
+
     /// The digest of the upload's `size` bytes: from the streaming hash when
     /// it is in step, else by reading the upload back.
     async fn upload_digest(&self, id: &UploadId, slot: &Slot, size: u64, alg: Algorithm) -> Result<Digest> {
