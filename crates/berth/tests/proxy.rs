@@ -221,6 +221,14 @@ async fn metric(c: &reqwest::Client, s: &Server, name: &str) -> f64 {
         .sum()
 }
 
+/// Status, OCI error code and message of an error response.
+async fn error_of(r: reqwest::Response) -> (u16, String, String) {
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let field = |k: &str| body["errors"][0][k].as_str().unwrap_or("").to_string();
+    (status, field("code"), field("message"))
+}
+
 #[tokio::test]
 async fn pulls_through_by_project_and_by_ns_and_refuses_writes() {
     let up = Upstream::start();
@@ -278,10 +286,8 @@ async fn pulls_through_by_project_and_by_ns_and_refuses_writes() {
 
     // Pushes and deletes into the cache project are refused, with why.
     let r = c.post(s.url("/v2/hub/lib/app/blobs/uploads/")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 405);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNSUPPORTED");
-    let msg = body["errors"][0]["message"].as_str().unwrap();
+    let (status, code, msg) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (405, "UNSUPPORTED"));
     assert!(
         msg.contains("project hub is a pull-through cache of hub") && msg.contains("read-only"),
         "{msg}"
@@ -295,10 +301,9 @@ async fn pulls_through_by_project_and_by_ns_and_refuses_writes() {
 
     // Unknown upstream content is the upstream's 404, named as such.
     let r = c.get(s.url("/v2/hub/lib/app/manifests/nope")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 404);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("upstream hub"));
+    let (status, code, msg) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    assert!(msg.contains("upstream hub"), "{msg}");
 
     // Local projects are untouched by the cache.
     let d = push_image(&c, &s, "team/app", "v1", 9).await;
@@ -417,20 +422,18 @@ async fn serves_stale_while_the_upstream_is_down_and_fails_after_the_window() {
     );
     // Never cached: a clear error naming the upstream.
     let r = c.get(s.url("/v2/hub/lib/other/manifests/v1")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
-    assert!(body["errors"][0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("cannot fetch manifest hub/lib/other:v1 from upstream hub"));
+    let (status, code, msg) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "UNAVAILABLE"));
+    assert!(
+        msg.contains("cannot fetch manifest hub/lib/other:v1 from upstream hub"),
+        "{msg}"
+    );
     // Past the window: refused, saying why.
     let wait = Duration::from_millis(5200).saturating_sub(confirmed.elapsed());
     tokio::time::sleep(wait).await;
     let r = c.get(s.url("/v2/hub/lib/app/manifests/v1")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
-    let msg = body["errors"][0]["message"].as_str().unwrap();
+    let (status, code, msg) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (503, "UNAVAILABLE"));
     assert!(msg.contains("beyond the 4 s staleness window"), "{msg}");
     // Content-addressed objects stay servable.
     let r = c
@@ -666,10 +669,12 @@ async fn upstream_with_htpasswd_basic_auth() {
     pull(&c, &s, "hub/lib/app", "v1", &img).await;
     let bad = berth_with(&up.url(""), "username = \"puller\"\npassword = \"wrong\"", &[]);
     let r = c.get(bad.url("/v2/hub/lib/app/manifests/v1")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 403, "a 4xx, so clients show the message");
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "DENIED");
-    let msg = body["errors"][0]["message"].as_str().unwrap();
+    let (status, code, msg) = error_of(r).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DENIED"),
+        "a 4xx, so clients show the message"
+    );
     assert!(msg.contains("upstream hub") && msg.contains("credentials"), "{msg}");
 }
 
