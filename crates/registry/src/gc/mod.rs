@@ -196,7 +196,7 @@ impl Registry {
         for m in chunk {
             if self.meta.sweep_manifest(m, guard).await?.is_some() {
                 // A cached copy must not outlive the manifest.
-                self.cache.invalidate(&m.repo);
+                self.manifests_changed(&m.repo);
                 tracing::debug!(repo = %m.repo, digest = %m.digest, "removed an untagged manifest");
                 n += 1;
             }
