@@ -3,7 +3,9 @@
 //! Layout under the root:
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: committed blobs;
 //! - `uploads/<upload id>`: uploads in progress;
-//! - `uploads/.put-<random>`: content being written by `put`.
+//! - `uploads/.put-<random>`: content being written by `put`;
+//! - `uploads/.trash-<random>`: a committed upload whose content was already
+//!   a blob, being removed.
 //!
 //! Paths are built only from validated `Digest` and `UploadId` values.
 //! Commits are write, fsync file, rename, fsync directory, so a crash at any
@@ -15,10 +17,12 @@
 //! a hasher thread hashes the same batches (the buffers are shared, not
 //! copied). So receiving, writing and hashing run in parallel, and the queues
 //! between them are bounded. An append that fits in one batch takes one trip
-//! to the blocking pool instead. Large appends also start the kernel's
-//! write-back as they go (`sync_file_range` on Linux), so the commit's fsync
-//! has little left to wait for; the fsync is still what makes the bytes
-//! durable.
+//! to the blocking pool instead. On Linux, whole batches at an aligned end of
+//! file are written with `O_DIRECT` (no copy into the page cache, and a big
+//! push does not evict the cache of the blobs being pulled); the rest goes
+//! through the page cache, whose write-back large appends start as they go
+//! (`sync_file_range`). Either way the commit's fsync has little left to wait
+//! for, and it is still what makes the bytes durable.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -27,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use oci::{Digest, Hasher, UploadId};
 use tokio::fs::{self, File, OpenOptions};
@@ -45,9 +49,18 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Batches queued for the writer or the hasher of one append: with
 /// `BATCH_BYTES`, an append holds at most about 10 MiB.
 const QUEUE_BATCHES: usize = 4;
-/// After this many bytes written, an append asks the kernel to start writing
-/// them to the disk.
+/// After this many bytes written through the page cache, an append asks the
+/// kernel to start writing them to the disk.
 const WRITEBACK_BYTES: u64 = 8 << 20;
+/// Alignment of address, length and file offset that direct I/O needs: the
+/// logical block size of nearly every device, or a multiple of it.
+const DIRECT_ALIGN: usize = 4096;
+const _: () = assert!(DIRECT_ALIGN.is_power_of_two());
+
+/// Whether `n` (a length, an offset or an address) suits direct I/O.
+fn direct_aligned(n: u64) -> bool {
+    n & (DIRECT_ALIGN as u64 - 1) == 0
+}
 
 pub struct FsBlobStore {
     root: PathBuf,
@@ -60,10 +73,13 @@ impl FsBlobStore {
         let root = root.into();
         fs::create_dir_all(root.join("blobs")).await?;
         fs::create_dir_all(root.join("uploads")).await?;
-        // Leftovers of `put` interrupted by a crash are garbage by construction.
+        // Leftovers of `put` interrupted by a crash, and committed uploads
+        // not removed yet, are garbage by construction.
         let mut dir = fs::read_dir(root.join("uploads")).await?;
         while let Some(e) = dir.next_entry().await? {
-            if e.file_name().to_string_lossy().starts_with(".put-") {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".put-") || name.starts_with(".trash-") {
                 let _ = fs::remove_file(e.path()).await;
             }
         }
@@ -80,6 +96,14 @@ impl FsBlobStore {
             .join(d.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
+    }
+
+    /// A fresh name under `uploads/` for a file of ours: `<prefix>-<pid>-<n>`.
+    fn tmp_path(&self, prefix: &str) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("uploads")
+            .join(format!("{prefix}-{}-{n}", std::process::id()))
     }
 
     fn upload_path(&self, id: &UploadId) -> PathBuf {
@@ -169,7 +193,7 @@ impl Batcher {
                 Err(still_shared) => self.sent.push_front(still_shared),
             }
         }
-        BytesMut::with_capacity(BATCH_BYTES)
+        aligned_buffer()
     }
 
     /// The next `BATCH_BYTES` of the stream (less at its end; empty once it
@@ -237,18 +261,85 @@ fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_: &std::fs::File, _: u64, _: u64) {}
 
+/// An empty buffer of at least `BATCH_BYTES` whose start is aligned for
+/// direct I/O. The alignment survives reuse (`Batcher::buffer`).
+fn aligned_buffer() -> BytesMut {
+    let mut b = BytesMut::with_capacity(BATCH_BYTES + DIRECT_ALIGN);
+    let pad = b.as_ptr().align_offset(DIRECT_ALIGN);
+    b.resize(pad, 0);
+    b.advance(pad);
+    b
+}
+
+/// A second descriptor of the upload opened with `O_DIRECT`, when the
+/// file system allows it: whole aligned batches then go from our buffer to
+/// the device without a copy into the page cache (and without evicting the
+/// cache of the blobs being pulled).
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_: &Path) -> Option<std::fs::File> {
+    None
+}
+
+/// Writes `batch` with `O_DIRECT` if its address and length suit it.
+/// Returns how many bytes were written; the caller writes the rest through
+/// the page cache and stops using direct I/O (the end of the file is then no
+/// longer aligned, or the file system refused).
+fn write_direct(d: &mut std::fs::File, batch: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < batch.len() {
+        let rest = &batch[done..];
+        if !direct_aligned(rest.len() as u64) || !direct_aligned(rest.as_ptr() as usize as u64) {
+            break;
+        }
+        match d.write(rest) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            // Refused before anything was written: alignment or support.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// The writer thread of an append: opens the upload, writes every batch it
-/// receives, and returns the upload's new size.
+/// receives, and returns the upload's new size. While the file's end stays
+/// aligned, whole batches go with direct I/O; anything else goes through the
+/// page cache, with its write-back started every `WRITEBACK_BYTES`.
 fn write_batches(path: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> io::Result<u64> {
     let mut f = open_append(path)?;
     let mut size = f.metadata()?.len();
+    let mut direct = if direct_aligned(size) { open_direct(path) } else { None };
     let mut pending_from = size;
     while let Some(batch) = rx.blocking_recv() {
-        f.write_all(&batch)?;
-        size += batch.len() as u64;
-        if size - pending_from >= WRITEBACK_BYTES {
-            start_writeback(&f, pending_from, size - pending_from);
+        let mut rest = &batch[..];
+        if let Some(d) = direct.as_mut() {
+            let n = write_direct(d, rest)?;
+            size += n as u64;
             pending_from = size;
+            rest = &rest[n..];
+            if !rest.is_empty() {
+                direct = None;
+            }
+        }
+        if !rest.is_empty() {
+            f.write_all(rest)?;
+            size += rest.len() as u64;
+            if size - pending_from >= WRITEBACK_BYTES {
+                start_writeback(&f, pending_from, size - pending_from);
+                pending_from = size;
+            }
         }
     }
     Ok(size)
@@ -380,11 +471,7 @@ impl BlobStore for FsBlobStore {
         if self.stat(digest).await?.is_some() {
             return Ok(());
         }
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join("uploads")
-            .join(format!(".put-{}-{n}", std::process::id()));
+        let tmp = self.tmp_path(".put");
         let result = async {
             let mut f = File::create(&tmp).await?;
             f.write_all(&data).await?;
@@ -471,15 +558,39 @@ impl BlobStore for FsBlobStore {
 
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64> {
         let (src, dst) = (self.upload_path(id), self.blob_path(digest));
-        blocking(move || {
+        let trash = self.tmp_path(".trash");
+        let trash2 = trash.clone();
+        let (size, already) = blocking(move || {
             let f = std::fs::File::open(&src).map_err(io_to_storage)?;
             let size = f.metadata()?.len();
+            // The same content is already a blob (a layer pushed again):
+            // keep it rather than replace it, which would free its blocks
+            // while the client waits. Its bytes were synced before it was
+            // renamed into place; syncing the directory makes sure that
+            // rename is durable too, even if a concurrent commit made it a
+            // moment ago.
+            if std::fs::metadata(&dst).is_ok_and(|m| m.is_file() && m.len() == size) {
+                let dir = dst.parent().expect("blob path has a parent");
+                std::fs::File::open(dir)?.sync_all()?;
+                std::fs::rename(&src, &trash)?;
+                return Ok((size, true));
+            }
             f.sync_all()?;
             drop(f);
             publish_blocking(&src, &dst)?;
-            Ok(size)
+            Ok((size, false))
         })
-        .await
+        .await?;
+        if already {
+            // The upload is gone (renamed aside); removing a large file takes a
+            // while, so it is not awaited. After a crash, `open` removes it.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = std::fs::remove_file(&trash2) {
+                    tracing::warn!(path = %trash2.display(), error = %e, "could not remove a committed upload");
+                }
+            });
+        }
+        Ok(size)
     }
 
     async fn disk_usage(&self) -> Result<Option<DiskUsage>> {
@@ -569,7 +680,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _ = FsBlobStore::open(dir.path()).await.unwrap();
         std::fs::write(dir.path().join("uploads/.put-1-1"), b"partial").unwrap();
+        std::fs::write(dir.path().join("uploads/.trash-1-2"), b"committed").unwrap();
         let _ = FsBlobStore::open(dir.path()).await.unwrap();
         assert!(!dir.path().join("uploads/.put-1-1").exists());
+        assert!(!dir.path().join("uploads/.trash-1-2").exists());
     }
 }

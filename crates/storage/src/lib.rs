@@ -95,6 +95,8 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Makes the upload durable and visible as blob `digest`, which the
     /// caller has verified, and removes the upload. Returns the blob size.
+    /// When `digest` is already stored (durably) with that size, a backend
+    /// may keep it and discard the upload.
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64>;
 
     /// Removes an upload. Removing a missing upload is not an error.

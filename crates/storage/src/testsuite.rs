@@ -81,6 +81,7 @@ pub async fn upload_lifecycle(store: &dyn BlobStore) {
     store.upload_create(&id2).await.unwrap();
     store.upload_append(&id2, chunks(&[b"abcdefghi"])).await.unwrap();
     assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), 9);
+    assert_eq!(store.upload_size(&id2).await.unwrap(), None);
     assert_eq!(collect(store.get(&d, None).await.unwrap()).await, b"abcdefghi");
 
     // A cancelled upload leaves nothing.
