@@ -47,7 +47,7 @@ const READ_BUF: usize = 256 * 1024;
 /// each handed to the writer (and the hasher) at once.
 const BATCH_BYTES: usize = 1 << 20;
 /// Batches queued for the writer or the hasher of one append: with
-/// `BATCH_BYTES`, an append holds at most about 10 MiB.
+/// `BATCH_BYTES`, an append holds at most about 8 MiB of buffers.
 const QUEUE_BATCHES: usize = 4;
 /// After this many bytes written through the page cache, an append asks the
 /// kernel to start writing them to the disk.
@@ -227,7 +227,7 @@ impl Batcher {
         }
         let batch = buf.freeze();
         self.sent.push_back(batch.clone());
-        if self.sent.len() > 2 * QUEUE_BATCHES + 2 {
+        if self.sent.len() > QUEUE_BATCHES + 3 {
             self.sent.pop_front();
         }
         Ok(batch)
