@@ -43,6 +43,7 @@ pub struct App {
     pub auth: Option<Auth>,
     /// A request body that sends nothing for this long fails.
     pub body_idle_timeout: std::time::Duration,
+    rendered_catalog: lists::RenderedCatalog,
 }
 
 impl App {
@@ -52,6 +53,7 @@ impl App {
             proxy: None,
             auth,
             body_idle_timeout: std::time::Duration::from_secs(60),
+            rendered_catalog: lists::RenderedCatalog::default(),
         }
     }
 }

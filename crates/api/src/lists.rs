@@ -1,11 +1,15 @@
 //! Catalog, tags list and referrers.
 
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use oci::{Digest, RepoName};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use registry::listing::Page;
 use registry::Registry;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::error::ApiResult;
@@ -14,11 +18,11 @@ use crate::Ctx;
 
 /// A JSON response with, when more entries follow, the `Link` header to the
 /// next page (RFC 5988, as the spec uses it).
-fn paged(body: serde_json::Value, page: &Page, base: &str, n: Option<usize>) -> Response {
+fn paged(body: impl Into<Body>, page: &Page, base: &str, n: Option<usize>) -> Response {
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        body.into(),
     )
         .into_response();
     if let (true, Some(last)) = (page.more, page.items.last()) {
@@ -31,15 +35,55 @@ fn paged(body: serde_json::Value, page: &Page, base: &str, n: Option<usize>) -> 
     resp
 }
 
+#[derive(Serialize)]
+struct Catalog<'a> {
+    repositories: &'a [String],
+}
+
+fn catalog_json(page: &Page) -> Bytes {
+    serde_json::to_vec(&Catalog {
+        repositories: &page.items,
+    })
+    .map(Bytes::from)
+    .unwrap_or_else(|_| Bytes::from_static(b"{\"repositories\":[]}"))
+}
+
+/// The JSON of the last catalog page rendered, with that page: a page the
+/// registry serves from its cache (the same `Arc`) is rendered once.
+#[derive(Default)]
+pub struct RenderedCatalog(Mutex<Option<(Arc<Page>, Bytes)>>);
+
+impl RenderedCatalog {
+    fn body(&self, page: &Arc<Page>) -> Bytes {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, body)) = memo.as_ref() {
+            if Arc::ptr_eq(p, page) {
+                return body.clone();
+            }
+        }
+        let body = catalog_json(page);
+        *memo = Some((page.clone(), body.clone()));
+        body
+    }
+}
+
 /// The catalog lists only repositories the caller may pull, so with access
 /// control a page is filled from as many index pages as it takes.
 pub async fn catalog(ctx: &Ctx<'_>, q: &Query) -> ApiResult {
     let n = q.n()?;
-    let page = match ctx.auth() {
-        None => ctx.reg().catalog(n, q.get("last")).await?,
-        Some(_) => filtered_catalog(ctx, n, q.get("last")).await?,
+    let (page, body) = match ctx.auth() {
+        None => {
+            let page = ctx.reg().catalog(n, q.get("last")).await?;
+            let body = ctx.app.rendered_catalog.body(&page);
+            (page, body)
+        }
+        Some(_) => {
+            let page = filtered_catalog(ctx, n, q.get("last")).await?;
+            let body = catalog_json(&page);
+            (Arc::new(page), body)
+        }
     };
-    Ok(paged(json!({ "repositories": page.items }), &page, "/v2/_catalog", n))
+    Ok(paged(body, &page, "/v2/_catalog", n))
 }
 
 pub async fn tags(reg: &Registry, name: &RepoName, q: &Query) -> ApiResult {
@@ -47,7 +91,7 @@ pub async fn tags(reg: &Registry, name: &RepoName, q: &Query) -> ApiResult {
     let page = reg.tags(name, n, q.get("last")).await?;
     let base = format!("/v2/{name}/tags/list");
     Ok(paged(
-        json!({ "name": name.as_str(), "tags": page.items }),
+        json!({ "name": name.as_str(), "tags": page.items }).to_string(),
         &page,
         &base,
         n,

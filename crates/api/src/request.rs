@@ -1,13 +1,15 @@
 //! Reading requests: query parameters, ranges and bodies.
 
+use std::future::Future;
 use std::io;
 use std::ops::Range;
-
-use axum::body::Body;
-use axum::http::{header, HeaderMap};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap};
+use futures_util::{Stream, StreamExt};
 use oci::ErrorCode;
 use storage::ByteStream;
 
@@ -49,23 +51,61 @@ impl Query {
 /// sends nothing for `idle` fails the request, so a stalled (or slowloris)
 /// upload cannot hold a worker and an upload lock forever.
 pub fn body_stream(body: Body, idle: Duration) -> ByteStream {
-    let data = body.into_data_stream().map_err(io::Error::other);
-    Box::pin(futures_util::stream::unfold(
-        Box::pin(data),
-        move |mut data| async move {
-            match tokio::time::timeout(idle, data.next()).await {
-                Ok(Some(item)) => Some((item, data)),
-                Ok(None) => None,
-                Err(_) => Some((
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no request data for {} s", idle.as_secs()),
-                    )),
-                    data,
-                )),
+    Box::pin(IdleBody {
+        data: body.into_data_stream(),
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
+        fresh: true,
+        done: false,
+    })
+}
+
+/// A body stream that fails after `idle` without data. The timer is armed
+/// only when the body has to wait, and re-armed only after data came since,
+/// so a fast upload costs no timer work per chunk.
+struct IdleBody {
+    data: axum::body::BodyDataStream,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Data arrived since the timer was last armed.
+    fresh: bool,
+    done: bool,
+}
+
+impl Stream for IdleBody {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.data.poll_next_unpin(cx) {
+            Poll::Ready(Some(item)) => {
+                self.fresh = true;
+                return Poll::Ready(Some(item.map_err(io::Error::other)));
             }
-        },
-    ))
+            Poll::Ready(None) => {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        if self.fresh {
+            self.fresh = false;
+            let deadline = tokio::time::Instant::now() + self.idle;
+            self.timer.as_mut().reset(deadline);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.done = true;
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no request data for {} s", self.idle.as_secs()),
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 /// Resolves a `Range` header against a blob of `size` bytes. Forms other

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub page_size: Option<usize>,
 
+    /// catalog-page: ask for the page after this repository (`&last=`), as a
+    /// client walking the catalog does, instead of the first page.
+    #[arg(long, value_name = "REPO")]
+    pub last: Option<String>,
+
     /// blob-get: fetch this many bytes at a random offset (HTTP Range)
     /// instead of the whole blob.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -201,6 +206,7 @@ pub struct PlanOptions {
     pub image: String,
     pub by_digest: bool,
     pub page_size: Option<usize>,
+    pub last: Option<oci::RepoName>,
     pub range: Option<u64>,
     pub blob: Option<String>,
     pub layer_size: u64,
@@ -292,6 +298,12 @@ pub fn check(a: BenchArgs) -> Result<Config, String> {
     if a.scenario.is_some() {
         crate::plan::parse_image(&a.image)?;
     }
+    let last = a
+        .last
+        .as_deref()
+        .map(str::parse::<oci::RepoName>)
+        .transpose()
+        .map_err(|e| format!("bad --last: {e}"))?;
     let push_repo = a
         .push_repo
         .parse()
@@ -338,6 +350,7 @@ pub fn check(a: BenchArgs) -> Result<Config, String> {
             image: a.image,
             by_digest: a.by_digest,
             page_size: a.page_size,
+            last,
             range: a.range,
             blob: a.blob,
             layer_size: a.layer_size,

@@ -162,7 +162,11 @@ pub async fn prepare(target: &Arc<Target>, scenario: Scenario, o: &PlanOptions) 
         manifest_path,
         tags_path,
         catalog_path: "/v2/_catalog".into(),
-        catalog_page_path: format!("/v2/_catalog?n={page}"),
+        // Repository names need no escaping in a query.
+        catalog_page_path: match &o.last {
+            Some(last) => format!("/v2/_catalog?n={page}&last={last}"),
+            None => format!("/v2/_catalog?n={page}"),
+        },
         blob,
         range: o.range,
         push,

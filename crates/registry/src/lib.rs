@@ -77,6 +77,8 @@ pub struct Registry {
     config: RegistryConfig,
     uploads: uploads::Sessions,
     cache: cache::ManifestCache,
+    /// First catalog pages (see `listing`).
+    catalog_cache: listing::CatalogCache,
     events: Option<events::Recorder>,
     /// Pushes hold it for reading from writing bytes until their metadata
     /// commit; GC holds it for writing while it deletes bytes (see `gc`).
@@ -96,6 +98,7 @@ impl Registry {
             blobs,
             meta,
             cache: cache::ManifestCache::new(config.manifest_cache_bytes),
+            catalog_cache: listing::CatalogCache::default(),
             config,
             uploads: uploads::Sessions::default(),
             gc_fence: tokio::sync::RwLock::new(()),
@@ -104,6 +107,15 @@ impl Registry {
             pulls: pulls::PullLog::default(),
             events: None,
         }
+    }
+
+    /// Drops what the caches hold that a manifest or tag write to `repo` may
+    /// have changed: the repository's manifests and tags, and the catalog
+    /// pages (the write may have created or removed the repository). Call it
+    /// after the metadata commit, and on error too.
+    pub(crate) fn manifests_changed(&self, repo: &oci::RepoName) {
+        self.cache.invalidate(repo);
+        self.catalog_cache.invalidate();
     }
 
     /// Records push, pull, delete, mount and tag events with `recorder`.

@@ -218,7 +218,7 @@ impl Registry {
         let stored = self.meta.put_manifest(repo, new).await;
         drop(fence);
         // After the commit: the tags may have moved.
-        self.cache.invalidate(repo);
+        self.manifests_changed(repo);
         match stored {
             Ok(()) => {
                 self.events(|| {
@@ -339,7 +339,7 @@ impl Registry {
             Reference::Tag(t) => self.meta.delete_tag(repo, t).await,
         };
         // After the commit, and even on error: the store may have changed.
-        self.cache.invalidate(repo);
+        self.manifests_changed(repo);
         if !existed? {
             return Err(manifest_unknown(reference));
         }

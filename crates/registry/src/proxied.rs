@@ -51,7 +51,7 @@ impl Registry {
             )
             .await;
         drop(fence);
-        self.cache.invalidate(repo);
+        self.manifests_changed(repo);
         Ok(stored?)
     }
 
@@ -94,7 +94,7 @@ impl Registry {
         }
         .await;
         // After the commits, and even on error: the store may have changed.
-        self.cache.invalidate(repo);
+        self.manifests_changed(repo);
         Ok(result?)
     }
 

@@ -1,10 +1,13 @@
 //! Blob uploads: sessions, chunks, mounts and the verified commit.
 //!
-//! Bytes are hashed (sha256) while they stream to the backend. The hash
-//! state lives in memory beside a count of the bytes it has seen; whenever
-//! that count disagrees with the upload's real size (after a restart, a
-//! failed append, or a sha512 digest) the commit re-reads the upload and
-//! hashes it again, so a commit is always verified against what is stored.
+//! Bytes are hashed (sha256) while they stream to the backend
+//! (`BlobStore::upload_append_hashing`, which hashes beside the write). The
+//! hash state lives in memory beside a count of the bytes it has seen. It is
+//! taken out of its slot for each append and put back only when the append
+//! succeeded whole, so it never counts bytes that are not stored; whenever the
+//! count disagrees with the upload's real size (after a restart, a failed
+//! append, or a sha512 digest) the commit re-reads the upload and hashes it
+//! again, so a commit is always verified against what is stored.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,9 +27,10 @@ struct HashState {
 
 /// One upload's in-memory state.
 struct Slot {
-    /// Serializes appends and the commit of one upload.
-    lock: tokio::sync::Mutex<()>,
-    hash: Arc<Mutex<HashState>>,
+    /// Serializes appends and the commit of one upload, and holds the
+    /// upload's hash state: `None` once it is lost (out of step with the
+    /// bytes stored), for good.
+    state: tokio::sync::Mutex<Option<HashState>>,
 }
 
 #[derive(Default)]
@@ -41,8 +45,7 @@ impl Sessions {
             .entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    lock: tokio::sync::Mutex::new(()),
-                    hash: Arc::new(Mutex::new(HashState {
+                    state: tokio::sync::Mutex::new(Some(HashState {
                         hasher: Algorithm::Sha256.hasher(),
                         hashed: 0,
                     })),
@@ -64,22 +67,26 @@ fn upload_unknown(id: &UploadId) -> RegistryError {
     .with_detail(id.to_string())
 }
 
-/// Wraps `data` so every chunk also feeds the hash state, provided the
-/// state is in step with the upload (`hashed == offset`).
-fn hashing(data: ByteStream, hash: Arc<Mutex<HashState>>, offset: u64) -> ByteStream {
-    let in_step = hash.lock().map(|h| h.hashed == offset).unwrap_or(false);
-    if !in_step {
-        return data;
-    }
-    Box::pin(data.map(move |chunk| {
-        if let Ok(bytes) = &chunk {
-            if let Ok(mut h) = hash.lock() {
-                h.hasher.update(bytes);
-                h.hashed += bytes.len() as u64;
+impl Registry {
+    /// Appends `data` to upload `id` of `size` bytes, hashing it when the hash
+    /// state is in step with those bytes. The state goes back into `state`
+    /// only if the whole append succeeded.
+    async fn append(
+        &self,
+        id: &UploadId,
+        state: &mut Option<HashState>,
+        size: u64,
+        data: ByteStream,
+    ) -> storage::Result<u64> {
+        match state.take().filter(|h| h.hashed == size) {
+            Some(h) => {
+                let (n, hasher) = self.blobs.upload_append_hashing(id, data, h.hasher).await?;
+                *state = Some(HashState { hasher, hashed: n });
+                Ok(n)
             }
+            None => self.blobs.upload_append(id, data).await,
         }
-        chunk
-    }))
+    }
 }
 
 impl Registry {
@@ -157,7 +164,7 @@ impl Registry {
         data: ByteStream,
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
-        let _guard = slot.lock.lock().await;
+        let mut state = slot.state.lock().await;
         let size = self.upload_status(repo, id, owner).await?;
         if let Some(start) = start {
             if start != size {
@@ -167,8 +174,7 @@ impl Registry {
                 ));
             }
         }
-        let data = hashing(data, slot.hash.clone(), size);
-        match self.blobs.upload_append(id, data).await {
+        match self.append(id, &mut state, size, data).await {
             Ok(n) => Ok(n),
             Err(storage::StorageError::NotFound) => Err(upload_unknown(id)),
             Err(e) => Err(e.into()),
@@ -187,13 +193,16 @@ impl Registry {
         last_chunk: Option<ByteStream>,
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
-        let _guard = slot.lock.lock().await;
+        let mut state = slot.state.lock().await;
         let mut size = self.upload_status(repo, id, owner).await?;
         if let Some(data) = last_chunk {
-            let data = hashing(data, slot.hash.clone(), size);
-            size = self.blobs.upload_append(id, data).await?;
+            size = match self.append(id, &mut state, size, data).await {
+                Ok(n) => n,
+                Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
+                Err(e) => return Err(e.into()),
+            };
         }
-        let actual = self.upload_digest(id, &slot, size, digest.algorithm()).await?;
+        let actual = self.upload_digest(id, state.as_ref(), size, digest.algorithm()).await?;
         if actual != *digest {
             self.discard(id).await;
             return Err(RegistryError::new(
@@ -231,20 +240,24 @@ impl Registry {
     /// clients before the commit has synced them.
     pub async fn upload_hashed(&self, id: &UploadId) -> Option<Digest> {
         let slot = self.uploads.slot(id);
-        let _guard = slot.lock.lock().await;
+        let state = slot.state.lock().await;
         let size = self.blobs.upload_size(id).await.ok()??;
-        let h = slot.hash.lock().ok()?;
+        let h = state.as_ref()?;
         (h.hashed == size).then(|| h.hasher.clone().finish())
     }
 
     /// The digest of the upload's `size` bytes: from the streaming hash when
     /// it is in step, else by reading the upload back.
-    async fn upload_digest(&self, id: &UploadId, slot: &Slot, size: u64, alg: Algorithm) -> Result<Digest> {
-        if alg == Algorithm::Sha256 {
-            if let Ok(h) = slot.hash.lock() {
-                if h.hashed == size {
-                    return Ok(h.hasher.clone().finish());
-                }
+    async fn upload_digest(
+        &self,
+        id: &UploadId,
+        state: Option<&HashState>,
+        size: u64,
+        alg: Algorithm,
+    ) -> Result<Digest> {
+        if let Some(h) = state {
+            if h.hashed == size && h.hasher.algorithm() == alg {
+                return Ok(h.hasher.clone().finish());
             }
         }
         let mut hasher = alg.hasher();
@@ -270,7 +283,7 @@ impl Registry {
     /// so it never removes an upload under an append in flight.
     pub(crate) async fn upload_expire(&self, id: &UploadId) -> Result<Option<u64>> {
         let slot = self.uploads.slot(id);
-        let _guard = slot.lock.lock().await;
+        let _guard = slot.state.lock().await;
         if self.meta.get_upload(id).await?.is_none() {
             self.uploads.remove(id);
             return Ok(None);
@@ -283,7 +296,7 @@ impl Registry {
     /// Cancels an upload of `repo`.
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
-        let _guard = slot.lock.lock().await;
+        let _guard = slot.state.lock().await;
         self.upload_status(repo, id, owner).await?;
         self.discard(id).await;
         Ok(())
@@ -328,12 +341,118 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    use oci::{ErrorCode, Reference};
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use oci::{Digest, ErrorCode, Hasher, Reference, UploadId};
+    use storage::{BlobStore, ByteStream, FsBlobStore, StorageError};
 
     use crate::gc::tests::{env, pull, push, repo};
     use crate::{Registry, RegistryConfig};
+
+    /// A blob store whose next hashing append hashes everything it is sent
+    /// and then fails without storing any of it, as a disk error after the
+    /// hasher ran ahead would.
+    struct FailAfterHashing {
+        inner: FsBlobStore,
+        fail_next: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobStore for FailAfterHashing {
+        async fn stat(&self, d: &Digest) -> storage::Result<Option<u64>> {
+            self.inner.stat(d).await
+        }
+        async fn get(&self, d: &Digest, range: Option<Range<u64>>) -> storage::Result<ByteStream> {
+            self.inner.get(d, range).await
+        }
+        async fn put(&self, d: &Digest, data: Bytes) -> storage::Result<()> {
+            self.inner.put(d, data).await
+        }
+        async fn delete(&self, d: &Digest) -> storage::Result<()> {
+            self.inner.delete(d).await
+        }
+        async fn list(&self) -> storage::Result<Vec<(Digest, u64)>> {
+            self.inner.list().await
+        }
+        async fn upload_create(&self, id: &UploadId) -> storage::Result<()> {
+            self.inner.upload_create(id).await
+        }
+        async fn upload_append(&self, id: &UploadId, data: ByteStream) -> storage::Result<u64> {
+            self.inner.upload_append(id, data).await
+        }
+        async fn upload_append_hashing(
+            &self,
+            id: &UploadId,
+            mut data: ByteStream,
+            mut hasher: Hasher,
+        ) -> storage::Result<(u64, Hasher)> {
+            if !self.fail_next.swap(false, Ordering::SeqCst) {
+                return self.inner.upload_append_hashing(id, data, hasher).await;
+            }
+            while let Some(chunk) = data.next().await {
+                hasher.update(&chunk?);
+            }
+            Err(StorageError::Io(std::io::Error::other("disk on fire")))
+        }
+        async fn upload_size(&self, id: &UploadId) -> storage::Result<Option<u64>> {
+            self.inner.upload_size(id).await
+        }
+        async fn upload_read(&self, id: &UploadId) -> storage::Result<ByteStream> {
+            self.inner.upload_read(id).await
+        }
+        async fn upload_commit(&self, id: &UploadId, d: &Digest) -> storage::Result<u64> {
+            self.inner.upload_commit(id, d).await
+        }
+        async fn upload_delete(&self, id: &UploadId) -> storage::Result<()> {
+            self.inner.upload_delete(id).await
+        }
+    }
+
+    fn body(b: &'static [u8]) -> ByteStream {
+        Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b))]))
+    }
+
+    /// After an append that failed, the hash state is not trusted again,
+    /// even when a later append brings the upload to the size it counted:
+    /// the commit hashes what is stored, so the bytes the failed append
+    /// hashed cannot be committed under their digest.
+    #[tokio::test]
+    async fn a_failed_append_never_leaves_a_hash_the_commit_trusts() {
+        let e = env().await;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(FailAfterHashing {
+            inner: FsBlobStore::open(dir.path()).await.unwrap(),
+            fail_next: AtomicBool::new(false),
+        });
+        let reg = Registry::new(blobs.clone(), e.meta.clone(), RegistryConfig::default());
+        let r = repo("p/a");
+        let (sent, stored) = (b"evil-bytes", b"other-data");
+        let id = reg.upload_start(&r, None).await.unwrap();
+        blobs.fail_next.store(true, Ordering::SeqCst);
+        assert!(reg.upload_append(&r, &id, None, None, body(sent)).await.is_err());
+        assert_eq!(reg.upload_status(&r, &id, None).await.unwrap(), 0);
+        assert_eq!(
+            reg.upload_append(&r, &id, None, Some(0), body(stored)).await.unwrap(),
+            10
+        );
+        let err = reg
+            .upload_finish(&r, &id, None, &Digest::sha256(sent), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::DigestInvalid);
+
+        // And an upload whose appends all succeed commits from the hash.
+        let id = reg.upload_start(&r, None).await.unwrap();
+        reg.upload_append(&r, &id, None, Some(0), body(b"abc")).await.unwrap();
+        reg.upload_finish(&r, &id, None, &Digest::sha256(b"abcdef"), Some(body(b"def")))
+            .await
+            .unwrap();
+        assert_eq!(blobs.stat(&Digest::sha256(b"abcdef")).await.unwrap(), Some(6));
+    }
 
     #[tokio::test]
     async fn above_the_disk_watermark_uploads_are_refused_and_pulls_work() {

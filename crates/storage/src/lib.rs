@@ -12,7 +12,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
-use oci::{Digest, UploadId};
+use oci::{Digest, Hasher, UploadId};
 
 pub mod fs;
 pub mod testsuite;
@@ -60,6 +60,32 @@ pub trait BlobStore: Send + Sync + 'static {
     /// have been written: `upload_size` tells the truth afterwards.
     async fn upload_append(&self, id: &UploadId, data: ByteStream) -> Result<u64>;
 
+    /// Appends like `upload_append`, and feeds every appended byte to
+    /// `hasher`, in order. The hasher comes back only when all of `data` was
+    /// appended; on error it is gone, so a caller never holds a hash state
+    /// that is out of step with the bytes stored. Backends override this to
+    /// hash beside the write (the filesystem backend hashes on its own
+    /// thread while another writes); the default hashes each chunk as it
+    /// passes.
+    async fn upload_append_hashing(&self, id: &UploadId, data: ByteStream, hasher: Hasher) -> Result<(u64, Hasher)> {
+        use futures_util::StreamExt;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(hasher));
+        let feed = state.clone();
+        let data: ByteStream = Box::pin(data.map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                feed.lock().unwrap_or_else(|e| e.into_inner()).update(bytes);
+            }
+            chunk
+        }));
+        let size = self.upload_append(id, data).await?;
+        // `upload_append` dropped the stream, and with it the other handle.
+        let hasher = std::sync::Arc::try_unwrap(state)
+            .map_err(|_| io::Error::other("hash state still shared after the append"))?
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        Ok((size, hasher))
+    }
+
     /// The current size of an upload, or `None` if there is no such upload.
     async fn upload_size(&self, id: &UploadId) -> Result<Option<u64>>;
 
@@ -94,6 +120,8 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Makes the upload durable and visible as blob `digest`, which the
     /// caller has verified, and removes the upload. Returns the blob size.
+    /// When `digest` is already stored (durably) with that size, a backend
+    /// may keep it and discard the upload.
     async fn upload_commit(&self, id: &UploadId, digest: &Digest) -> Result<u64>;
 
     /// Removes an upload. Removing a missing upload is not an error.

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
-use oci::{Digest, UploadId};
+use oci::{Algorithm, Digest, UploadId};
 
 use crate::{BlobStore, ByteStream, StorageError};
 
@@ -29,6 +29,9 @@ pub async fn run_all(store: &dyn BlobStore) {
     ranged_reads(store).await;
     upload_lifecycle(store).await;
     upload_read_while_growing(store).await;
+    hashing_appends(store).await;
+    large_appends(store).await;
+    failed_appends(store).await;
     missing_things(store).await;
     listing(store).await;
     disk_usage(store).await;
@@ -79,6 +82,7 @@ pub async fn upload_lifecycle(store: &dyn BlobStore) {
     store.upload_create(&id2).await.unwrap();
     store.upload_append(&id2, chunks(&[b"abcdefghi"])).await.unwrap();
     assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), 9);
+    assert_eq!(store.upload_size(&id2).await.unwrap(), None);
     assert_eq!(collect(store.get(&d, None).await.unwrap()).await, b"abcdefghi");
 
     // A cancelled upload leaves nothing.
@@ -108,6 +112,122 @@ pub async fn upload_read_while_growing(store: &dyn BlobStore) {
     ));
 }
 
+/// `n` bytes of a pattern that does not repeat on any power-of-two period,
+/// so a chunk written twice, dropped or out of place changes the digest.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// A stream of `data` in chunks of `sizes`, cycled.
+fn chunked(data: &[u8], sizes: &[usize]) -> ByteStream {
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for size in sizes.iter().cycle() {
+        if at >= data.len() {
+            break;
+        }
+        let end = (at + size).min(data.len());
+        parts.push(Ok(Bytes::copy_from_slice(&data[at..end])));
+        at = end;
+    }
+    Box::pin(stream::iter(parts))
+}
+
+pub async fn hashing_appends(store: &dyn BlobStore) {
+    let id = upload_id(30);
+    store.upload_create(&id).await.unwrap();
+    let hasher = Algorithm::Sha256.hasher();
+    let (n, hasher) = store
+        .upload_append_hashing(&id, chunks(&[b"abc", b"", b"def"]), hasher)
+        .await
+        .unwrap();
+    assert_eq!(n, 6);
+    // The hasher saw the bytes appended, and goes on with the next append.
+    let (n, hasher) = store
+        .upload_append_hashing(&id, chunks(&[b"ghi"]), hasher)
+        .await
+        .unwrap();
+    assert_eq!(n, 9);
+    assert_eq!(hasher.finish(), Digest::sha256(b"abcdefghi"));
+    // An empty append leaves the size and the hash alone.
+    let (n, hasher) = store
+        .upload_append_hashing(&id, chunks(&[]), Algorithm::Sha512.hasher())
+        .await
+        .unwrap();
+    assert_eq!(n, 9);
+    assert_eq!(hasher.finish(), Algorithm::Sha512.hasher().finish());
+    assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, b"abcdefghi");
+    store.upload_delete(&id).await.unwrap();
+}
+
+/// Appends of several MiB in chunks of odd sizes, so a backend that batches
+/// or pipelines its writes crosses its batch boundaries, with and without a
+/// hasher; the bytes stored, the sizes and the hash must all agree.
+pub async fn large_appends(store: &dyn BlobStore) {
+    let data = pattern((5 << 20) + 12_345);
+    let (a, b) = data.split_at((3 << 20) + 7);
+    let id = upload_id(31);
+    store.upload_create(&id).await.unwrap();
+    let (n, hasher) = store
+        .upload_append_hashing(
+            &id,
+            chunked(a, &[65_536, 1, 300_000, 4_097]),
+            Algorithm::Sha256.hasher(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, a.len() as u64);
+    let (n, hasher) = store
+        .upload_append_hashing(&id, chunked(b, &[2 << 20, 5]), hasher)
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+    let d = Digest::sha256(&data);
+    assert_eq!(hasher.finish(), d);
+    assert_eq!(store.upload_append(&id, chunked(&[], &[1])).await.unwrap(), n);
+    assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, data);
+
+    let id2 = upload_id(32);
+    store.upload_create(&id2).await.unwrap();
+    assert_eq!(
+        store
+            .upload_append(&id2, chunked(&data, &[8_192, 1_000_003]))
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(collect(store.upload_read(&id2).await.unwrap()).await, data);
+    assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), data.len() as u64);
+    assert_eq!(collect(store.get(&d, None).await.unwrap()).await, data);
+    store.upload_delete(&id).await.unwrap();
+    store.delete(&d).await.unwrap();
+}
+
+/// A stream that fails (a client that went away) fails the append; what was
+/// stored is a prefix of what was sent, and `upload_size` says how much.
+pub async fn failed_appends(store: &dyn BlobStore) {
+    let data = pattern(3 << 20);
+    for (n, cut) in [(40, 1000), (41, (2 << 20) + 3)] {
+        let id = upload_id(n);
+        store.upload_create(&id).await.unwrap();
+        let parts: Vec<std::io::Result<Bytes>> = vec![
+            Ok(Bytes::copy_from_slice(&data[..cut])),
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client went away")),
+            Ok(Bytes::copy_from_slice(&data[cut..])),
+        ];
+        let err = store
+            .upload_append_hashing(&id, Box::pin(stream::iter(parts)), Algorithm::Sha256.hasher())
+            .await;
+        assert!(err.is_err(), "an append of a failed stream must fail");
+        let size = store.upload_size(&id).await.unwrap().unwrap() as usize;
+        assert!(size <= cut, "{size} bytes stored of {cut} sent");
+        assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, &data[..size]);
+        store.upload_delete(&id).await.unwrap();
+    }
+}
+
 pub async fn missing_things(store: &dyn BlobStore) {
     let d = Digest::sha256(b"never stored");
     assert!(matches!(store.get(&d, None).await, Err(StorageError::NotFound)));
@@ -115,6 +235,12 @@ pub async fn missing_things(store: &dyn BlobStore) {
     assert_eq!(store.upload_size(&id).await.unwrap(), None);
     assert!(matches!(
         store.upload_append(&id, chunks(&[b"x"])).await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .upload_append_hashing(&id, chunked(&pattern(3 << 20), &[65_536]), Algorithm::Sha256.hasher())
+            .await,
         Err(StorageError::NotFound)
     ));
     assert!(matches!(store.upload_read(&id).await, Err(StorageError::NotFound)));

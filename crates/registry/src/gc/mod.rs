@@ -224,7 +224,7 @@ impl Registry {
         for (m, size) in chunk.iter().zip(removed) {
             if size.is_some() {
                 // A cached copy must not outlive the manifest.
-                self.cache.invalidate(&m.repo);
+                self.manifests_changed(&m.repo);
                 tracing::debug!(repo = %m.repo, digest = %m.digest, "removed an untagged manifest");
                 n += 1;
             }
