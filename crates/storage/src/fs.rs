@@ -450,6 +450,18 @@ struct SerialInner<S> {
     closing: bool,
 }
 
+/// An append dropped before it finished (its request was cancelled) leaves
+/// no queued batch behind: only the one in progress, if any, is still written.
+impl<S: Send + 'static> Drop for Serial<S> {
+    fn drop(&mut self) {
+        let mut inner = Self::lock(&self.shared);
+        inner.queue.clear();
+        inner.closing = true;
+        drop(inner);
+        self.shared.queued.notify_one();
+    }
+}
+
 /// Batches waiting for one `Serial` worker.
 const SERIAL_QUEUE: usize = 4;
 /// How long a `Serial` worker waits for the next batch before it ends: longer
