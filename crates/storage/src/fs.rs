@@ -12,12 +12,13 @@
 //! point leaves either no blob or the whole blob.
 //!
 //! Appends are a pipeline: the caller's task receives chunks and gathers them
-//! into batches of 1 MiB; a writer thread (from tokio's blocking pool) writes
-//! each batch through `std::fs`, and, when the caller wants the bytes hashed,
-//! a hasher thread hashes the same batches (the buffers are shared, not
-//! copied). So receiving, writing and hashing run in parallel, and the queues
-//! between them are bounded. An append that fits in one batch takes one trip
-//! to the blocking pool instead. On Linux, whole batches at an aligned end of
+//! into batches of 1 MiB; a worker on tokio's blocking pool writes them
+//! through `std::fs` and, when the caller wants the bytes hashed, another
+//! hashes the same batches (the buffers are shared, not copied). So receiving,
+//! writing and hashing run in parallel, a few batches apart at most, and a
+//! worker that has waited 10 ms for a batch ends, so a slow client holds no
+//! thread. An append that fits in one batch takes one trip to the blocking
+//! pool instead. On Linux, whole batches at an aligned end of
 //! file are written with `O_DIRECT` (no copy into the page cache, and a big
 //! push does not evict the cache of the blobs being pulled); the rest goes
 //! through the page cache, whose write-back large appends start as they go
@@ -29,6 +30,7 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
@@ -44,11 +46,11 @@ use crate::{BlobStore, ByteStream, DiskUsage, Result, StorageError};
 const READ_BUF: usize = 256 * 1024;
 
 /// An append gathers the chunks it receives into batches of this many bytes,
-/// each handed to the writer (and the hasher) at once.
+/// each handed to the writer (and the hasher) at once. An append holds at
+/// most about `SERIAL_QUEUE + 2` of them.
 const BATCH_BYTES: usize = 1 << 20;
-/// Batches queued for the writer or the hasher of one append: with
-/// `BATCH_BYTES`, an append holds at most about 8 MiB of buffers.
-const QUEUE_BATCHES: usize = 4;
+/// Buffers an append keeps for reuse.
+const SPARE_BATCHES: usize = SERIAL_QUEUE + 2;
 /// After this many bytes written through the page cache, an append asks the
 /// kernel to start writing them to the disk.
 const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -198,8 +200,8 @@ impl Batcher {
 
     /// The next `BATCH_BYTES` of the stream (less at its end; empty once it
     /// has ended). Waiting for a whole batch rather than passing on what is
-    /// there keeps the hand-offs to the writer and the hasher (a thread
-    /// wake-up each) at one per batch instead of one per received chunk.
+    /// there keeps the hand-offs to the writer and the hasher (a trip to the
+    /// blocking pool each) at one per batch instead of one per received chunk.
     async fn next(&mut self) -> io::Result<Bytes> {
         let mut buf = self.buffer();
         loop {
@@ -227,7 +229,7 @@ impl Batcher {
         }
         let batch = buf.freeze();
         self.sent.push_back(batch.clone());
-        if self.sent.len() > QUEUE_BATCHES + 3 {
+        if self.sent.len() > SPARE_BATCHES {
             self.sent.pop_front();
         }
         Ok(batch)
@@ -313,47 +315,52 @@ fn write_direct(d: &mut std::fs::File, batch: &[u8]) -> io::Result<usize> {
     Ok(done)
 }
 
-/// The writer thread of an append: opens the upload, writes every batch it
-/// receives, and returns the upload's new size. While the file's end stays
+/// The upload file as an append writes it. While the file's end stays
 /// aligned, whole batches go with direct I/O; anything else goes through the
 /// page cache, with its write-back started every `WRITEBACK_BYTES`.
-fn write_batches(path: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> io::Result<u64> {
-    let mut f = open_append(path)?;
-    let mut size = f.metadata()?.len();
-    let mut direct = if direct_aligned(size) { open_direct(path) } else { None };
-    let mut pending_from = size;
-    while let Some(batch) = rx.blocking_recv() {
-        let mut rest = &batch[..];
-        if let Some(d) = direct.as_mut() {
+struct Writer {
+    f: std::fs::File,
+    direct: Option<std::fs::File>,
+    size: u64,
+    /// Start of what went through the page cache without its write-back
+    /// started yet.
+    pending_from: u64,
+}
+
+impl Writer {
+    fn open(path: &Path) -> io::Result<Writer> {
+        let f = open_append(path)?;
+        let size = f.metadata()?.len();
+        let direct = if direct_aligned(size) { open_direct(path) } else { None };
+        Ok(Writer {
+            f,
+            direct,
+            size,
+            pending_from: size,
+        })
+    }
+
+    fn write(&mut self, batch: &[u8]) -> io::Result<()> {
+        let mut rest = batch;
+        if let Some(d) = self.direct.as_mut() {
             let n = write_direct(d, rest)?;
-            size += n as u64;
-            pending_from = size;
+            self.size += n as u64;
+            self.pending_from = self.size;
             rest = &rest[n..];
             if !rest.is_empty() {
-                direct = None;
+                self.direct = None;
             }
         }
         if !rest.is_empty() {
-            f.write_all(rest)?;
-            size += rest.len() as u64;
-            if size - pending_from >= WRITEBACK_BYTES {
-                start_writeback(&f, pending_from, size - pending_from);
-                pending_from = size;
+            self.f.write_all(rest)?;
+            self.size += rest.len() as u64;
+            if self.size - self.pending_from >= WRITEBACK_BYTES {
+                start_writeback(&self.f, self.pending_from, self.size - self.pending_from);
+                self.pending_from = self.size;
             }
         }
+        Ok(())
     }
-    Ok(size)
-}
-
-/// The hasher thread of an append: hashes every batch it receives and
-/// returns the hasher with the number of bytes it saw.
-fn hash_batches(mut hasher: Hasher, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> (Hasher, u64) {
-    let mut seen = 0;
-    while let Some(batch) = rx.blocking_recv() {
-        hasher.update(&batch);
-        seen += batch.len() as u64;
-    }
-    (hasher, seen)
 }
 
 impl FsBlobStore {
@@ -364,7 +371,7 @@ impl FsBlobStore {
         let first = batches.next().await?;
         if batches.ended() {
             // All of it fits in one batch (small blobs, manifests, many
-            // PATCHes): one trip to the blocking pool, no threads to feed.
+            // PATCHes): one trip to the blocking pool.
             return blocking(move || {
                 let mut f = open_append(&path).map_err(io_to_storage)?;
                 let size = f.metadata()?.len();
@@ -377,59 +384,218 @@ impl FsBlobStore {
             })
             .await;
         }
-        let (to_writer, from_pump) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_BATCHES);
-        let writer = tokio::task::spawn_blocking(move || write_batches(&path, from_pump));
+        // A pipeline: the batches are written and hashed in order, by one
+        // `Serial` worker each, while this task receives the next ones.
+        let writer = blocking(move || Writer::open(&path).map_err(io_to_storage)).await?;
+        let writer = Serial::new(writer, |w: &mut Writer, b: &Bytes| w.write(b));
         let hashing = hasher.map(|h| {
-            let (to_hasher, from_pump) = tokio::sync::mpsc::channel::<Bytes>(QUEUE_BATCHES);
-            (
-                to_hasher,
-                tokio::task::spawn_blocking(move || hash_batches(h, from_pump)),
-            )
+            Serial::new(h, |h: &mut Hasher, b: &Bytes| {
+                h.update(b);
+                Ok(())
+            })
         });
-        let mut sent = 0u64;
-        let mut failed = None;
         let mut batch = first;
-        loop {
-            let len = batch.len() as u64;
-            if let Some((to_hasher, _)) = &hashing {
-                if to_hasher.send(batch.clone()).await.is_err() {
-                    failed = Some(io::Error::other("the hasher of an upload stopped"));
-                    break;
+        let fed: io::Result<()> = async {
+            loop {
+                if let Some(h) = &hashing {
+                    h.push(batch.clone()).await?;
                 }
-            }
-            // A closed queue means the writer failed: its error is returned below.
-            if to_writer.send(batch).await.is_err() {
-                break;
-            }
-            sent += len;
-            if batches.ended() {
-                break;
-            }
-            batch = match batches.next().await {
-                Ok(b) => b,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+                writer.push(batch).await?;
+                if batches.ended() {
+                    return Ok(());
                 }
-            };
+                batch = batches.next().await?;
+            }
         }
-        drop(to_writer);
+        .await;
+        // Whatever happened, no write of this append may outlive it: the
+        // next append, or the commit, must find the file as it will stay.
         let hasher = match hashing {
-            Some((to_hasher, task)) => {
-                drop(to_hasher);
-                Some(task.await.map_err(io::Error::other)?)
-            }
+            Some(h) => Some(h.finish().await),
             None => None,
         };
-        let size = writer.await.map_err(io::Error::other)?.map_err(io_to_storage)?;
-        if let Some(e) = failed {
-            return Err(e.into());
+        let writer = writer.finish().await.map_err(io_to_storage)?;
+        fed?;
+        let hasher = hasher.transpose()?;
+        Ok((writer.size, hasher))
+    }
+}
+
+/// Applies `work` to the batches pushed to it, in order, on tokio's blocking
+/// pool: one task runs while batches come and ends when none has come for
+/// `SERIAL_LINGER`, so an append whose client is slow holds no thread while
+/// it waits. At most `SERIAL_QUEUE` batches wait; `push` waits for room.
+struct Serial<S: Send + 'static> {
+    shared: Arc<SerialShared<S>>,
+}
+
+struct SerialShared<S> {
+    inner: std::sync::Mutex<SerialInner<S>>,
+    /// Signalled whenever a batch is done or the worker stops.
+    progress: tokio::sync::Notify,
+    /// Signalled when a batch is queued, for a worker waiting for one.
+    queued: std::sync::Condvar,
+    work: fn(&mut S, &Bytes) -> io::Result<()>,
+}
+
+struct SerialInner<S> {
+    queue: VecDeque<Bytes>,
+    /// The state, when no worker holds it.
+    idle: Option<S>,
+    /// Set when `work` failed: the state is gone with it.
+    broken: bool,
+    /// The error, until someone returns it.
+    error: Option<io::Error>,
+    /// No more batches will come: a worker ends as soon as the queue is empty.
+    closing: bool,
+}
+
+/// An append dropped before it finished (its request was cancelled) leaves
+/// no queued batch behind: only the one in progress, if any, is still written.
+impl<S: Send + 'static> Drop for Serial<S> {
+    fn drop(&mut self) {
+        let mut inner = Self::lock(&self.shared);
+        inner.queue.clear();
+        inner.closing = true;
+        drop(inner);
+        self.shared.queued.notify_one();
+    }
+}
+
+/// Batches waiting for one `Serial` worker.
+const SERIAL_QUEUE: usize = 4;
+/// How long a `Serial` worker waits for the next batch before it ends: longer
+/// than batches take to arrive at network speed, so a fast upload keeps its
+/// threads, and short enough that a slow one holds none.
+const SERIAL_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl<S: Send + 'static> Serial<S> {
+    fn new(state: S, work: fn(&mut S, &Bytes) -> io::Result<()>) -> Serial<S> {
+        Serial {
+            shared: Arc::new(SerialShared {
+                inner: std::sync::Mutex::new(SerialInner {
+                    queue: VecDeque::new(),
+                    idle: Some(state),
+                    broken: false,
+                    error: None,
+                    closing: false,
+                }),
+                progress: tokio::sync::Notify::new(),
+                queued: std::sync::Condvar::new(),
+                work,
+            }),
         }
-        match hasher {
-            None => Ok((size, None)),
-            Some((h, seen)) if seen == sent => Ok((size, Some(h))),
-            Some(_) => Err(io::Error::other("an upload's hasher and writer saw different bytes").into()),
+    }
+
+    fn lock(shared: &SerialShared<S>) -> std::sync::MutexGuard<'_, SerialInner<S>> {
+        shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `ready` holds for the inner state, then runs `then` on it
+    /// (under the lock).
+    async fn wait<T>(&self, ready: impl Fn(&SerialInner<S>) -> bool, then: impl FnOnce(&mut SerialInner<S>) -> T) -> T {
+        loop {
+            let progress = self.shared.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            {
+                let mut inner = Self::lock(&self.shared);
+                if ready(&inner) {
+                    return then(&mut inner);
+                }
+            }
+            progress.await;
         }
+    }
+
+    async fn push(&self, batch: Bytes) -> io::Result<()> {
+        let start = self
+            .wait(
+                |i| i.broken || i.queue.len() < SERIAL_QUEUE,
+                |i| {
+                    if i.broken {
+                        return Err(Self::error(i));
+                    }
+                    i.queue.push_back(batch);
+                    Ok(i.idle.take())
+                },
+            )
+            .await?;
+        match start {
+            Some(state) => {
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || Self::run(&shared, state));
+            }
+            None => self.shared.queued.notify_one(),
+        }
+        Ok(())
+    }
+
+    /// The worker: takes batches until none comes for `SERIAL_LINGER`, then
+    /// parks the state and ends.
+    fn run(shared: &SerialShared<S>, mut state: S) {
+        loop {
+            let batch = {
+                let mut inner = Self::lock(shared);
+                loop {
+                    if let Some(b) = inner.queue.pop_front() {
+                        break b;
+                    }
+                    if inner.closing {
+                        inner.idle = Some(state);
+                        drop(inner);
+                        shared.progress.notify_waiters();
+                        return;
+                    }
+                    let (guard, wait) = shared
+                        .queued
+                        .wait_timeout(inner, SERIAL_LINGER)
+                        .unwrap_or_else(|e| e.into_inner());
+                    inner = guard;
+                    if wait.timed_out() && inner.queue.is_empty() {
+                        inner.idle = Some(state);
+                        drop(inner);
+                        shared.progress.notify_waiters();
+                        return;
+                    }
+                }
+            };
+            // A panic in `work` would leave the state with no owner: `finish`
+            // would wait forever. Treat it as an error instead.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (shared.work)(&mut state, &batch)))
+                .unwrap_or_else(|_| Err(io::Error::other("an upload worker panicked")));
+            drop(batch);
+            if let Err(e) = r {
+                let mut inner = Self::lock(shared);
+                inner.broken = true;
+                inner.error = Some(e);
+                inner.queue.clear();
+                drop(inner);
+                shared.progress.notify_waiters();
+                return;
+            }
+            shared.progress.notify_waiters();
+        }
+    }
+
+    /// Waits for every batch pushed, and returns the state.
+    async fn finish(self) -> io::Result<S> {
+        Self::lock(&self.shared).closing = true;
+        self.shared.queued.notify_one();
+        self.wait(
+            |i| i.broken || (i.queue.is_empty() && i.idle.is_some()),
+            |i| match i.idle.take() {
+                Some(state) if !i.broken => Ok(state),
+                _ => Err(Self::error(i)),
+            },
+        )
+        .await
+    }
+
+    fn error(i: &mut SerialInner<S>) -> io::Error {
+        i.error
+            .take()
+            .unwrap_or_else(|| io::Error::other("an earlier write or hash of this upload failed"))
     }
 }
 
@@ -672,6 +838,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DefaultHashing(FsBlobStore::open(dir.path()).await.unwrap());
         crate::testsuite::run_all(&store).await;
+    }
+
+    /// A client that pauses longer than a worker waits: the workers end
+    /// and start again between batches, and nothing is lost or reordered.
+    #[tokio::test]
+    async fn a_slow_client_appends_and_hashes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        let id: UploadId = "slow".parse().unwrap();
+        store.upload_create(&id).await.unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 100u32).map(|i| (i % 251) as u8).collect();
+        let parts: Vec<Bytes> = data.chunks(700_000).map(Bytes::copy_from_slice).collect();
+        let slow: ByteStream = Box::pin(futures_util::stream::iter(parts).then(|p| async move {
+            tokio::time::sleep(SERIAL_LINGER * 3).await;
+            Ok(p)
+        }));
+        let (n, hasher) = store
+            .upload_append_hashing(&id, slow, oci::Algorithm::Sha256.hasher())
+            .await
+            .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(hasher.finish(), Digest::sha256(&data));
+        let mut read = Vec::new();
+        let mut s = store.upload_read(&id).await.unwrap();
+        while let Some(c) = s.next().await {
+            read.extend_from_slice(&c.unwrap());
+        }
+        assert!(read == data);
     }
 
     #[tokio::test]

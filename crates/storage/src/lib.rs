@@ -64,9 +64,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// `hasher`, in order. The hasher comes back only when all of `data` was
     /// appended; on error it is gone, so a caller never holds a hash state
     /// that is out of step with the bytes stored. Backends override this to
-    /// hash beside the write (the filesystem backend hashes on its own
-    /// thread while another writes); the default hashes each chunk as it
-    /// passes.
+    /// hash beside the write (the filesystem backend hashes each batch in one
+    /// blocking task while another writes it); the default hashes each chunk
+    /// as it passes.
     async fn upload_append_hashing(&self, id: &UploadId, data: ByteStream, hasher: Hasher) -> Result<(u64, Hasher)> {
         use futures_util::StreamExt;
         let state = std::sync::Arc::new(std::sync::Mutex::new(hasher));
