@@ -602,13 +602,21 @@ async fn failed_logins_are_rate_limited() {
     // Even the right password is refused while locked out.
     let r = token(&c, &s, Some(("admin", ADMIN_PW)), &[]).await;
     assert_eq!(error_code(r).await, (429, "TOOMANYREQUESTS".into()));
-    // And the failures are in the audit log (read with `berth audit`).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["audit", "--action", "login_failed", "--json", "--data-dir"])
-        .arg(s.data())
-        .output()
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    // And the failures are in the audit log (read with `berth audit`),
+    // which a background task writes: wait for it, within bounds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lines = loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["audit", "--action", "login_failed", "--json", "--data-dir"])
+            .arg(s.data())
+            .output()
+            .unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+        if lines >= 10 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert!(lines >= 10, "{lines} login failures audited");
 }
 

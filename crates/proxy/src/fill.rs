@@ -38,8 +38,58 @@ pub struct FillState {
     /// All of them arrived and hash to the digest; the commit may still be
     /// under way.
     pub verified: bool,
+    /// The last bytes appended, kept in memory so that clients keeping up
+    /// with the download do not read them back from disk.
+    pub recent: Recent,
     /// `Some` once the blob is committed (Ok) or the fill failed.
     pub done: Option<Result<(), FillError>>,
+}
+
+/// Memory for the bytes most recently appended to a fill, shared by its
+/// readers (the chunks are reference-counted, not copied).
+const RECENT_BYTES: usize = 16 << 20;
+
+/// Chunks with their offsets in the blob, oldest first, at most
+/// `RECENT_BYTES` (plus one batch).
+#[derive(Debug, Clone, Default)]
+pub struct Recent {
+    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, mut at: u64, batch: Vec<Bytes>) {
+        for b in batch {
+            let len = b.len();
+            self.chunks.push_back((at, b));
+            self.bytes += len;
+            at += len as u64;
+        }
+        while self.bytes > RECENT_BYTES {
+            match self.chunks.pop_front() {
+                Some((_, b)) => self.bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The bytes from `pos` up to `end` that are in memory, if `pos` is.
+    fn from(&self, pos: u64, end: u64) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut at = pos;
+        for (start, b) in &self.chunks {
+            let stop = start + b.len() as u64;
+            if at >= end {
+                break;
+            }
+            if *start <= at && at < stop {
+                let hi = stop.min(end);
+                out.push(b.slice((at - start) as usize..(hi - start) as usize));
+                at = hi;
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -146,9 +196,13 @@ async fn download(
                 size.unwrap_or(0)
             ))));
         }
-        let data: ByteStream = Box::pin(futures_util::stream::iter(batch.into_iter().map(Ok)));
+        let data: ByteStream = Box::pin(futures_util::stream::iter(batch.clone().into_iter().map(Ok)));
+        let start = written;
         written = ctx.reg.upload_append(repo, &id, Some(FILL_OWNER), None, data).await?;
-        tx.send_modify(|s| s.written = written);
+        tx.send_modify(|s| {
+            s.written = written;
+            s.recent.push(start, batch);
+        });
     }
     if let Some(s) = size.filter(|s| *s != written) {
         return Err(FillError::Upstream(UpstreamError::Body(format!(
@@ -261,6 +315,16 @@ pub fn follow(
                 // An error means committed or cancelled meanwhile: the
                 // state says which.
                 let before = pos;
+                let in_memory = s.recent.from(pos, allowed);
+                if !in_memory.is_empty() {
+                    for b in in_memory {
+                        pos += b.len() as u64;
+                        if out.send(Ok(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 if let Ok(mut stream) = reg.upload_read_from(id, pos).await {
                     while pos < allowed {
                         match stream.next().await {
@@ -341,4 +405,24 @@ pub fn pass_through(resp: reqwest::Response, digest: Digest, permit: crate::limi
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_bytes_are_served_from_memory_within_the_window() {
+        let mut r = Recent::default();
+        r.push(0, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"def")]);
+        r.push(6, vec![Bytes::from_static(b"ghi")]);
+        let joined = |v: Vec<Bytes>| v.concat();
+        assert_eq!(joined(r.from(1, 8)), b"bcdefgh");
+        assert_eq!(joined(r.from(4, 100)), b"efghi");
+        assert!(r.from(9, 100).is_empty(), "not yet appended");
+        // Past the window, old bytes come from the file.
+        r.push(9, vec![Bytes::from(vec![0u8; RECENT_BYTES])]);
+        assert!(r.from(0, 10).is_empty());
+        assert_eq!(r.from(9, 12).concat(), vec![0u8; 3]);
+    }
 }
