@@ -141,16 +141,6 @@ pub enum CachedBlob {
     Direct(ByteStream),
 }
 
-impl CachedBlob {
-    pub fn size(&self) -> Option<u64> {
-        match self {
-            CachedBlob::Local(b) => Some(b.size),
-            CachedBlob::Filling { size, .. } | CachedBlob::Remote { size } => *size,
-            CachedBlob::Direct(_) => None,
-        }
-    }
-}
-
 /// Marks a digest in use while alive.
 struct InUse {
     cache: Arc<Cache>,
@@ -184,16 +174,13 @@ impl Drop for InUse {
     }
 }
 
-fn upstream_failed(up: &Upstream, what: &str, e: &FillError) -> RegistryError {
+/// The client's error for a failed fetch of `what`; `unknown` is the code
+/// when the upstream does not have it.
+fn upstream_failed(up: &Upstream, what: &str, unknown: ErrorCode, e: &FillError) -> RegistryError {
     match e {
         FillError::Local(e) => e.clone(),
         FillError::Upstream(u) if u.is_not_found() => {
-            let code = if what.contains("blob") {
-                ErrorCode::BlobUnknown
-            } else {
-                ErrorCode::ManifestUnknown
-            };
-            RegistryError::new(code, format!("upstream {} ({}) has no {what}: {u}", up.name, up.url))
+            RegistryError::new(unknown, format!("upstream {} ({}) has no {what}: {u}", up.name, up.url))
         }
         // A 4xx, so clients print the message (they hide 5xx bodies).
         FillError::Upstream(u @ UpstreamError::Auth(_)) => RegistryError::new(
@@ -236,10 +223,6 @@ impl Proxy {
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Proxy { reg, caches })
-    }
-
-    pub fn caches(&self) -> &[Arc<Cache>] {
-        &self.caches
     }
 
     /// The cache a repository belongs to, by its project.
@@ -341,7 +324,12 @@ impl Proxy {
             Err(FillError::Upstream(u)) if u.is_unavailable() => {
                 let what = format!("manifest {repo}:{reference}");
                 let Some(m) = local else {
-                    return Err(upstream_failed(&c.up, &what, &FillError::Upstream(u)));
+                    return Err(upstream_failed(
+                        &c.up,
+                        &what,
+                        ErrorCode::ManifestUnknown,
+                        &FillError::Upstream(u),
+                    ));
                 };
                 // (A cached manifest by digest was served above: always fresh.)
                 let Reference::Tag(t) = reference else { return Ok(m) };
@@ -380,7 +368,12 @@ impl Proxy {
                     ))
                 }
             }
-            Err(e) => Err(upstream_failed(&c.up, &format!("manifest {repo}:{reference}"), &e)),
+            Err(e) => Err(upstream_failed(
+                &c.up,
+                &format!("manifest {repo}:{reference}"),
+                ErrorCode::ManifestUnknown,
+                &e,
+            )),
         }
     }
 
@@ -414,7 +407,12 @@ impl Proxy {
                 Ok(_) => {}
                 Err(u) => {
                     c.metrics.error(u.kind());
-                    return Err(upstream_failed(&c.up, &what, &FillError::Upstream(u)));
+                    return Err(upstream_failed(
+                        &c.up,
+                        &what,
+                        ErrorCode::BlobUnknown,
+                        &FillError::Upstream(u),
+                    ));
                 }
             }
             if self.reg.cache_link(repo, digest).await? {
@@ -428,7 +426,12 @@ impl Proxy {
                 Ok(size) => Ok(CachedBlob::Remote { size }),
                 Err(u) => {
                     c.metrics.error(u.kind());
-                    Err(upstream_failed(&c.up, &what, &FillError::Upstream(u)))
+                    Err(upstream_failed(
+                        &c.up,
+                        &what,
+                        ErrorCode::BlobUnknown,
+                        &FillError::Upstream(u),
+                    ))
                 }
             };
         }
@@ -442,12 +445,12 @@ impl Proxy {
                     "cannot cache; streaming the blob straight from upstream");
                 let (resp, permit) = c.client.get_blob(&up_repo, digest).await.map_err(|u| {
                     c.metrics.error(u.kind());
-                    upstream_failed(&c.up, &what, &FillError::Upstream(u))
+                    upstream_failed(&c.up, &what, ErrorCode::BlobUnknown, &FillError::Upstream(u))
                 })?;
                 c.metrics.misses.inc();
                 return Ok(CachedBlob::Direct(fill::pass_through(resp, digest.clone(), permit)));
             }
-            Err(e) => return Err(upstream_failed(&c.up, &what, &e)),
+            Err(e) => return Err(upstream_failed(&c.up, &what, ErrorCode::BlobUnknown, &e)),
         };
         c.metrics.misses.inc();
         Self::noted(c, repo, digest);
