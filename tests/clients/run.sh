@@ -1080,7 +1080,7 @@ test_retention() {
 
     step "restart berth with --retention, --gc-untagged $P, a GC run every second, no grace"
     ret_berth_start berth-gc --immutable-tags 'frozen-*' --retention "$rule_p;$rule_q" \
-        --gc-untagged "$P" --gc-interval 1 --gc-grace 0 --gc-pause-ms 0
+        --gc-untagged "$P" --gc-interval 1 --gc-grace 0 --gc-pause-ms 0 --gc-duty 100
     local log=$TEST_DIR/berth-gc.log
     # Two runs, so the second shows that retention has nothing left to do.
     wait_log_lines "$log" "scheduled retention" 2

@@ -223,6 +223,7 @@ struct FileConfig {
     gc_untagged: Vec<String>,
     gc_batch: Option<usize>,
     gc_pause_ms: Option<u64>,
+    gc_duty: Option<u8>,
     #[serde(default)]
     immutable_tags: Vec<String>,
     disk_watermark: Option<f64>,
@@ -422,6 +423,7 @@ impl ServeArgs {
                 gc_untagged: file.gc_untagged,
                 gc_batch: file.gc_batch,
                 gc_pause_ms: file.gc_pause_ms,
+                gc_duty: file.gc_duty,
             })?,
         })
     }

@@ -31,14 +31,21 @@ pub struct GcTuning {
     #[arg(long, env = "BERTH_GC_UNTAGGED", value_name = "PROJECTS", value_delimiter = ',')]
     pub gc_untagged: Vec<String>,
 
-    /// Removals per metadata transaction. [default: 64]
+    /// Removals per metadata transaction. [default: 8 in berth serve, 64
+    /// in berth gc]
     #[arg(long, env = "BERTH_GC_BATCH", value_name = "N")]
     pub gc_batch: Option<usize>,
 
-    /// Pause between batches, in milliseconds, so serving keeps the
-    /// store. [default: 20]
+    /// Least pause between batches, in milliseconds, so serving keeps the
+    /// store. [default: 20 in berth serve, 0 in berth gc]
     #[arg(long, env = "BERTH_GC_PAUSE_MS", value_name = "MS")]
     pub gc_pause_ms: Option<u64>,
+
+    /// Most share of the time GC spends working, in percent (1-100): after
+    /// each batch it rests long enough to stay under it. [default: 10 in
+    /// berth serve, 100 in berth gc]
+    #[arg(long, env = "BERTH_GC_DUTY", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub gc_duty: Option<u8>,
 }
 
 impl GcTuning {
@@ -62,6 +69,9 @@ impl GcTuning {
                  e.g. team for team/app), comma-separated, or * for all"
             ));
         }
+        if let Some(bad) = file.gc_duty.filter(|p| !(1..=100).contains(p)) {
+            return Err(format!("gc_duty = {bad} is not a percentage from 1 to 100"));
+        }
         Ok(GcOptions {
             grace: self
                 .gc_grace
@@ -81,6 +91,11 @@ impl GcTuning {
                 .or(file.gc_pause_ms)
                 .map(Duration::from_millis)
                 .unwrap_or(d.pause),
+            duty: self
+                .gc_duty
+                .or(file.gc_duty)
+                .map(|p| f64::from(p) / 100.0)
+                .unwrap_or(d.duty),
         })
     }
 }
@@ -143,9 +158,16 @@ pub struct GcArgs {
 
 /// `berth gc`: one run on the data directory, report on stdout.
 pub fn run(args: GcArgs) -> Result<(), BoxError> {
+    // The registry is stopped: nobody to leave the machine to.
+    let offline = GcTuning {
+        gc_batch: Some(64),
+        gc_pause_ms: Some(0),
+        gc_duty: Some(100),
+        ..GcTuning::default()
+    };
     let opts = GcOptions {
         dry_run: args.dry_run,
-        ..args.tuning.resolve(&GcTuning::default())?
+        ..args.tuning.resolve(&offline)?
     };
     let registry = open_offline(args.store.data_dir.clone(), "gc", RegistryConfig::default())?;
     let report = block_on(registry.gc(&opts))?.map_err(|e| format!("garbage collection failed: {e}"))?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod accounts;
+mod background;
 mod config;
 mod fsck;
 mod gc;

@@ -22,10 +22,15 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     let cfg = args.resolve()?;
     crate::logging::init(&cfg.log, cfg.log_format);
     check_exposure(&cfg)?;
-    tokio::runtime::Builder::new_multi_thread()
+    let maintenance = crate::background::runtime()?;
+    let served = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve(cfg))
+        .block_on(serve(cfg, maintenance.handle().clone()));
+    // A GC batch in flight is safe to abandon: every removal is its own
+    // transaction, and bytes are deleted after their record.
+    maintenance.shutdown_background();
+    served
 }
 
 /// An unauthenticated registry is reachable by anyone who can reach its
@@ -43,7 +48,9 @@ fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
+/// `maintenance` runs retention, GC and cache eviction at low priority (see
+/// `background`).
+async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<(), BoxError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
     let blobs = FsBlobStore::open(&cfg.data_dir)
@@ -51,7 +58,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
         .map_err(|e| format!("cannot open blob storage in {}: {e}", cfg.data_dir.display()))?;
     let meta_path = cfg.data_dir.join("meta.redb");
     // One database: the registry's metadata and, with --auth, the accounts.
-    let store = Arc::new(open_metadata(&meta_path)?);
+    let store = Arc::new(open_metadata(&meta_path)?.on_runtime(tokio::runtime::Handle::current()));
     let blobs: Arc<dyn BlobStore> = Arc::new(blobs);
     let meta: Arc<dyn MetadataStore> = store.clone();
     let metrics = Arc::new(Metrics::new());
@@ -113,7 +120,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
             tracing::info!(upstream = %u.name, url = %u.url, project = %u.project, namespace = %u.namespace,
                 mirror = u.mirror, "pull-through cache");
         }
-        tokio::spawn(proxy::run_eviction(proxy.clone(), cfg.gc.clone()));
+        maintenance.spawn(proxy::run_eviction(proxy.clone(), cfg.gc.clone()));
         tokio::spawn(proxy::run_health(
             proxy.clone(),
             health.clone(),
@@ -124,7 +131,7 @@ async fn serve(cfg: ServeConfig) -> Result<(), BoxError> {
     }
     let app = Arc::new(app);
     if cfg.gc_interval > 0 {
-        tokio::spawn(crate::gc::schedule(
+        maintenance.spawn(crate::gc::schedule(
             app.clone(),
             Duration::from_secs(cfg.gc_interval),
             cfg.gc.clone(),

@@ -85,7 +85,16 @@ async fn berth_gc_refuses_a_directory_without_a_registry() {
 
 #[tokio::test]
 async fn serve_collects_on_its_schedule() {
-    let s = Server::start_with(&["--gc-interval", "1", "--gc-grace", "0", "--gc-pause-ms", "0"]);
+    let s = Server::start_with(&[
+        "--gc-interval",
+        "1",
+        "--gc-grace",
+        "0",
+        "--gc-pause-ms",
+        "0",
+        "--gc-duty",
+        "100",
+    ]);
     let c = client();
     let loose = push_blob(&c, &s, "lib/app", &bytes(7, 2000)).await;
     let url = s.url(&format!("/v2/lib/app/blobs/{loose}"));
@@ -226,6 +235,8 @@ async fn serve_applies_retention_and_prunes_untagged_manifests_per_project() {
         "0",
         "--gc-pause-ms",
         "0",
+        "--gc-duty",
+        "100",
     ]);
     let c = client();
     // Bounded wait for the first scheduled run (retention, then GC): 30 s.

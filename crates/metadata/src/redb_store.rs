@@ -42,6 +42,8 @@ const OUTBOX_LAST: &str = "outbox_last";
 
 pub struct RedbMetadata {
     db: Arc<Database>,
+    /// Where transactions run; `None`: on the caller's runtime.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 pub(crate) fn be(e: impl std::fmt::Display) -> MetaError {
@@ -71,7 +73,19 @@ impl RedbMetadata {
         crate::redb_identity::create_tables(&w)?;
         crate::redb_gc::create_tables(&w)?;
         w.commit().map_err(be)?;
-        Ok(RedbMetadata { db: Arc::new(db) })
+        Ok(RedbMetadata {
+            db: Arc::new(db),
+            runtime: None,
+        })
+    }
+
+    /// Runs every transaction on `rt`'s blocking pool, whichever runtime
+    /// the caller is on. `berth serve` passes its serving runtime: then
+    /// background work on the low-priority maintenance runtime never holds
+    /// the single writer (which pushes wait for) at idle priority.
+    pub fn on_runtime(mut self, rt: tokio::runtime::Handle) -> RedbMetadata {
+        self.runtime = Some(rt);
+        self
     }
 
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T>
@@ -80,7 +94,12 @@ impl RedbMetadata {
         F: FnOnce(&Database) -> Result<T> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(be)?
+        let task = move || f(&db);
+        match &self.runtime {
+            Some(rt) => rt.spawn_blocking(task).await,
+            None => tokio::task::spawn_blocking(task).await,
+        }
+        .map_err(be)?
     }
 }
 
@@ -621,6 +640,24 @@ impl MetadataStore for RedbMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transactions_run_on_the_runtime_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let serving = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("serving")
+            .build()
+            .unwrap();
+        let store = RedbMetadata::open(&dir.path().join("meta.redb"))
+            .unwrap()
+            .on_runtime(serving.handle().clone());
+        let caller = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let thread = caller
+            .block_on(store.run(|_| Ok(std::thread::current().name().map(String::from))))
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("serving"));
+    }
 
     #[tokio::test]
     async fn redb_backend_passes_the_shared_suite() {

@@ -67,6 +67,7 @@ pub(crate) fn now_opts() -> GcOptions {
         dry_run: false,
         batch: 2,
         pause: Duration::ZERO,
+        duty: 1.0,
     }
 }
 
