@@ -11,7 +11,6 @@
 use std::fmt;
 use std::io::{IsTerminal, Write};
 
-use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
@@ -39,7 +38,11 @@ pub fn init(filter: &str, format: LogFormat) {
     };
     let registry = tracing_subscriber::registry().with(filter);
     if json {
-        registry.with(EcsJson).init();
+        registry
+            .with(EcsJson {
+                out: Box::new(to_stderr),
+            })
+            .init();
     } else {
         registry
             .with(
@@ -52,44 +55,130 @@ pub fn init(filter: &str, format: LogFormat) {
 }
 
 /// The fields of a span, kept in its extensions.
-struct SpanFields(Map<String, Value>);
+/// A span's fields, each value already encoded as JSON.
+struct SpanFields(Vec<(&'static str, String)>);
 
-struct Fields<'a>(&'a mut Map<String, Value>);
+/// Records fields as (name, JSON text) pairs. Every line of every request
+/// passes through here, so values are encoded straight into their text:
+/// no intermediate JSON tree, no per-field map.
+struct Fields<'a>(&'a mut Vec<(&'static str, String)>);
 
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, f: &Field, v: &str) {
-        self.0.insert(f.name().to_string(), Value::from(v));
-    }
-    fn record_u64(&mut self, f: &Field, v: u64) {
-        self.0.insert(f.name().to_string(), Value::from(v));
-    }
-    fn record_i64(&mut self, f: &Field, v: i64) {
-        self.0.insert(f.name().to_string(), Value::from(v));
-    }
-    fn record_bool(&mut self, f: &Field, v: bool) {
-        self.0.insert(f.name().to_string(), Value::from(v));
-    }
-    fn record_f64(&mut self, f: &Field, v: f64) {
-        self.0.insert(f.name().to_string(), Value::from(v));
-    }
-    fn record_error(&mut self, f: &Field, v: &(dyn std::error::Error + 'static)) {
-        self.0.insert(f.name().to_string(), Value::from(v.to_string()));
-    }
-    fn record_debug(&mut self, f: &Field, v: &dyn fmt::Debug) {
-        self.0.insert(f.name().to_string(), Value::from(format!("{v:?}")));
+impl Fields<'_> {
+    fn push(&mut self, f: &Field, encode: impl FnOnce(&mut String)) {
+        let mut v = String::new();
+        encode(&mut v);
+        // A later record of the same field replaces the earlier one.
+        match self.0.iter_mut().find(|(k, _)| *k == f.name()) {
+            Some(slot) => slot.1 = v,
+            None => self.0.push((f.name(), v)),
+        }
     }
 }
 
-/// The JSON layer. Each line is built whole and written with one call, so
-/// lines from different threads never interleave.
-struct EcsJson;
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, f: &Field, v: &str) {
+        self.push(f, |out| json_str(out, v));
+    }
+    fn record_u64(&mut self, f: &Field, v: u64) {
+        self.push(f, |out| {
+            let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
+        });
+    }
+    fn record_i64(&mut self, f: &Field, v: i64) {
+        self.push(f, |out| {
+            let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
+        });
+    }
+    fn record_bool(&mut self, f: &Field, v: bool) {
+        self.push(f, |out| out.push_str(if v { "true" } else { "false" }));
+    }
+    fn record_f64(&mut self, f: &Field, v: f64) {
+        self.push(f, |out| {
+            if v.is_finite() {
+                let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
+            } else {
+                out.push_str("null");
+            }
+        });
+    }
+    fn record_error(&mut self, f: &Field, v: &(dyn std::error::Error + 'static)) {
+        self.push(f, |out| json_display(out, v));
+    }
+    fn record_debug(&mut self, f: &Field, v: &dyn fmt::Debug) {
+        self.push(f, |out| {
+            out.push('"');
+            let _ = fmt::Write::write_fmt(&mut Escaping(out), format_args!("{v:?}"));
+            out.push('"');
+        });
+    }
+}
+
+/// Appends `v` as a JSON string.
+fn json_str(out: &mut String, v: &str) {
+    out.push('"');
+    escape_into(out, v);
+    out.push('"');
+}
+
+fn json_display(out: &mut String, v: &dyn fmt::Display) {
+    out.push('"');
+    let _ = fmt::Write::write_fmt(&mut Escaping(out), format_args!("{v}"));
+    out.push('"');
+}
+
+/// Escapes what JSON requires inside a string: quotes, backslashes and
+/// control characters.
+fn escape_into(out: &mut String, v: &str) {
+    let bytes = v.as_bytes();
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        let esc = match c {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // Every byte matched is ASCII, so `i` is a char boundary.
+        out.push_str(&v[start..i]);
+        if esc.is_empty() {
+            let _ = fmt::Write::write_fmt(out, format_args!("\\u{c:04x}"));
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&v[start..]);
+}
+
+/// A `fmt::Write` that escapes as it appends, so `Debug` and `Display`
+/// output goes into the line without a copy.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
+/// The JSON layer; `out` takes each finished line (stderr in berth).
+struct EcsJson {
+    out: Box<dyn Fn(&[u8]) + Send + Sync>,
+}
+
+fn to_stderr(line: &[u8]) {
+    let _ = std::io::stderr().lock().write_all(line);
+}
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
-        let mut map = Map::new();
-        attrs.record(&mut Fields(&mut map));
-        span.extensions_mut().insert(SpanFields(map));
+        let mut fields = Vec::new();
+        attrs.record(&mut Fields(&mut fields));
+        span.extensions_mut().insert(SpanFields(fields));
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -101,36 +190,130 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let mut line = Map::new();
-        line.insert(
-            "@timestamp".into(),
-            Value::from(observe::time::rfc3339(std::time::SystemTime::now())),
-        );
-        let meta = event.metadata();
-        line.insert(
-            "log.level".into(),
-            Value::from(meta.level().as_str().to_ascii_lowercase()),
-        );
-        line.insert("log.logger".into(), Value::from(meta.target()));
-        let mut fields = Map::new();
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let mut fields = Vec::with_capacity(8);
         event.record(&mut Fields(&mut fields));
-        line.insert(
-            "message".into(),
-            fields.remove("message").unwrap_or_else(|| Value::from("")),
-        );
-        line.extend(fields);
-        // Innermost span first, so its fields win over outer ones.
-        if let Some(scope) = ctx.event_scope(event) {
-            for span in scope {
-                if let Some(f) = span.extensions().get::<SpanFields>() {
-                    for (k, v) in &f.0 {
-                        line.entry(k.clone()).or_insert_with(|| v.clone());
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            line.push_str("{\"@timestamp\":\"");
+            line.push_str(&observe::time::rfc3339(std::time::SystemTime::now()));
+            let meta = event.metadata();
+            line.push_str("\",\"log.level\":\"");
+            line.push_str(level_name(meta.level()));
+            line.push_str("\",\"log.logger\":");
+            json_str(line, meta.target());
+            line.push_str(",\"message\":");
+            match fields.iter().position(|(k, _)| *k == "message") {
+                Some(i) => line.push_str(&fields.remove(i).1),
+                None => line.push_str("\"\""),
+            }
+            let mut written: Vec<&str> = Vec::with_capacity(fields.len() + 2);
+            for (k, v) in &fields {
+                field(line, k, v);
+                written.push(k);
+            }
+            // Innermost span first, so its fields win over outer ones.
+            if let Some(scope) = ctx.event_scope(event) {
+                for span in scope {
+                    if let Some(f) = span.extensions().get::<SpanFields>() {
+                        for (k, v) in &f.0 {
+                            if !written.contains(k) && !RESERVED.contains(k) {
+                                field(line, k, v);
+                                written.push(k);
+                            }
+                        }
                     }
                 }
             }
+            line.push_str("}\n");
+            (self.out)(line.as_bytes());
+        });
+    }
+}
+
+/// Names the line itself sets; a field of the same name is dropped.
+const RESERVED: [&str; 4] = ["@timestamp", "log.level", "log.logger", "message"];
+
+fn field(line: &mut String, k: &str, v: &str) {
+    if RESERVED.contains(&k) {
+        return;
+    }
+    line.push(',');
+    json_str(line, k);
+    line.push(':');
+    line.push_str(v);
+}
+
+fn level_name(l: &tracing::Level) -> &'static str {
+    match *l {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_makes_valid_json_strings() {
+        for s in [
+            "plain",
+            "quote \" and \\ backslash",
+            "nl\ncr\rtab\t",
+            "\u{1}\u{1f}ctl",
+            "ünï ✓",
+            "",
+        ] {
+            let mut out = String::new();
+            json_str(&mut out, s);
+            let back: String = serde_json::from_str(&out).unwrap();
+            assert_eq!(back, s, "{out}");
         }
-        let mut buf = Value::Object(line).to_string();
-        buf.push('\n');
-        let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+        // Every ASCII character, and multi-byte ones around them.
+        let all: String = (0u8..0x80).map(char::from).chain("é✓𝄞".chars()).collect();
+        let mut out = String::new();
+        json_str(&mut out, &all);
+        assert_eq!(serde_json::from_str::<String>(&out).unwrap(), all);
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_with_the_span_fields() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = lines.clone();
+        let layer = EcsJson {
+            out: Box::new(move |l| sink.lock().unwrap().extend_from_slice(l)),
+        };
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            let span = tracing::info_span!("request", "trace.id" = "t-1", "user.name" = tracing::field::Empty);
+            span.record("user.name", "alice");
+            let _in = span.enter();
+            let inner = tracing::info_span!("inner", "trace.id" = "t-inner");
+            let _inner = inner.enter();
+            tracing::warn!(url.path = "/v2/a\"b", http.response.status_code = 404u64, ratio = 0.5, ok = false,
+                err = ?"x\ny", "no \"such\" thing");
+        });
+        let out = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        assert!(out.ends_with('\n') && out.lines().count() == 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(v["log.level"], "warn");
+        assert_eq!(v["message"], "no \"such\" thing");
+        assert_eq!(v["url.path"], "/v2/a\"b");
+        assert_eq!(v["http.response.status_code"], 404);
+        assert_eq!(v["ratio"], 0.5);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["err"], "\"x\\ny\"");
+        // The innermost span wins; outer fields still appear.
+        assert_eq!(v["trace.id"], "t-inner");
+        assert_eq!(v["user.name"], "alice");
+        assert!(v["@timestamp"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(v["log.logger"], module_path!());
     }
 }

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// A request allocates and frees many small objects (headers, the log
+/// line, futures) across threads; glibc's malloc took 16 % of the CPU
+/// serving small responses, mimalloc much less (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod accounts;
 mod background;
 mod config;
