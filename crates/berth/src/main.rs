@@ -11,6 +11,19 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Where transparent huge pages are on for everything
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`), each 2 MiB
+/// region mimalloc touches becomes resident whole: peak RSS under 400
+/// connections went from 32 to 66-120 MiB. berth's heap is small and
+/// scattered, so it gains nothing from huge pages; opt the process out.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: sets a flag of this process; no memory is touched.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 mod accounts;
 mod background;
 mod config;
@@ -79,6 +92,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
