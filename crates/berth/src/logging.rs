@@ -166,8 +166,10 @@ impl fmt::Write for Escaping<'_> {
 
 /// The JSON layer; `out` takes each finished line (stderr in berth).
 struct EcsJson {
-    out: Box<dyn Fn(&[u8]) + Send + Sync>,
+    out: LineOut,
 }
+
+type LineOut = Box<dyn Fn(&[u8]) + Send + Sync>;
 
 fn to_stderr(line: &[u8]) {
     let _ = std::io::stderr().lock().write_all(line);
