@@ -23,13 +23,14 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     crate::logging::init(&cfg.log, cfg.log_format);
     check_exposure(&cfg)?;
     let maintenance = crate::background::runtime()?;
-    let served = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(cfg, maintenance.handle().clone()));
-    // A GC batch in flight is safe to abandon: every removal is its own
-    // transaction, and bytes are deleted after their record.
+    let serving = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let served = serving.block_on(serve(cfg, maintenance.handle().clone()));
+    // Maintenance stops first: a GC batch in flight is safe to abandon
+    // (every removal is its own transaction, and bytes are deleted after
+    // their record). Dropping the serving runtime then waits for a metadata
+    // transaction maintenance had started on it, so none is cut short.
     maintenance.shutdown_background();
+    drop(serving);
     served
 }
 
