@@ -160,18 +160,6 @@ fn action_of(route: &Route, method: &Method) -> Option<Action> {
     }
 }
 
-fn repo_of(route: &Route) -> Option<&oci::RepoName> {
-    match route {
-        Route::Catalog => None,
-        Route::Tags(n)
-        | Route::Manifest(n, _)
-        | Route::Blob(n, _)
-        | Route::UploadStart(n)
-        | Route::Upload(n, _)
-        | Route::Referrers(n, _) => Some(n),
-    }
-}
-
 /// Per-request context for the handlers.
 pub(crate) struct Ctx<'a> {
     pub app: &'a App,
@@ -217,7 +205,7 @@ async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult 
         caller,
         client,
     };
-    if let (Some(action), Some(repo)) = (action_of(&route, m), repo_of(&route)) {
+    if let (Some(action), Some(repo)) = (action_of(&route, m), route.repo()) {
         if let Err(e) = access::require(ctx.auth(), &ctx.caller, repo, action).await {
             if e.error.code == ErrorCode::Denied {
                 ctx.audit(action.as_str(), repo.as_str(), "denied", &e.error.message);

@@ -5,30 +5,17 @@
 
 use auth::Action;
 use axum::http::{HeaderMap, Method};
-use oci::{ErrorCode, RepoName};
+use oci::ErrorCode;
 use proxy::{CachedBlob, Proxy};
 
 use crate::error::ApiResult;
 use crate::route::Route;
 use crate::{blobs, manifests, Ctx};
 
-/// The repository a route addresses, if any.
-fn repo_mut(route: &mut Route) -> Option<&mut RepoName> {
-    match route {
-        Route::Catalog => None,
-        Route::Tags(n)
-        | Route::Manifest(n, _)
-        | Route::Blob(n, _)
-        | Route::UploadStart(n)
-        | Route::Upload(n, _)
-        | Route::Referrers(n, _) => Some(n),
-    }
-}
-
 /// `?ns=<registry>`: the route as it addresses the cache of that registry.
 pub fn rewrite_ns(proxy: &Proxy, route: &mut Route, ns: Option<&str>) {
     let Some(ns) = ns else { return };
-    if let Some(repo) = repo_mut(route) {
+    if let Some(repo) = route.repo_mut() {
         if let Some(cached) = proxy.rewrite_ns(repo, ns) {
             *repo = cached;
         }

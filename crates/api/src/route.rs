@@ -19,6 +19,33 @@ pub enum Route {
     Referrers(RepoName, Digest),
 }
 
+impl Route {
+    /// The repository the route addresses (every route but the catalog).
+    pub fn repo(&self) -> Option<&RepoName> {
+        match self {
+            Route::Catalog => None,
+            Route::Tags(n)
+            | Route::Manifest(n, _)
+            | Route::Blob(n, _)
+            | Route::UploadStart(n)
+            | Route::Upload(n, _)
+            | Route::Referrers(n, _) => Some(n),
+        }
+    }
+
+    pub fn repo_mut(&mut self) -> Option<&mut RepoName> {
+        match self {
+            Route::Catalog => None,
+            Route::Tags(n)
+            | Route::Manifest(n, _)
+            | Route::Blob(n, _)
+            | Route::UploadStart(n)
+            | Route::Upload(n, _)
+            | Route::Referrers(n, _) => Some(n),
+        }
+    }
+}
+
 /// Parses the part of the path after `/v2/`. `None` means no such endpoint
 /// (404); `Some(Err)` an endpoint with an invalid name, reference or digest.
 pub fn parse(rest: &str) -> Option<Result<Route, RegistryError>> {

@@ -211,20 +211,17 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
                 Some(i) => line.push_str(&fields.remove(i).1),
                 None => line.push_str("\"\""),
             }
-            let mut written: Vec<&str> = Vec::with_capacity(fields.len() + 2);
+            // The first field of a name wins: the line's own, then the
+            // event's, then the spans', innermost first.
+            let mut written: Vec<&str> = RESERVED.to_vec();
             for (k, v) in &fields {
-                field(line, k, v);
-                written.push(k);
+                field(line, &mut written, k, v);
             }
-            // Innermost span first, so its fields win over outer ones.
             if let Some(scope) = ctx.event_scope(event) {
                 for span in scope {
                     if let Some(f) = span.extensions().get::<SpanFields>() {
                         for (k, v) in &f.0 {
-                            if !written.contains(k) && !RESERVED.contains(k) {
-                                field(line, k, v);
-                                written.push(k);
-                            }
+                            field(line, &mut written, k, v);
                         }
                     }
                 }
@@ -238,10 +235,12 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
 /// Names the line itself sets; a field of the same name is dropped.
 const RESERVED: [&str; 4] = ["@timestamp", "log.level", "log.logger", "message"];
 
-fn field(line: &mut String, k: &str, v: &str) {
-    if RESERVED.contains(&k) {
+/// Appends `"k":v` unless a field named `k` is already in the line.
+fn field<'a>(line: &mut String, written: &mut Vec<&'a str>, k: &'a str, v: &str) {
+    if written.contains(&k) {
         return;
     }
+    written.push(k);
     line.push(',');
     json_str(line, k);
     line.push(':');
