@@ -20,7 +20,10 @@
 //! thread. An append that fits in one batch takes one trip to the blocking
 //! pool instead. On Linux, whole batches at an aligned end of
 //! file are written with `O_DIRECT` (no copy into the page cache, and a big
-//! push does not evict the cache of the blobs being pulled); the rest goes
+//! push does not evict the cache of the blobs being pulled); a writer that
+//! fell behind takes the batches waiting for it in one vectored write, since
+//! the device does more with one large write than with several small ones
+//! (1 GiB push: 880–910 MB/s instead of 790–810 here); the rest goes
 //! through the page cache, whose write-back large appends start as they go
 //! (`sync_file_range`). Either way the commit's fsync has little left to wait
 //! for, and it is still what makes the bytes durable.
@@ -47,10 +50,10 @@ const READ_BUF: usize = 256 * 1024;
 
 /// An append gathers the chunks it receives into batches of this many bytes,
 /// each handed to the writer (and the hasher) at once. An append holds at
-/// most about `SERIAL_QUEUE + 2` of them.
+/// most about `SERIAL_HELD + 2` of them.
 const BATCH_BYTES: usize = 1 << 20;
 /// Buffers an append keeps for reuse.
-const SPARE_BATCHES: usize = SERIAL_QUEUE + 2;
+const SPARE_BATCHES: usize = SERIAL_HELD + 2;
 /// After this many bytes written through the page cache, an append asks the
 /// kernel to start writing them to the disk.
 const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -292,27 +295,35 @@ fn open_direct(_: &Path) -> Option<std::fs::File> {
     None
 }
 
-/// Writes `batch` with `O_DIRECT` if its address and length suit it.
-/// Returns how many bytes were written; the caller writes the rest through
-/// the page cache and stops using direct I/O (the end of the file is then no
-/// longer aligned, or the file system refused).
-fn write_direct(d: &mut std::fs::File, batch: &[u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < batch.len() {
-        let rest = &batch[done..];
-        if !direct_aligned(rest.len() as u64) || !direct_aligned(rest.as_ptr() as usize as u64) {
-            break;
-        }
-        match d.write(rest) {
+/// Writes the leading `batches` whose address and length suit `O_DIRECT`,
+/// all in one vectored write when the device is behind and several are
+/// queued: one large write keeps the device busier than a few small ones.
+/// Returns how many whole batches were written; the caller writes the rest
+/// through the page cache and stops using direct I/O (the end of the file is
+/// then no longer aligned, or the file system refused).
+fn write_direct(d: &mut std::fs::File, batches: &[Bytes]) -> io::Result<usize> {
+    let suits = |b: &Bytes| direct_aligned(b.len() as u64) && direct_aligned(b.as_ptr() as usize as u64);
+    let count = batches.iter().take_while(|b| suits(b)).count();
+    let mut slices: Vec<io::IoSlice<'_>> = batches[..count].iter().map(|b| io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    let mut written = 0;
+    while !rest.is_empty() {
+        match d.write_vectored(rest) {
             Ok(0) => break,
-            Ok(n) => done += n,
+            Ok(n) => {
+                written += n;
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
             // Refused before anything was written: alignment or support.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(done)
+    // A short direct write ends at an aligned length (or the device would
+    // have refused it), so the file's end stays aligned; what is left of a
+    // batch it cut goes through the page cache with the rest.
+    Ok(written)
 }
 
 /// The upload file as an append writes it. While the file's end stays
@@ -340,18 +351,24 @@ impl Writer {
         })
     }
 
-    fn write(&mut self, batch: &[u8]) -> io::Result<()> {
-        let mut rest = batch;
+    fn write(&mut self, batches: &[Bytes]) -> io::Result<()> {
+        let total: usize = batches.iter().map(Bytes::len).sum();
+        let mut skip = 0;
         if let Some(d) = self.direct.as_mut() {
-            let n = write_direct(d, rest)?;
-            self.size += n as u64;
+            skip = write_direct(d, batches)?;
+            self.size += skip as u64;
             self.pending_from = self.size;
-            rest = &rest[n..];
-            if !rest.is_empty() {
+            if skip < total {
                 self.direct = None;
             }
         }
-        if !rest.is_empty() {
+        for b in batches {
+            let cut = skip.min(b.len());
+            skip -= cut;
+            let rest = &b[cut..];
+            if rest.is_empty() {
+                continue;
+            }
             self.f.write_all(rest)?;
             self.size += rest.len() as u64;
             if self.size - self.pending_from >= WRITEBACK_BYTES {
@@ -387,10 +404,10 @@ impl FsBlobStore {
         // A pipeline: the batches are written and hashed in order, by one
         // `Serial` worker each, while this task receives the next ones.
         let writer = blocking(move || Writer::open(&path).map_err(io_to_storage)).await?;
-        let writer = Serial::new(writer, |w: &mut Writer, b: &Bytes| w.write(b));
+        let writer = Serial::new(writer, |w: &mut Writer, b: &[Bytes]| w.write(b));
         let hashing = hasher.map(|h| {
-            Serial::new(h, |h: &mut Hasher, b: &Bytes| {
-                h.update(b);
+            Serial::new(h, |h: &mut Hasher, batches: &[Bytes]| {
+                batches.iter().for_each(|b| h.update(b));
                 Ok(())
             })
         });
@@ -424,7 +441,9 @@ impl FsBlobStore {
 /// Applies `work` to the batches pushed to it, in order, on tokio's blocking
 /// pool: one task runs while batches come and ends when none has come for
 /// `SERIAL_LINGER`, so an append whose client is slow holds no thread while
-/// it waits. At most `SERIAL_QUEUE` batches wait; `push` waits for room.
+/// it waits. The worker takes up to `SERIAL_TAKE` waiting batches at a time
+/// (so a writer that fell behind catches up with one large write), and at
+/// most `SERIAL_HELD` batches are waiting or in work; `push` waits for room.
 struct Serial<S: Send + 'static> {
     shared: Arc<SerialShared<S>>,
 }
@@ -435,11 +454,13 @@ struct SerialShared<S> {
     progress: tokio::sync::Notify,
     /// Signalled when a batch is queued, for a worker waiting for one.
     queued: std::sync::Condvar,
-    work: fn(&mut S, &Bytes) -> io::Result<()>,
+    work: fn(&mut S, &[Bytes]) -> io::Result<()>,
 }
 
 struct SerialInner<S> {
     queue: VecDeque<Bytes>,
+    /// Batches the worker has taken and not finished.
+    working: usize,
     /// The state, when no worker holds it.
     idle: Option<S>,
     /// Set when `work` failed: the state is gone with it.
@@ -451,7 +472,7 @@ struct SerialInner<S> {
 }
 
 /// An append dropped before it finished (its request was cancelled) leaves
-/// no queued batch behind: only the one in progress, if any, is still written.
+/// no queued batch behind: only those in progress, if any, are still written.
 impl<S: Send + 'static> Drop for Serial<S> {
     fn drop(&mut self) {
         let mut inner = Self::lock(&self.shared);
@@ -462,19 +483,23 @@ impl<S: Send + 'static> Drop for Serial<S> {
     }
 }
 
-/// Batches waiting for one `Serial` worker.
-const SERIAL_QUEUE: usize = 4;
+/// Batches waiting for one `Serial` worker or in its work.
+const SERIAL_HELD: usize = 8;
+/// Batches a `Serial` worker takes at once: half of what it may hold, so
+/// the next ones are received while it works.
+const SERIAL_TAKE: usize = SERIAL_HELD / 2;
 /// How long a `Serial` worker waits for the next batch before it ends: longer
 /// than batches take to arrive at network speed, so a fast upload keeps its
 /// threads, and short enough that a slow one holds none.
 const SERIAL_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl<S: Send + 'static> Serial<S> {
-    fn new(state: S, work: fn(&mut S, &Bytes) -> io::Result<()>) -> Serial<S> {
+    fn new(state: S, work: fn(&mut S, &[Bytes]) -> io::Result<()>) -> Serial<S> {
         Serial {
             shared: Arc::new(SerialShared {
                 inner: std::sync::Mutex::new(SerialInner {
                     queue: VecDeque::new(),
+                    working: 0,
                     idle: Some(state),
                     broken: false,
                     error: None,
@@ -511,7 +536,7 @@ impl<S: Send + 'static> Serial<S> {
     async fn push(&self, batch: Bytes) -> io::Result<()> {
         let start = self
             .wait(
-                |i| i.broken || i.queue.len() < SERIAL_QUEUE,
+                |i| i.broken || i.queue.len() + i.working < SERIAL_HELD,
                 |i| {
                     if i.broken {
                         return Err(Self::error(i));
@@ -534,12 +559,16 @@ impl<S: Send + 'static> Serial<S> {
     /// The worker: takes batches until none comes for `SERIAL_LINGER`, then
     /// parks the state and ends.
     fn run(shared: &SerialShared<S>, mut state: S) {
+        let mut batches = Vec::with_capacity(SERIAL_TAKE);
         loop {
-            let batch = {
+            {
                 let mut inner = Self::lock(shared);
                 loop {
-                    if let Some(b) = inner.queue.pop_front() {
-                        break b;
+                    if !inner.queue.is_empty() {
+                        let n = inner.queue.len().min(SERIAL_TAKE);
+                        batches.extend(inner.queue.drain(..n));
+                        inner.working = n;
+                        break;
                     }
                     if inner.closing {
                         inner.idle = Some(state);
@@ -559,12 +588,14 @@ impl<S: Send + 'static> Serial<S> {
                         return;
                     }
                 }
-            };
+            }
             // A panic in `work` would leave the state with no owner: `finish`
             // would wait forever. Treat it as an error instead.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (shared.work)(&mut state, &batch)))
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (shared.work)(&mut state, &batches)))
                 .unwrap_or_else(|_| Err(io::Error::other("an upload worker panicked")));
-            drop(batch);
+            // Released before they count as done, so the receiver can reuse them.
+            batches.clear();
+            Self::lock(shared).working = 0;
             if let Err(e) = r {
                 let mut inner = Self::lock(shared);
                 inner.broken = true;
@@ -866,6 +897,58 @@ mod tests {
             read.extend_from_slice(&c.unwrap());
         }
         assert!(read == data);
+    }
+
+    /// A client faster than the disk: the workers take several batches at a
+    /// time, and the file and the hash still hold every byte in order.
+    #[tokio::test]
+    async fn a_fast_client_appends_and_hashes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        let id: UploadId = "fast".parse().unwrap();
+        store.upload_create(&id).await.unwrap();
+        let data: Vec<u8> = (0..(12 << 20) + 123u32).map(|i| (i % 253) as u8).collect();
+        let parts: Vec<io::Result<Bytes>> = data.chunks(64 << 10).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let (n, hasher) = store
+            .upload_append_hashing(
+                &id,
+                Box::pin(futures_util::stream::iter(parts)),
+                oci::Algorithm::Sha256.hasher(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(hasher.finish(), Digest::sha256(&data));
+        assert!(std::fs::read(store.upload_path(&id)).unwrap() == data);
+    }
+
+    /// Batches taken together: the aligned ones at the front go in one
+    /// direct write, an unaligned one ends direct I/O, and the bytes land in
+    /// order whatever path each took.
+    #[test]
+    fn a_writer_writes_taken_batches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("up");
+        std::fs::write(&path, b"").unwrap();
+        let batch = |seed: u8, len: usize| -> Bytes {
+            let mut b = aligned_buffer();
+            b.extend((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+            b.freeze()
+        };
+        let first = [
+            batch(1, BATCH_BYTES),
+            batch(2, BATCH_BYTES),
+            batch(3, 1000),
+            batch(4, BATCH_BYTES),
+        ];
+        let then = [batch(5, BATCH_BYTES), batch(6, 10)];
+        let mut w = Writer::open(&path).unwrap();
+        w.write(&first).unwrap();
+        assert!(w.direct.is_none(), "an unaligned end of file ends direct I/O");
+        w.write(&then).unwrap();
+        let want: Vec<u8> = first.iter().chain(&then).flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(w.size, want.len() as u64);
+        assert!(std::fs::read(&path).unwrap() == want);
     }
 
     #[tokio::test]
