@@ -23,7 +23,10 @@ pub fn run(args: ServeArgs) -> Result<(), BoxError> {
     crate::logging::init(&cfg.log, cfg.log_format);
     check_exposure(&cfg)?;
     let maintenance = crate::background::runtime()?;
-    let serving = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let serving = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(crate::logging::on_worker_park)
+        .build()?;
     let served = serving.block_on(serve(cfg, maintenance.handle().clone()));
     // Maintenance stops first: a GC batch in flight is safe to abandon
     // (every removal is its own transaction, and bytes are deleted after
