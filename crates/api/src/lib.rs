@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::Router;
 use oci::ErrorCode;
 use registry::Registry;
@@ -65,10 +65,12 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v2", get(ping).head(ping))
         .route("/v2/", get(ping).head(ping))
-        .route("/v2/{*rest}", any(dispatch))
         .route("/token", get(token_get).post(token_post))
         .merge(admin::routes())
-        .fallback(not_found)
+        // Everything else under /v2/ is routed by `route::parse`: as the
+        // fallback rather than a `{*rest}` route, axum does not percent-decode
+        // and store a path parameter nobody reads for every request.
+        .fallback(dispatch)
         .layer(axum::middleware::map_response(api_version_header))
         .with_state(app)
 }
@@ -164,6 +166,7 @@ fn action_of(route: &Route, method: &Method) -> Option<Action> {
 pub(crate) struct Ctx<'a> {
     pub app: &'a App,
     pub caller: Caller,
+    /// The client's address; empty without access control, its only user.
     pub client: String,
 }
 
@@ -186,9 +189,16 @@ impl Ctx<'_> {
 }
 
 async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult {
-    let client = connect_addr(&req);
+    // Only access control uses the address (audit, login limits): without
+    // it, no text is made for every request.
+    let client = match app.auth {
+        Some(_) => connect_addr(&req),
+        None => String::new(),
+    };
     let (parts, body) = req.into_parts();
-    let rest = parts.uri.path().strip_prefix("/v2/").unwrap_or("");
+    let Some(rest) = parts.uri.path().strip_prefix("/v2/") else {
+        return Err(not_found().await);
+    };
     let mut route = match route::parse(rest) {
         None => return Err(not_found().await),
         Some(r) => r?,

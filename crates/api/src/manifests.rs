@@ -23,9 +23,13 @@ pub fn send(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, m: registry::Manifest
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, hv(&m.media_type));
-    h.insert(header::CONTENT_LENGTH, hv(m.size.to_string()));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.size));
     h.insert("docker-content-digest", hv(m.digest.as_str()));
-    h.insert(header::ETAG, hv(format!("\"{}\"", m.digest)));
+    let mut etag = String::with_capacity(m.digest.as_str().len() + 2);
+    etag.push('"');
+    etag.push_str(m.digest.as_str());
+    etag.push('"');
+    h.insert(header::ETAG, hv(etag));
     resp
 }
 

@@ -72,7 +72,14 @@ fn new_request_id() -> HeaderValue {
         h.finish()
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).expect("hex is a valid header value")
+    // Every request without an id of its own makes one: hex by hand, not
+    // through `format!`.
+    let value = (u128::from(prefix) << 64) | u128::from(n);
+    let mut hex = [0u8; 32];
+    for (i, c) in hex.iter_mut().enumerate() {
+        *c = b"0123456789abcdef"[(value >> (124 - 4 * i)) as usize & 0xf];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
 }
 
 /// Whether a request is a pull or a push, for the pull and push metrics.
@@ -216,6 +223,11 @@ mod tests {
         assert_ne!(request_id(&h), "has space");
         h.insert(REQUEST_ID, HeaderValue::from_str(&"x".repeat(129)).unwrap());
         assert_eq!(request_id(&h).len(), 32);
+        // A prefix, then the counter: consecutive ids differ by one.
+        let (a, b) = (new_request_id(), new_request_id());
+        let hex = |v: &HeaderValue| u128::from_str_radix(v.to_str().unwrap(), 16).unwrap();
+        assert_eq!(a.to_str().unwrap()[..16], b.to_str().unwrap()[..16]);
+        assert_eq!(hex(&b), hex(&a) + 1);
     }
 
     #[test]

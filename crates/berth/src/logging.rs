@@ -130,8 +130,14 @@ fn json_display(out: &mut String, v: &dyn fmt::Display) {
 /// control characters.
 fn escape_into(out: &mut String, v: &str) {
     let bytes = v.as_bytes();
+    // Most text needs no escape: skip it eight bytes at a time.
+    let plain = bytes
+        .chunks_exact(8)
+        .take_while(|w| !word_needs_escape(u64::from_ne_bytes((*w).try_into().expect("8 bytes"))))
+        .count()
+        * 8;
     let mut start = 0;
-    for (i, &c) in bytes.iter().enumerate() {
+    for (i, &c) in bytes.iter().enumerate().skip(plain) {
         let esc = match c {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -151,6 +157,16 @@ fn escape_into(out: &mut String, v: &str) {
         start = i + 1;
     }
     out.push_str(&v[start..]);
+}
+
+/// Whether any of the eight bytes in `w` is a quote, a backslash or a
+/// control character (below 0x20). The classic "has a byte less than n"
+/// bit trick; a byte of 0x80 or above never matches.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+    (below(w, 0x20) | below(w ^ (ONES * u64::from(b'"')), 1) | below(w ^ (ONES * u64::from(b'\\')), 1)) != 0
 }
 
 /// A `fmt::Write` that escapes as it appends, so `Debug` and `Display`
@@ -286,7 +302,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
         LINE.with_borrow_mut(|line| {
             line.clear();
             line.push_str("{\"@timestamp\":\"");
-            line.push_str(&observe::time::rfc3339(std::time::SystemTime::now()));
+            observe::time::rfc3339_into(line, std::time::SystemTime::now());
             let meta = event.metadata();
             line.push_str("\",\"log.level\":\"");
             line.push_str(level_name(meta.level()));
@@ -348,6 +364,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_word_check_finds_exactly_the_bytes_to_escape() {
+        for fill in [b'a', 0x7f, 0x80, 0xff, b' '] {
+            assert!(!word_needs_escape(u64::from_ne_bytes([fill; 8])));
+            for byte in 0..=255u8 {
+                for at in 0..8 {
+                    let mut w = [fill; 8];
+                    w[at] = byte;
+                    let want = byte < 0x20 || byte == b'"' || byte == b'\\';
+                    assert_eq!(word_needs_escape(u64::from_ne_bytes(w)), want, "{byte:#x} at {at}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn escaping_makes_valid_json_strings() {
         for s in [
             "plain",
@@ -367,6 +398,17 @@ mod tests {
         let mut out = String::new();
         json_str(&mut out, &all);
         assert_eq!(serde_json::from_str::<String>(&out).unwrap(), all);
+        // Each special byte at each place in and after the words skipped.
+        for special in (0u8..0x20).chain([b'"', b'\\']) {
+            for at in 0..20 {
+                let mut s: Vec<u8> = "abcdefghijklmnopqrstu✓".bytes().collect();
+                s[at] = special;
+                let s = String::from_utf8(s).unwrap();
+                let mut out = String::new();
+                json_str(&mut out, &s);
+                assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+            }
+        }
     }
 
     thread_local! {

@@ -4,17 +4,38 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `2024-05-01T12:34:56.789Z` (UTC, milliseconds).
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut out = String::with_capacity(24);
+    rfc3339_into(&mut out, t);
+    out
+}
+
+/// `rfc3339`, appended to `out`. Every log line starts with one, so the
+/// digits are written directly rather than through `format!`.
+pub fn rfc3339_into(out: &mut String, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let digits = |out: &mut String, v: u64, width: u32| {
+        for i in (0..width).rev() {
+            out.push(char::from(b'0' + (v / 10u64.pow(i) % 10) as u8));
+        }
+    };
+    // Years before 0 or after 9999 are not timestamps berth makes.
+    digits(out, y.clamp(0, 9999) as u64, 4);
+    out.push('-');
+    digits(out, u64::from(m), 2);
+    out.push('-');
+    digits(out, u64::from(day), 2);
+    out.push('T');
+    digits(out, rem / 3600, 2);
+    out.push(':');
+    digits(out, rem % 3600 / 60, 2);
+    out.push(':');
+    digits(out, rem % 60, 2);
+    out.push('.');
+    digits(out, u64::from(d.subsec_millis()), 3);
+    out.push('Z');
 }
 
 /// `rfc3339` of a time given in seconds since the Unix epoch.
@@ -77,5 +98,28 @@ mod tests {
         assert_eq!(rfc3339(t), "2000-02-29T00:00:00.123Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_735_689_599); // last second of 2024
         assert_eq!(rfc3339(t), "2024-12-31T23:59:59.000Z");
+    }
+
+    /// The hand-written digits agree with `format!` across centuries.
+    #[test]
+    fn digits_match_format() {
+        let mut ms: u64 = 1;
+        while ms < 8_000_000_000_000 {
+            let d = Duration::from_millis(ms);
+            let secs = d.as_secs();
+            let (days, rem) = (secs / 86_400, secs % 86_400);
+            let (y, m, day) = civil_from_days(days as i64);
+            let want = format!(
+                "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+                rem / 3600,
+                rem % 3600 / 60,
+                rem % 60,
+                d.subsec_millis()
+            );
+            let mut got = String::from("x");
+            rfc3339_into(&mut got, UNIX_EPOCH + d);
+            assert_eq!(got[1..], want);
+            ms = ms * 3 + 7_919;
+        }
     }
 }
