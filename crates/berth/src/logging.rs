@@ -54,46 +54,49 @@ pub fn init(filter: &str, format: LogFormat) {
     }
 }
 
-/// The fields of a span, kept in its extensions.
-/// A span's fields, each value already encoded as JSON.
+/// A span's fields, each value already encoded as JSON, kept in its
+/// extensions.
 struct SpanFields(Vec<(&'static str, String)>);
 
-/// Records fields as (name, JSON text) pairs. Every line of every request
-/// passes through here, so values are encoded straight into their text:
-/// no intermediate JSON tree, no per-field map.
-struct Fields<'a>(&'a mut Vec<(&'static str, String)>);
+/// Encodes field values as JSON text, into the buffer `S` gives for each
+/// field (or nowhere, when it gives none). Every line of every request passes
+/// through here, so values are encoded straight into their text: no
+/// intermediate JSON tree, no per-field map.
+struct Encode<S>(S);
 
-impl Fields<'_> {
-    fn push(&mut self, f: &Field, encode: impl FnOnce(&mut String)) {
-        let mut v = String::new();
-        encode(&mut v);
-        // A later record of the same field replaces the earlier one.
-        match self.0.iter_mut().find(|(k, _)| *k == f.name()) {
-            Some(slot) => slot.1 = v,
-            None => self.0.push((f.name(), v)),
+/// Where `Encode` puts a field's value.
+trait FieldSink {
+    /// The buffer to append the value of `f` to, or `None` to skip it.
+    fn begin(&mut self, f: &Field) -> Option<&mut String>;
+}
+
+impl<S: FieldSink> Encode<S> {
+    fn put(&mut self, f: &Field, encode: impl FnOnce(&mut String)) {
+        if let Some(out) = self.0.begin(f) {
+            encode(out);
         }
     }
 }
 
-impl Visit for Fields<'_> {
+impl<S: FieldSink> Visit for Encode<S> {
     fn record_str(&mut self, f: &Field, v: &str) {
-        self.push(f, |out| json_str(out, v));
+        self.put(f, |out| json_str(out, v));
     }
     fn record_u64(&mut self, f: &Field, v: u64) {
-        self.push(f, |out| {
+        self.put(f, |out| {
             let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
         });
     }
     fn record_i64(&mut self, f: &Field, v: i64) {
-        self.push(f, |out| {
+        self.put(f, |out| {
             let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
         });
     }
     fn record_bool(&mut self, f: &Field, v: bool) {
-        self.push(f, |out| out.push_str(if v { "true" } else { "false" }));
+        self.put(f, |out| out.push_str(if v { "true" } else { "false" }));
     }
     fn record_f64(&mut self, f: &Field, v: f64) {
-        self.push(f, |out| {
+        self.put(f, |out| {
             if v.is_finite() {
                 let _ = fmt::Write::write_fmt(out, format_args!("{v}"));
             } else {
@@ -102,14 +105,64 @@ impl Visit for Fields<'_> {
         });
     }
     fn record_error(&mut self, f: &Field, v: &(dyn std::error::Error + 'static)) {
-        self.push(f, |out| json_display(out, v));
+        self.put(f, |out| json_display(out, v));
     }
     fn record_debug(&mut self, f: &Field, v: &dyn fmt::Debug) {
-        self.push(f, |out| {
+        self.put(f, |out| {
             out.push('"');
             let _ = fmt::Write::write_fmt(&mut Escaping(out), format_args!("{v:?}"));
             out.push('"');
         });
+    }
+}
+
+/// A span's fields: a later record of a field replaces the earlier one.
+impl FieldSink for &mut Vec<(&'static str, String)> {
+    fn begin(&mut self, f: &Field) -> Option<&mut String> {
+        let i = match self.iter().position(|(k, _)| *k == f.name()) {
+            Some(i) => {
+                self[i].1.clear();
+                i
+            }
+            None => {
+                self.push((f.name(), String::new()));
+                self.len() - 1
+            }
+        };
+        Some(&mut self[i].1)
+    }
+}
+
+/// The message of an event, written into the line as it is encoded.
+struct Message<'a> {
+    line: &'a mut String,
+    found: bool,
+}
+
+impl FieldSink for Message<'_> {
+    fn begin(&mut self, f: &Field) -> Option<&mut String> {
+        (f.name() == "message" && !std::mem::replace(&mut self.found, true)).then_some(&mut *self.line)
+    }
+}
+
+/// An event's other fields, written into the line as `,"name":value`,
+/// each name once.
+struct LineFields<'a> {
+    line: &'a mut String,
+    written: &'a mut Vec<&'static str>,
+}
+
+impl FieldSink for LineFields<'_> {
+    fn begin(&mut self, f: &Field) -> Option<&mut String> {
+        let k = f.name();
+        if self.written.contains(&k) {
+            return None;
+        }
+        self.written.push(k);
+        self.line.push(',');
+        json_str(self.line, k);
+        self.line.push(':');
+        Some(&mut *self.line)
     }
 }
 
@@ -281,7 +334,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut fields = Vec::new();
-        attrs.record(&mut Fields(&mut fields));
+        attrs.record(&mut Encode(&mut fields));
         span.extensions_mut().insert(SpanFields(fields));
     }
 
@@ -289,17 +342,16 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
         let Some(span) = ctx.span(id) else { return };
         let mut ext = span.extensions_mut();
         if let Some(f) = ext.get_mut::<SpanFields>() {
-            values.record(&mut Fields(&mut f.0));
+            values.record(&mut Encode(&mut f.0));
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         thread_local! {
-            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            static LINE: std::cell::RefCell<(String, Vec<&'static str>)> =
+                const { std::cell::RefCell::new((String::new(), Vec::new())) };
         }
-        let mut fields = Vec::with_capacity(8);
-        event.record(&mut Fields(&mut fields));
-        LINE.with_borrow_mut(|line| {
+        LINE.with_borrow_mut(|(line, written)| {
             line.clear();
             line.push_str("{\"@timestamp\":\"");
             observe::time::rfc3339_into(line, std::time::SystemTime::now());
@@ -309,21 +361,21 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
             line.push_str("\",\"log.logger\":");
             json_str(line, meta.target());
             line.push_str(",\"message\":");
-            match fields.iter().position(|(k, _)| *k == "message") {
-                Some(i) => line.push_str(&fields.remove(i).1),
-                None => line.push_str("\"\""),
+            let mut message = Encode(Message { line, found: false });
+            event.record(&mut message);
+            if !message.0.found {
+                line.push_str("\"\"");
             }
             // The first field of a name wins: the line's own, then the
             // event's, then the spans', innermost first.
-            let mut written: Vec<&str> = RESERVED.to_vec();
-            for (k, v) in &fields {
-                field(line, &mut written, k, v);
-            }
+            written.clear();
+            written.extend_from_slice(&RESERVED);
+            event.record(&mut Encode(LineFields { line, written }));
             if let Some(scope) = ctx.event_scope(event) {
                 for span in scope {
                     if let Some(f) = span.extensions().get::<SpanFields>() {
                         for (k, v) in &f.0 {
-                            field(line, &mut written, k, v);
+                            field(line, written, k, v);
                         }
                     }
                 }
@@ -338,7 +390,7 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for EcsJson {
 const RESERVED: [&str; 4] = ["@timestamp", "log.level", "log.logger", "message"];
 
 /// Appends `"k":v` unless a field named `k` is already in the line.
-fn field<'a>(line: &mut String, written: &mut Vec<&'a str>, k: &'a str, v: &str) {
+fn field(line: &mut String, written: &mut Vec<&'static str>, k: &'static str, v: &str) {
     if written.contains(&k) {
         return;
     }
@@ -464,6 +516,26 @@ mod tests {
         b.since = Some(std::time::Instant::now() - BATCH_AGE);
         b.push(b"new\n", tracing::Level::INFO);
         assert_eq!(writes(), [b"old\nnew\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_line_without_a_message_keeps_its_own_names() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = lines.clone();
+        let layer = EcsJson {
+            out: Box::new(move |l, _| sink.lock().unwrap().extend_from_slice(l)),
+        };
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            tracing::info!(log.level = "forged", count = 3u64);
+        });
+        let out = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(v["message"], "");
+        assert_eq!(v["log.level"], "info");
+        assert_eq!(v["count"], 3);
+        assert_eq!(out.matches("log.level").count(), 1, "{out}");
     }
 
     #[test]
