@@ -52,12 +52,13 @@ pub fn parse(rest: &str) -> Option<Result<Route, RegistryError>> {
     if rest == "_catalog" {
         return Some(Ok(Route::Catalog));
     }
-    let segs: Vec<String> = rest
+    // Borrowed unless a segment has something to decode.
+    let segs: Vec<std::borrow::Cow<'_, str>> = rest
         .split('/')
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .map(|s| percent_decode_str(s).decode_utf8_lossy())
         .collect();
     let n = segs.len();
-    let seg = |i: usize| segs.get(i).map(String::as_str);
+    let seg = |i: usize| segs.get(i).map(|s| s.as_ref());
     let name = |k: usize| -> Result<RepoName, RegistryError> { Ok(segs[..n - k].join("/").parse::<RepoName>()?) };
     if n < 2 {
         return None;
