@@ -10,10 +10,25 @@ use crate::error::{ApiError, ApiResult};
 use crate::request::{body_stream, byte_range, chunk_range, content_length, Query};
 use crate::{hv, Ctx};
 
-pub async fn get(reg: &Registry, name: &RepoName, d: &Digest, headers: &HeaderMap, with_body: bool) -> ApiResult {
+/// A blob GET or HEAD. `plain_socket`: the response goes out over plain
+/// HTTP/1 (see `Ctx::plain_socket`), so the bytes may be mapped file pages.
+pub async fn get(
+    reg: &Registry,
+    name: &RepoName,
+    d: &Digest,
+    headers: &HeaderMap,
+    with_body: bool,
+    plain_socket: bool,
+) -> ApiResult {
     let blob = reg.blob_open(name, d).await?;
     let size = blob.size;
-    send(d, Some(size), headers, with_body, |range| blob.read(range)).await
+    send(d, Some(size), headers, with_body, |range| async move {
+        match plain_socket {
+            true => blob.read_for_socket(range).await,
+            false => blob.read(range).await,
+        }
+    })
+    .await
 }
 
 /// The response for a blob GET or HEAD of `size` bytes (unknown only for a

@@ -60,6 +60,11 @@ impl App {
 
 pub type AppState = Arc<App>;
 
+/// Marks a request that came over plain TCP, without TLS; the server puts
+/// it in the request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct PlainTcp;
+
 /// The registry's HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -168,6 +173,10 @@ pub(crate) struct Ctx<'a> {
     pub caller: Caller,
     /// The client's address; empty without access control, its only user.
     pub client: String,
+    /// The response goes out over plain TCP as HTTP/1: its body bytes are
+    /// only read by the kernel (no TLS, no HTTP/2 framing), so blob bodies
+    /// may be mapped file pages (`storage::BlobStore::get_for_socket`).
+    pub plain_socket: bool,
 }
 
 impl Ctx<'_> {
@@ -214,6 +223,7 @@ async fn dispatch(State(app): State<AppState>, req: Request<Body>) -> ApiResult 
         app: &app,
         caller,
         client,
+        plain_socket: parts.extensions.get::<PlainTcp>().is_some() && parts.version <= axum::http::Version::HTTP_11,
     };
     if let (Some(action), Some(repo)) = (action_of(&route, m), route.repo()) {
         if let Err(e) = access::require(ctx.auth(), &ctx.caller, repo, action).await {
@@ -253,8 +263,8 @@ async fn handle_local(ctx: &Ctx<'_>, route: Route, m: &Method, q: &Query, h: &He
             _ => Err(unsupported(m)),
         },
         Route::Blob(name, d) => match *m {
-            Method::GET => blobs::get(ctx.reg(), &name, &d, h, true).await,
-            Method::HEAD => blobs::get(ctx.reg(), &name, &d, h, false).await,
+            Method::GET => blobs::get(ctx.reg(), &name, &d, h, true, ctx.plain_socket).await,
+            Method::HEAD => blobs::get(ctx.reg(), &name, &d, h, false, ctx.plain_socket).await,
             Method::DELETE => blobs::delete(ctx, &name, &d).await,
             _ => Err(unsupported(m)),
         },

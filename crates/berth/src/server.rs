@@ -107,8 +107,12 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
+        let plain = tls_config.is_none();
         let svc = TowerToHyperService::new(app.map_request(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            if plain {
+                req.extensions_mut().insert(api::PlainTcp);
+            }
             req
         }));
         let builder = builder.clone();

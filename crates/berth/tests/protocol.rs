@@ -106,6 +106,37 @@ async fn blob_get_head_and_ranges() {
     assert_eq!(r.status(), 404);
 }
 
+/// Large blobs over plain HTTP/1 go out as mapped windows of the file:
+/// whole, and ranged across window edges, they are the bytes pushed.
+#[tokio::test]
+async fn large_blob_reads_span_windows() {
+    let s = Server::start();
+    let c = client();
+    let data = bytes(2, (17 << 20) + 4_321);
+    let d = push_blob(&c, &s, "r/large", &data).await;
+    let url = s.url(&format!("/v2/r/large/blobs/{d}"));
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().as_ref() == &data[..]);
+    for (from, to) in [
+        (1u64, (9u64 << 20) - 1),
+        ((8 << 20) - 5, (17 << 20) + 4_320),
+        (4_096, 4_097),
+    ] {
+        let r = c
+            .get(&url)
+            .header("range", format!("bytes={from}-{to}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert!(
+            r.bytes().await.unwrap().as_ref() == &data[from as usize..=to as usize],
+            "{from}-{to}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn monolithic_and_post_put_uploads() {
     let s = Server::start();

@@ -66,7 +66,21 @@ pub struct OpenBlob {
 impl OpenBlob {
     /// The blob's bytes, or `range` of them (end exclusive, within `size`).
     pub async fn read(self, range: Option<Range<u64>>) -> Result<ByteStream> {
-        match self.blobs.get(&self.digest, range).await {
+        self.open(range, false).await
+    }
+
+    /// `read`, for bytes the caller only writes to a plain socket and never
+    /// looks at (see `BlobStore::get_for_socket`).
+    pub async fn read_for_socket(self, range: Option<Range<u64>>) -> Result<ByteStream> {
+        self.open(range, true).await
+    }
+
+    async fn open(self, range: Option<Range<u64>>, for_socket: bool) -> Result<ByteStream> {
+        let got = match for_socket {
+            true => self.blobs.get_for_socket(&self.digest, range).await,
+            false => self.blobs.get(&self.digest, range).await,
+        };
+        match got {
             Ok(s) => Ok(s),
             Err(storage::StorageError::NotFound) => {
                 // Linked in metadata but gone from storage: report it as the

@@ -41,6 +41,16 @@ pub trait BlobStore: Send + Sync + 'static {
     /// already checked against the size by the caller).
     async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream>;
 
+    /// `get`, for bytes that only the kernel will read: the caller writes
+    /// them to a plain socket and never looks at them (no TLS, no HTTP/2
+    /// framing, no hashing). A backend may then hand out pages of the file
+    /// mapped into memory instead of copies of them: a failure to read such
+    /// a page shows as an error of the socket write, where a read by the
+    /// process itself would be a fatal signal. The default is `get`.
+    async fn get_for_socket(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
+        self.get(digest, range).await
+    }
+
     /// Stores small content in one call (manifests). The caller has verified
     /// that `data` hashes to `digest`. Durable when it returns.
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()>;
