@@ -22,13 +22,22 @@ pub async fn get(
 ) -> ApiResult {
     let blob = reg.blob_open(name, d).await?;
     let size = blob.size;
-    send(d, Some(size), headers, with_body, |range| async move {
-        match plain_socket {
-            true => blob.read_for_socket(range).await,
-            false => blob.read(range).await,
-        }
+    send(d, Some(size), headers, with_body, |range| {
+        read(blob, range, plain_socket)
     })
     .await
+}
+
+/// Opens a blob's bytes for a response; see `Ctx::plain_socket`.
+pub async fn read(
+    blob: registry::OpenBlob,
+    range: Option<std::ops::Range<u64>>,
+    plain_socket: bool,
+) -> registry::Result<storage::ByteStream> {
+    match plain_socket {
+        true => blob.read_for_socket(range).await,
+        false => blob.read(range).await,
+    }
 }
 
 /// The response for a blob GET or HEAD of `size` bytes (unknown only for a

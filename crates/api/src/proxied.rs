@@ -46,7 +46,10 @@ pub async fn intercept(ctx: &Ctx<'_>, proxy: &Proxy, route: &Route, m: &Method, 
         Route::Blob(name, d) => match proxy.blob(cache, name, d, with_body).await {
             Ok(CachedBlob::Local(b)) => {
                 let size = b.size;
-                blobs::send(d, Some(size), h, with_body, |range| b.read(range)).await
+                blobs::send(d, Some(size), h, with_body, |range| {
+                    blobs::read(b, range, ctx.plain_socket)
+                })
+                .await
             }
             Ok(CachedBlob::Filling { size, reader }) => {
                 blobs::send(d, size, h, with_body, |range| async move {
