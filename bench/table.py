@@ -30,7 +30,8 @@ def agg(name, target):
 
 
 def fmt(x, unit=""):
-    return "–" if x is None else f"{x:,.1f}{unit}"
+    # Ratios get two decimals: a target of 0.9× is missed at 0.86×.
+    return "–" if x is None else f"{x:,.2f}{unit}" if unit == "×" else f"{x:,.1f}{unit}"
 
 
 def ratio(a, b):
