@@ -119,7 +119,7 @@ pub async fn serve(
         match &tls_config {
             None => {
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(crate::zero_copy::PlainStream(tcp)), svc)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
