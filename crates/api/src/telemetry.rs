@@ -143,7 +143,8 @@ async fn track(State(t): State<Telemetry>, req: Request, next: Next) -> Response
         let _enter = span.enter();
         let (path, query) = (uri.path(), uri.query());
         let nanos = elapsed.as_nanos() as u64;
-        let ip = client_ip.map(tracing::field::display);
+        let mut ip_buf = [0u8; 48];
+        let ip = client_ip.map(|a| ip_text(a, &mut ip_buf));
         tracing::info!(
             http.request.method = method.as_str(),
             url.path = path,
@@ -156,6 +157,40 @@ async fn track(State(t): State<Telemetry>, req: Request, next: Next) -> Response
     }
     resp.headers_mut().insert(REQUEST_ID, id);
     resp.map(|b| counted(b, || t.metrics.bytes_out(route)))
+}
+
+/// The client's address as text, by hand for IPv4: `Display` of the
+/// address took 3 % of a manifest HEAD's instructions.
+fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 48]) -> &str {
+    let n = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if o >= 100 {
+                    buf[n] = b'0' + o / 100;
+                    n += 1;
+                }
+                if o >= 10 {
+                    buf[n] = b'0' + o / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + o % 10;
+                n += 1;
+            }
+            n
+        }
+        // At most 45 characters.
+        std::net::IpAddr::V6(_) => {
+            let mut c = std::io::Cursor::new(&mut buf[..]);
+            let _ = std::io::Write::write_fmt(&mut c, format_args!("{ip}"));
+            c.position() as usize
+        }
+    };
+    std::str::from_utf8(&buf[..n]).unwrap_or("")
 }
 
 /// Counts a body's bytes: at once when its size is known (the common case,
@@ -228,6 +263,23 @@ mod tests {
         let hex = |v: &HeaderValue| u128::from_str_radix(v.to_str().unwrap(), 16).unwrap();
         assert_eq!(a.to_str().unwrap()[..16], b.to_str().unwrap()[..16]);
         assert_eq!(hex(&b), hex(&a) + 1);
+    }
+
+    #[test]
+    fn ip_text_is_display() {
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "10.20.100.255",
+            "9.99.199.200",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip, &mut [0; 48]), ip.to_string());
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! are dropped, oldest first (FIFO: cheap, and hot repositories come back
 //! on their next read).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;

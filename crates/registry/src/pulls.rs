@@ -5,7 +5,7 @@
 //! lost if the process dies, which at worst makes retention see a pull as
 //! older than it was.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 use oci::{Reference, RepoName};
