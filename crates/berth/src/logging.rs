@@ -518,8 +518,8 @@ mod tests {
         assert_eq!(writes(), [b"old\nnew\n".to_vec()]);
     }
 
-    #[test]
-    fn a_line_without_a_message_keeps_its_own_names() {
+    /// What the JSON layer writes while `f` runs.
+    fn capture(f: impl FnOnce()) -> String {
         use std::sync::{Arc, Mutex};
         use tracing_subscriber::layer::SubscriberExt;
         let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
@@ -527,10 +527,14 @@ mod tests {
         let layer = EcsJson {
             out: Box::new(move |l, _| sink.lock().unwrap().extend_from_slice(l)),
         };
-        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
-            tracing::info!(log.level = "forged", count = 3u64);
-        });
-        let out = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), f);
+        let out = lines.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_line_without_a_message_keeps_its_own_names() {
+        let out = capture(|| tracing::info!(log.level = "forged", count = 3u64));
         let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
         assert_eq!(v["message"], "");
         assert_eq!(v["log.level"], "info");
@@ -540,14 +544,7 @@ mod tests {
 
     #[test]
     fn a_line_is_one_json_object_with_the_span_fields() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::layer::SubscriberExt;
-        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let sink = lines.clone();
-        let layer = EcsJson {
-            out: Box::new(move |l, _| sink.lock().unwrap().extend_from_slice(l)),
-        };
-        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+        let out = capture(|| {
             let span = tracing::info_span!("request", "trace.id" = "t-1", "user.name" = tracing::field::Empty);
             span.record("user.name", "alice");
             let _in = span.enter();
@@ -556,7 +553,6 @@ mod tests {
             tracing::warn!(url.path = "/v2/a\"b", http.response.status_code = 404u64, ratio = 0.5, ok = false,
                 err = ?"x\ny", "no \"such\" thing");
         });
-        let out = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
         assert!(out.ends_with('\n') && out.lines().count() == 1, "{out}");
         let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
         assert_eq!(v["log.level"], "warn");

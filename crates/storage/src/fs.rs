@@ -1110,16 +1110,23 @@ mod tests {
         }
     }
 
+    /// A file of `len` bytes, and a window of `n` of them at `offset`.
+    #[cfg(target_os = "linux")]
+    fn mapped(len: usize, offset: u64, n: u64) -> (tempfile::TempDir, std::path::PathBuf, Bytes) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let window = map_window(&file, offset, n).unwrap();
+        (dir, path, window)
+    }
+
     /// A window's bytes are found in the registry, at their file offset,
     /// until the window goes; anything else is not.
     #[cfg(target_os = "linux")]
     #[test]
     fn mapped_bytes_name_their_file_region() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, vec![1u8; 3 << 20]).unwrap();
-        let file = Arc::new(std::fs::File::open(&path).unwrap());
-        let window = map_window(&file, 4_196, 2 << 20).unwrap();
+        let (_dir, _, window) = mapped(3 << 20, 4_196, 2 << 20);
         let (_, offset, n) = file_region(&window).unwrap();
         assert_eq!((offset, n), (4_196, 2 << 20));
         let (_, offset, n) = file_region(&window[70_000..]).unwrap();
@@ -1144,11 +1151,7 @@ mod tests {
     #[test]
     fn an_unreadable_mapped_page_is_a_write_error() {
         use std::os::unix::net::UnixStream;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
-        let file = Arc::new(std::fs::File::open(&path).unwrap());
-        let window = map_window(&file, 0, 1 << 20).unwrap();
+        let (_dir, path, window) = mapped(1 << 20, 0, 1 << 20);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
