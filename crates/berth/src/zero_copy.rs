@@ -88,8 +88,8 @@ impl AsyncWrite for PlainStream {
             return p;
         }
         #[cfg(target_os = "linux")]
-        let bufs = match bufs.iter().position(|b| storage::fs::file_region(b).is_some()) {
-            Some(region) => &bufs[..region],
+        let bufs = match bufs[1..].iter().position(|b| storage::fs::file_region(b).is_some()) {
+            Some(region) => &bufs[..=region],
             None => bufs,
         };
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)

@@ -763,6 +763,19 @@ fn map_window(file: &Arc<std::fs::File>, offset: u64, n: u64) -> io::Result<Byte
     Ok(Bytes::from_owner(Mapped { ptr, len, skip }))
 }
 
+/// The bytes of an open blob file, or `range` of them, read in `READ_BUF`
+/// pieces.
+async fn read_stream(mut file: File, range: Option<Range<u64>>) -> Result<ByteStream> {
+    Ok(match range {
+        None => Box::pin(ReaderStream::with_capacity(file, READ_BUF)),
+        Some(r) => {
+            file.seek(io::SeekFrom::Start(r.start)).await?;
+            let len = r.end.saturating_sub(r.start);
+            Box::pin(ReaderStream::with_capacity(file.take(len), READ_BUF))
+        }
+    })
+}
+
 fn not_found_as_none<T>(r: io::Result<T>) -> Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -786,15 +799,8 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
-        let mut file = File::open(self.blob_path(digest)).await.map_err(io_to_storage)?;
-        Ok(match range {
-            None => Box::pin(ReaderStream::with_capacity(file, READ_BUF)),
-            Some(r) => {
-                file.seek(io::SeekFrom::Start(r.start)).await?;
-                let len = r.end.saturating_sub(r.start);
-                Box::pin(ReaderStream::with_capacity(file.take(len), READ_BUF))
-            }
-        })
+        let file = File::open(self.blob_path(digest)).await.map_err(io_to_storage)?;
+        read_stream(file, range).await
     }
 
     /// Large reads go out as windows of the file mapped into memory. Written
@@ -815,9 +821,9 @@ impl BlobStore for FsBlobStore {
         let (file, len) = file?;
         let span = range.unwrap_or(0..len);
         if span.end.saturating_sub(span.start) < MAP_MIN || span.end > len {
-            // Small, or past the end of a file shorter than its record:
-            // `get` handles (and reports) those the usual way.
-            return self.get(digest, Some(span)).await;
+            // Small, or past the end of a file shorter than its record: read
+            // the way `get` does, from the file already open.
+            return read_stream(File::from_std(file), Some(span)).await;
         }
         let file = Arc::new(file);
         let windows = futures_util::stream::unfold(span, move |at| {
@@ -1049,31 +1055,31 @@ mod tests {
     /// and start again between batches, and nothing is lost or reordered.
     #[tokio::test]
     async fn a_slow_client_appends_and_hashes_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsBlobStore::open(dir.path()).await.unwrap();
-        let id: UploadId = "slow".parse().unwrap();
-        store.upload_create(&id).await.unwrap();
         let data: Vec<u8> = (0..(3 << 20) + 100u32).map(|i| (i % 251) as u8).collect();
         let parts: Vec<Bytes> = data.chunks(700_000).map(Bytes::copy_from_slice).collect();
         let slow: ByteStream = Box::pin(futures_util::stream::iter(parts).then(|p| async move {
             tokio::time::sleep(SERIAL_LINGER * 3).await;
             Ok(p)
         }));
+        appends_in_order(slow, &data).await;
+    }
+
+    /// Appends `stream` (the bytes of `data`) to a new upload while hashing,
+    /// and checks the size, the hash and the bytes read back.
+    async fn appends_in_order(stream: ByteStream, data: &[u8]) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).await.unwrap();
+        let id: UploadId = "up".parse().unwrap();
+        store.upload_create(&id).await.unwrap();
         let (n, hasher) = store
-            .upload_append_hashing(&id, slow, oci::Algorithm::Sha256.hasher())
+            .upload_append_hashing(&id, stream, oci::Algorithm::Sha256.hasher())
             .await
             .unwrap();
         assert_eq!(n, data.len() as u64);
-        assert_eq!(hasher.finish(), Digest::sha256(&data));
-        let mut read = Vec::new();
-        let mut s = store.upload_read(&id).await.unwrap();
-        while let Some(c) = s.next().await {
-            read.extend_from_slice(&c.unwrap());
-        }
-        assert!(read == data);
+        assert_eq!(hasher.finish(), Digest::sha256(data));
+        assert!(collect(store.upload_read(&id).await.unwrap()).await == data);
     }
 
-    #[cfg(target_os = "linux")]
     async fn collect(mut s: ByteStream) -> Vec<u8> {
         let mut out = Vec::new();
         while let Some(c) = s.next().await {
@@ -1168,23 +1174,9 @@ mod tests {
     /// time, and the file and the hash still hold every byte in order.
     #[tokio::test]
     async fn a_fast_client_appends_and_hashes_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsBlobStore::open(dir.path()).await.unwrap();
-        let id: UploadId = "fast".parse().unwrap();
-        store.upload_create(&id).await.unwrap();
         let data: Vec<u8> = (0..(12 << 20) + 123u32).map(|i| (i % 253) as u8).collect();
         let parts: Vec<io::Result<Bytes>> = data.chunks(64 << 10).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
-        let (n, hasher) = store
-            .upload_append_hashing(
-                &id,
-                Box::pin(futures_util::stream::iter(parts)),
-                oci::Algorithm::Sha256.hasher(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(n, data.len() as u64);
-        assert_eq!(hasher.finish(), Digest::sha256(&data));
-        assert!(std::fs::read(store.upload_path(&id)).unwrap() == data);
+        appends_in_order(Box::pin(futures_util::stream::iter(parts)), &data).await;
     }
 
     /// Batches taken together: the aligned ones at the front go in one
