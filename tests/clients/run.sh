@@ -121,7 +121,9 @@ make_oci_layout() { # layout-dir label
         src=$TEST_DIR/rootfs-$label-$arch
         mkdir -p "$src/a" "$src/b"
         printf 'berth %s %s %s\n' "$label" "$arch" "$(rand_hex 8)" >"$src/a/hello.txt"
-        head -c 8192 /dev/urandom >"$src/b/random.bin"
+        # Over 1 MiB compressed: pulls of this layer go through the mapped,
+        # sendfile path of a plain-HTTP blob GET.
+        head -c 3000000 /dev/urandom >"$src/b/random.bin"
         x umoci new --image "$L:$arch" >&2
         x umoci insert --image "$L:$arch" "$src/a" /app >&2
         if [[ $arch == amd64 ]]; then
