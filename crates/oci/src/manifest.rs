@@ -237,4 +237,30 @@ mod tests {
             assert!(Manifest::parse(bad.as_bytes(), None).is_err(), "{bad}");
         }
     }
+
+    /// Found by the manifest fuzzer: a descriptor's platform number must read
+    /// back exactly after berth re-serialises it (referrers lists, metadata).
+    /// Without serde_json's `float_roundtrip`, 1.0666666666666665e62 came back
+    /// one unit in the last place lower.
+    #[test]
+    fn descriptor_numbers_round_trip_exactly() {
+        for number in [
+            "1.0666666666666665e+62",
+            "0.1",
+            "1e-300",
+            "123456789012345678901234567890",
+            "-0.0",
+        ] {
+            let json = format!(
+                r#"{{"mediaType":"{}","digest":"{}","size":1,"platform":{{"size":{number}}}}}"#,
+                media::OCI_MANIFEST,
+                d(1)
+            );
+            let first: Descriptor = serde_json::from_str(&json).unwrap();
+            let parsed = first.platform.as_ref().unwrap()["size"].as_f64().unwrap();
+            assert_eq!(parsed.to_bits(), number.parse::<f64>().unwrap().to_bits(), "{number}");
+            let again: Descriptor = serde_json::from_slice(&serde_json::to_vec(&first).unwrap()).unwrap();
+            assert_eq!(again, first, "{number}");
+        }
+    }
 }
