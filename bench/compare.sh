@@ -7,10 +7,10 @@
 #   DUR=5 ROUNDS=1 bench/compare.sh  a quick look
 #
 # Every target is measured with the same generator (`berth bench`), scenario
-# by scenario, alternating berth / distribution / nginx ROUNDS times so that
-# machine noise hits all of them alike. Results (raw JSON per run, and the
-# table) go to $OUT. Not part of the tests: it takes minutes and needs root
-# for apt-get.
+# by scenario, alternating berth / distribution / nginx ROUNDS times (each
+# round starting with the next target) so that machine noise hits all of them
+# alike. Results (raw JSON per run, and the table) go to $OUT. Not part of the
+# tests: it takes minutes and needs root for apt-get.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -152,6 +152,23 @@ else:
 PY
 }
 
+# rotated ROUND TARGETS...: the targets, starting with a different one each
+# round, so that whatever favours the first (or last) of a round, such as the
+# page cache or the CPU's clock after a pause, does not always favour the same.
+rotated() {
+    local r=$1
+    shift
+    local n=$# i
+    for ((i = 0; i < n; i++)); do
+        local k=$(((i + r - 1) % n + 1))
+        printf '%s ' "${!k}"
+    done
+}
+
+url_of() {
+    case $1 in berth) echo "$BERTH_URL" ;; distribution) echo "$DIST_URL" ;; nginx) echo "$NGINX_URL" ;; esac
+}
+
 # small NAME TARGETS ARGS...: the small-response scenarios, 400 connections.
 # A 2 s timeout, as wrk's default, so "success" means what it meant in the guide.
 small() {
@@ -159,10 +176,8 @@ small() {
     shift 2
     say "$name"
     for r in $(seq "$ROUNDS"); do
-        for t in $targets; do
-            local url
-            case $t in berth) url=$BERTH_URL ;; distribution) url=$DIST_URL ;; nginx) url=$NGINX_URL ;; esac
-            run "$name" "$t" "$url" "$r" -c "$CONNS" -d "${DUR}s" --warmup "${WARM}s" --timeout 2s "$@"
+        for t in $(rotated "$r" $targets); do
+            run "$name" "$t" "$(url_of "$t")" "$r" -c "$CONNS" -d "${DUR}s" --warmup "${WARM}s" --timeout 2s "$@"
         done
     done
 }
@@ -182,15 +197,16 @@ cat "$OUT/rss.json" >&2
 
 say "blob-get: the $BIG layer, 4 connections"
 for r in $(seq "$ROUNDS"); do
-    run blob-get berth "$BERTH_URL" "$r" blob-get --image bench/big00000:latest -c 4 -d "${DUR}s" --timeout 120s
-    run blob-get distribution "$DIST_URL" "$r" blob-get --image bench/big00000:latest -c 4 -d "${DUR}s" --timeout 120s
-    run blob-get nginx "$NGINX_URL" "$r" blob-get --image bench/big00000:latest -c 4 -d "${DUR}s" --timeout 120s
+    for t in $(rotated "$r" berth distribution nginx); do
+        run blob-get "$t" "$(url_of "$t")" "$r" blob-get --image bench/big00000:latest -c 4 -d "${DUR}s" --timeout 120s
+    done
 done
 
 say "push: $BIG monolithic, 1 connection, 2 pushes"
 for r in $(seq "$ROUNDS"); do
-    run push berth "$BERTH_URL" "$r" push --layer-size "$BIG" -c 1 -n 2 -d 120s --timeout 120s
-    run push distribution "$DIST_URL" "$r" push --layer-size "$BIG" -c 1 -n 2 -d 120s --timeout 120s
+    for t in $(rotated "$r" berth distribution); do
+        run push "$t" "$(url_of "$t")" "$r" push --layer-size "$BIG" -c 1 -n 2 -d 120s --timeout 120s
+    done
 done
 echo "{\"berth_kib\": $(hwm $BERTH_PID), \"distribution_kib\": $(hwm $DIST_PID)}" >"$OUT/rss-all.json"
 
