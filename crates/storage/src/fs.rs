@@ -1162,7 +1162,8 @@ mod tests {
     #[test]
     fn a_window_is_cached_when_mapped() {
         use std::os::fd::AsRawFd;
-        let page = 4096;
+        // SAFETY: sysconf has no preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
         std::fs::write(&path, vec![7u8; 2 << 20]).unwrap();
@@ -1193,9 +1194,10 @@ mod tests {
         }
         for (offset, n) in [(0, 2 << 20), (4_196, 1 << 20)] {
             let window = map_window(&file, offset, n).unwrap();
-            let start = window.as_ptr() as usize - (offset % page) as usize;
+            let skip = (offset % page) as usize;
+            let start = window.as_ptr() as usize - skip;
             assert!(
-                resident(start as *mut libc::c_void, n as usize, page),
+                resident(start as *mut libc::c_void, n as usize + skip, page),
                 "window at {offset}"
             );
             assert!(window.iter().all(|&b| b == 7));
