@@ -154,15 +154,7 @@ struct LineFields<'a> {
 
 impl FieldSink for LineFields<'_> {
     fn begin(&mut self, f: &Field) -> Option<&mut String> {
-        let k = f.name();
-        if self.written.contains(&k) {
-            return None;
-        }
-        self.written.push(k);
-        self.line.push(',');
-        json_str(self.line, k);
-        self.line.push(':');
-        Some(&mut *self.line)
+        start_field(self.line, self.written, f.name()).then_some(&mut *self.line)
     }
 }
 
@@ -391,14 +383,22 @@ const RESERVED: [&str; 4] = ["@timestamp", "log.level", "log.logger", "message"]
 
 /// Appends `"k":v` unless a field named `k` is already in the line.
 fn field(line: &mut String, written: &mut Vec<&'static str>, k: &'static str, v: &str) {
+    if start_field(line, written, k) {
+        line.push_str(v);
+    }
+}
+
+/// Appends `,"k":`, for a value to follow, unless a field named `k` is
+/// already in the line; whether it did.
+fn start_field(line: &mut String, written: &mut Vec<&'static str>, k: &'static str) -> bool {
     if written.contains(&k) {
-        return;
+        return false;
     }
     written.push(k);
     line.push(',');
     json_str(line, k);
     line.push(':');
-    line.push_str(v);
+    true
 }
 
 fn level_name(l: &tracing::Level) -> &'static str {

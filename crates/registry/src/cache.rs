@@ -14,11 +14,10 @@
 //! on their next read).
 
 use std::collections::VecDeque;
-
-use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use oci::{Digest, RepoName, Tag};
 
 /// A manifest as served.

@@ -5,9 +5,9 @@
 //! lost if the process dies, which at worst makes retention see a pull as
 //! older than it was.
 
-use foldhash::HashMap;
 use std::sync::Mutex;
 
+use foldhash::HashMap;
 use oci::{Reference, RepoName};
 
 use crate::{now, Registry, Result};
