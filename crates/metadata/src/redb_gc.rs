@@ -8,7 +8,7 @@ use oci::Digest;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
-use crate::redb_store::{be, BLOBS, LINKS, MANIFESTS, REFERRERS, REPOS, TAGS, UPLOADS};
+use crate::redb_store::{be, remove_link, BLOBS, LINKS, LINKS_BY_DIGEST, MANIFESTS, REFERRERS, REPOS, TAGS, UPLOADS};
 use crate::{ManifestRecord, Result};
 
 /// digest -> (time, seq) of the last write that committed, linked or
@@ -150,28 +150,31 @@ pub(crate) fn sweep_blobs(db: &Database, candidates: &[Digest], guard: SweepGuar
                 links: 0,
             });
         }
-        if swept.is_empty() {
-            return Ok(swept);
-        }
-        // Links are keyed by repository first; one scan per batch finds the
-        // links of every swept blob.
-        let index: HashMap<String, usize> = swept
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.digest.to_string(), i))
-            .collect();
-        let mut links = w.open_table(LINKS).map_err(be)?;
-        let mut doomed = Vec::new();
-        for item in links.iter().map_err(be)? {
-            let (k, _) = item.map_err(be)?;
-            let (repo, d) = k.value();
-            if let Some(&i) = index.get(d) {
-                doomed.push((repo.to_string(), d.to_string(), i));
+    }
+    if swept.is_empty() {
+        return Ok(swept);
+    }
+    // The links of each swept blob, from the index keyed by digest: the
+    // cost is the links removed, not the size of the links table.
+    for s in &mut swept {
+        let d = s.digest.as_str();
+        let repos: Vec<String> = {
+            let index = w.open_table(LINKS_BY_DIGEST).map_err(be)?;
+            let mut repos = Vec::new();
+            for item in index.range((d, "")..).map_err(be)? {
+                let (k, _) = item.map_err(be)?;
+                let (kd, repo) = k.value();
+                if kd != d {
+                    break;
+                }
+                repos.push(repo.to_string());
             }
-        }
-        for (repo, d, i) in doomed {
-            links.remove((repo.as_str(), d.as_str())).map_err(be)?;
-            swept[i].links += 1;
+            repos
+        };
+        for repo in repos {
+            if remove_link(&w, &repo, d)? {
+                s.links += 1;
+            }
         }
     }
     w.commit().map_err(be)?;

@@ -19,6 +19,10 @@ use crate::{
 pub(crate) const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blobs");
 /// (repo, digest) -> size: which repository may read which blob.
 pub(crate) const LINKS: TableDefinition<(&str, &str), u64> = TableDefinition::new("links");
+/// (digest, repo) -> (): the links again, keyed by blob, so GC finds the
+/// links of a blob it removes without scanning every repository's. Written
+/// in the same transaction as `LINKS`, always.
+pub(crate) const LINKS_BY_DIGEST: TableDefinition<(&str, &str), ()> = TableDefinition::new("links_by_digest");
 /// (repo, digest) -> ManifestRecord as JSON.
 pub(crate) const MANIFESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("manifests");
 /// (repo, tag) -> manifest digest.
@@ -60,6 +64,7 @@ impl RedbMetadata {
         {
             w.open_table(BLOBS).map_err(be)?;
             w.open_table(LINKS).map_err(be)?;
+            w.open_table(LINKS_BY_DIGEST).map_err(be)?;
             w.open_table(MANIFESTS).map_err(be)?;
             w.open_table(TAGS).map_err(be)?;
             w.open_table(REPOS).map_err(be)?;
@@ -72,6 +77,7 @@ impl RedbMetadata {
         }
         crate::redb_identity::create_tables(&w)?;
         crate::redb_gc::create_tables(&w)?;
+        index_links_by_digest(&w)?;
         w.commit().map_err(be)?;
         Ok(RedbMetadata {
             db: Arc::new(db),
@@ -101,6 +107,49 @@ impl RedbMetadata {
         }
         .map_err(be)?
     }
+}
+
+/// Builds `LINKS_BY_DIGEST` from `LINKS` in a database written before the
+/// index existed (every write since keeps both).
+fn index_links_by_digest(w: &redb::WriteTransaction) -> Result<()> {
+    let links = w.open_table(LINKS).map_err(be)?;
+    let mut index = w.open_table(LINKS_BY_DIGEST).map_err(be)?;
+    if !index.is_empty().map_err(be)? || links.is_empty().map_err(be)? {
+        return Ok(());
+    }
+    for item in links.iter().map_err(be)? {
+        let (k, _) = item.map_err(be)?;
+        let (repo, d) = k.value();
+        index.insert((d, repo), ()).map_err(be)?;
+    }
+    Ok(())
+}
+
+/// Links `digest` (of `size` bytes) into `repo`, in both link tables.
+fn insert_link(w: &redb::WriteTransaction, repo: &str, digest: &str, size: u64) -> Result<()> {
+    w.open_table(LINKS)
+        .map_err(be)?
+        .insert((repo, digest), size)
+        .map_err(be)?;
+    w.open_table(LINKS_BY_DIGEST)
+        .map_err(be)?
+        .insert((digest, repo), ())
+        .map_err(be)?;
+    Ok(())
+}
+
+/// Removes the link of `digest` into `repo` from both link tables. Returns
+/// whether there was one.
+pub(crate) fn remove_link(w: &redb::WriteTransaction, repo: &str, digest: &str) -> Result<bool> {
+    w.open_table(LINKS_BY_DIGEST)
+        .map_err(be)?
+        .remove((digest, repo))
+        .map_err(be)?;
+    Ok(w.open_table(LINKS)
+        .map_err(be)?
+        .remove((repo, digest))
+        .map_err(be)?
+        .is_some())
 }
 
 fn parse_digest(s: &str) -> Result<Digest> {
@@ -144,10 +193,7 @@ impl MetadataStore for RedbMetadata {
                     .map_err(be)?
                     .insert(digest.as_str(), size)
                     .map_err(be)?;
-                w.open_table(LINKS)
-                    .map_err(be)?
-                    .insert((repo.as_str(), digest.as_str()), size)
-                    .map_err(be)?;
+                insert_link(&w, &repo, &digest, size)?;
                 crate::redb_gc::touch(&w, [digest.as_str()])?;
             }
             w.commit().map_err(be)
@@ -179,10 +225,7 @@ impl MetadataStore for RedbMetadata {
                 let Some(size) = size else {
                     return Err(MetaError::BlobNotStored(d));
                 };
-                w.open_table(LINKS)
-                    .map_err(be)?
-                    .insert((repo.as_str(), d.as_str()), size)
-                    .map_err(be)?;
+                insert_link(&w, &repo, d.as_str(), size)?;
                 crate::redb_gc::touch(&w, [d.as_str()])?;
             }
             w.commit().map_err(be)
@@ -204,12 +247,7 @@ impl MetadataStore for RedbMetadata {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
-            let existed = w
-                .open_table(LINKS)
-                .map_err(be)?
-                .remove((repo.as_str(), digest.as_str()))
-                .map_err(be)?
-                .is_some();
+            let existed = remove_link(&w, &repo, &digest)?;
             w.commit().map_err(be)?;
             Ok(existed)
         })
@@ -665,6 +703,34 @@ mod tests {
         let store = RedbMetadata::open(&dir.path().join("meta.redb")).unwrap();
         crate::testsuite::run_all(&store).await;
         crate::identity_testsuite::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_link_index_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let d = Digest::sha256(b"old");
+        {
+            // What an older berth wrote: blobs and links, no index.
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(BLOBS).unwrap().insert(d.as_str(), 3).unwrap();
+            let mut links = w.open_table(LINKS).unwrap();
+            links.insert(("old/a", d.as_str()), 3).unwrap();
+            links.insert(("old/b", d.as_str()), 3).unwrap();
+            drop(links);
+            w.commit().unwrap();
+        }
+        let store = RedbMetadata::open(&path).unwrap();
+        let snap = store.gc_snapshot().await.unwrap();
+        let guard = crate::SweepGuard {
+            seq: snap.seq,
+            cutoff: u64::MAX,
+        };
+        let swept = store.sweep_blobs(std::slice::from_ref(&d), guard).await.unwrap();
+        assert_eq!(swept[0].links, 2);
+        let a: RepoName = "old/a".parse().unwrap();
+        assert_eq!(store.linked_blob(&a, &d).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -339,6 +339,10 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .unwrap()
         .is_empty());
     assert_eq!(store.blob_size(&loose).await.unwrap(), Some(8));
+    // An unlinked repository is not counted again; the others all go.
+    let fourth = repo("gc/fourth");
+    store.link_blob(&fourth, &loose).await.unwrap();
+    assert!(store.unlink_blob(&fourth, &loose).await.unwrap());
     // With a fresh snapshot it goes, with every link, in one transaction.
     let snap = store.gc_snapshot().await.unwrap();
     let swept = store
@@ -349,6 +353,16 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     assert_eq!((swept[0].size, swept[0].links), (Some(8), 3));
     assert_eq!(store.blob_size(&loose).await.unwrap(), None);
     assert_eq!(store.linked_blob(&repo("gc/other"), &loose).await.unwrap(), None);
+    assert_eq!(store.linked_blob(&repo("gc/third"), &loose).await.unwrap(), None);
+    // A blob committed again later starts with only its new link.
+    store.add_blob(&fourth, &loose, 8).await.unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    assert!(!snap.links.contains(&("gc/other".to_string(), loose.clone())));
+    let swept = store
+        .sweep_blobs(std::slice::from_ref(&loose), guard_at(snap.seq))
+        .await
+        .unwrap();
+    assert_eq!(swept[0].links, 1);
     assert!(matches!(
         store.link_blob(&r, &loose).await,
         Err(MetaError::BlobNotStored(_))
