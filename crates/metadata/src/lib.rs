@@ -37,8 +37,48 @@ pub enum MetaError {
     /// `link_blob` of a blob that is not committed.
     #[error("blob {0} is not stored")]
     BlobNotStored(Digest),
+    /// A condition the write checks in its own transaction did not hold;
+    /// nothing was written.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     #[error("metadata backend error: {0}")]
     Backend(String),
+}
+
+/// Why a conditional write refused: what another writer (another request,
+/// another node, GC) changed first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// The project does not hold the digest yet, and `size` more bytes would
+    /// take it over its quota.
+    #[error("the project uses {used} of {limit} bytes and this needs {size} more")]
+    OverQuota { used: u64, limit: u64, size: u64 },
+    /// A fixed tag (`NewManifest::fixed_tags`) points at another manifest.
+    #[error("tag {tag} points at {current}")]
+    TagMoved { tag: Tag, current: Digest },
+    /// A tag outside `delete_manifest`'s allowed set points at the manifest.
+    #[error("tag {0} points at the manifest")]
+    TagAdded(Tag),
+    /// GC claimed the digest's bytes for deletion after the writer's
+    /// `byte_fence`: the bytes it wrote may be gone; write them again.
+    #[error("garbage collection is removing {0}")]
+    Fenced(Digest),
+}
+
+/// What a write that records new content checks in its own transaction, so
+/// that no process-local lock is needed to keep the check true until the
+/// write (two nodes on one store check and write atomically).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The storage quota of the repository's project, in bytes. Unless the
+    /// project already holds the digest, the write fails with
+    /// `Conflict::OverQuota` when the project's usage plus the new bytes
+    /// would exceed it.
+    pub quota: Option<u64>,
+    /// `MetadataStore::byte_fence`, read before the bytes this write records
+    /// were written: the write fails with `Conflict::Fenced` if GC claimed
+    /// the digest for deletion since, or is still deleting it.
+    pub fence: Option<u64>,
 }
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
@@ -77,6 +117,11 @@ pub struct NewManifest {
     pub required_manifests: Vec<Digest>,
     /// Tags to point at the manifest, in the same transaction.
     pub tags: Vec<Tag>,
+    /// Those of `tags` that may be created but never moved (immutable): if
+    /// one points at another manifest, the put fails with
+    /// `Conflict::TagMoved`.
+    pub fixed_tags: Vec<Tag>,
+    pub admission: Admission,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,15 +170,16 @@ pub struct DeadLetter {
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
     /// Records that blob `digest` of `size` bytes is committed in the blob
-    /// store, and links it into `repo`. Idempotent.
-    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()>;
+    /// store, and links it into `repo`, if `admission` allows. Idempotent.
+    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64, admission: Admission) -> Result<()>;
 
     /// The size of a committed blob, whatever repository links it.
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
 
-    /// Links a committed blob into `repo` (a cross-repo mount). Fails with
-    /// `BlobNotStored` if the blob is not committed. Idempotent.
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()>;
+    /// Links a committed blob into `repo` (a cross-repo mount), if
+    /// `admission` allows. Fails with `BlobNotStored` if the blob is not
+    /// committed. Idempotent.
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission) -> Result<()>;
 
     /// The blob's size if it is linked into `repo`.
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
@@ -149,8 +195,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
 
     /// Deletes a manifest, every tag pointing at it and its referrers entry.
-    /// Returns whether it existed.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// With `allowed_tags`, only if every tag pointing at it is one of them
+    /// (else `Conflict::TagAdded`): the caller checked those. Returns whether
+    /// it existed.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, allowed_tags: Option<&[Tag]>) -> Result<bool>;
 
     /// Deletes one tag. Returns whether it existed.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
@@ -204,12 +252,31 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn gc_snapshot(&self) -> Result<GcSnapshot>;
 
     /// Removes, in one transaction, each blob of `candidates` that `guard`
-    /// allows: its blob record, its links and its touch. Candidates that are
-    /// not allowed (touched since the snapshot or within the grace window)
-    /// are left alone. A candidate with no blob record (an orphan file) is
+    /// allows: its blob record, its links and its touch; and claims its
+    /// bytes for deletion (see `byte_fence`). Candidates that are not
+    /// allowed (touched since the snapshot or within the grace window) are
+    /// left alone. A candidate with no blob record (an orphan file) is
     /// returned with `size: None` when allowed. Returns what was removed; the
-    /// caller then deletes those bytes.
+    /// caller then deletes those bytes and calls `release_claims`.
     async fn sweep_blobs(&self, candidates: &[Digest], guard: SweepGuard) -> Result<Vec<SweptBlob>>;
+
+    /// The fence a writer reads before writing the bytes of `digest` it
+    /// will record (`Admission::fence`). The fence is how GC and writers on
+    /// any node agree without a lock: a write recording a digest claimed by
+    /// a sweep after the fence was read, or still being deleted, fails with
+    /// `Conflict::Fenced`. Fails so itself while a claim of `digest` is not
+    /// released (wait, and read it again).
+    async fn byte_fence(&self, digest: &Digest) -> Result<u64>;
+
+    /// Marks the claims of `digests` done: their bytes are deleted, so bytes
+    /// written from now on are safe.
+    async fn release_claims(&self, digests: &[Digest]) -> Result<()>;
+
+    /// Claims never released (a collector died between its sweep and the
+    /// deletion): the caller deletes their bytes and releases them. Also
+    /// forgets claims released before `released_before` (seconds since the
+    /// epoch): no writer still holds a fence that old.
+    async fn unreleased_claims(&self, released_before: u64) -> Result<Vec<Digest>>;
 
     /// Removes an untagged manifest, in one transaction, only if `guard`
     /// allows its touch, no tag points at it, nothing in its repository names

@@ -9,7 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 
 use crate::gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
 use crate::redb_store::{be, remove_link, BLOBS, LINKS, LINKS_BY_DIGEST, MANIFESTS, REFERRERS, REPOS, TAGS, UPLOADS};
-use crate::{ManifestRecord, Result};
+use crate::{Conflict, ManifestRecord, Result};
 
 /// digest -> (time, seq) of the last write that committed, linked or
 /// referenced it.
@@ -19,11 +19,18 @@ const GC_STATE: TableDefinition<&str, u64> = TableDefinition::new("gc_state");
 const SEQ_KEY: &str = "touch_seq";
 /// (repo, tag) -> time of the last recorded pull, for retention.
 const TAG_PULLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("tag_pulls");
+/// digest -> (seq, released): a sweep claimed the digest's bytes for
+/// deletion; `released` is the time the bytes were deleted, 0 while they may
+/// still be (see `byte_fence`). `seq` is the touch sequence number of the
+/// claim, then of its release: only a writer whose fence is at least the
+/// release's may record the digest.
+const CLAIMS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("gc_claims");
 
 pub(crate) fn create_tables(w: &WriteTransaction) -> Result<()> {
     w.open_table(TOUCHED).map_err(be)?;
     w.open_table(GC_STATE).map_err(be)?;
     w.open_table(TAG_PULLS).map_err(be)?;
+    w.open_table(CLAIMS).map_err(be)?;
     Ok(())
 }
 
@@ -34,12 +41,18 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Records, inside the caller's write transaction, that `digests` were just
-/// committed, linked or referenced. One new sequence number per transaction.
-pub(crate) fn touch<'a>(w: &WriteTransaction, digests: impl IntoIterator<Item = &'a str>) -> Result<()> {
+/// A new touch sequence number, in the caller's write transaction.
+fn next_seq(w: &WriteTransaction) -> Result<u64> {
     let mut state = w.open_table(GC_STATE).map_err(be)?;
     let seq = state.get(SEQ_KEY).map_err(be)?.map(|v| v.value()).unwrap_or(0) + 1;
     state.insert(SEQ_KEY, seq).map_err(be)?;
+    Ok(seq)
+}
+
+/// Records, inside the caller's write transaction, that `digests` were just
+/// committed, linked or referenced. One new sequence number per transaction.
+pub(crate) fn touch<'a>(w: &WriteTransaction, digests: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    let seq = next_seq(w)?;
     let time = now();
     let mut t = w.open_table(TOUCHED).map_err(be)?;
     for d in digests {
@@ -53,6 +66,80 @@ fn touch_of(t: &impl ReadableTable<&'static str, (u64, u64)>, digest: &str) -> R
         let (time, seq) = v.value();
         Touch { time, seq }
     }))
+}
+
+/// The byte fence: the touch sequence number now (a claim made later has a
+/// higher number), unless `digest` has a claim not yet released.
+pub(crate) fn byte_fence(db: &Database, digest: &Digest) -> Result<u64> {
+    let r = db.begin_read().map_err(be)?;
+    if let Some((_, 0)) = r
+        .open_table(CLAIMS)
+        .map_err(be)?
+        .get(digest.as_str())
+        .map_err(be)?
+        .map(|v| v.value())
+    {
+        return Err(Conflict::Fenced(digest.clone()).into());
+    }
+    let state = r.open_table(GC_STATE).map_err(be)?;
+    Ok(state.get(SEQ_KEY).map_err(be)?.map(|v| v.value()).unwrap_or(0))
+}
+
+/// Refuses, inside the caller's write transaction, to record `digest`'s
+/// bytes if a sweep claimed them after `fence` was read, or is still
+/// deleting them. A claim released before the fence was read is one whose
+/// deletion the new bytes came after: it is forgotten.
+pub(crate) fn check_fence(w: &WriteTransaction, digest: &Digest, fence: u64) -> Result<()> {
+    let mut claims = w.open_table(CLAIMS).map_err(be)?;
+    let claim = claims.get(digest.as_str()).map_err(be)?.map(|v| v.value());
+    match claim {
+        None => Ok(()),
+        Some((seq, released)) if released != 0 && seq <= fence => {
+            claims.remove(digest.as_str()).map_err(be)?;
+            Ok(())
+        }
+        Some(_) => Err(Conflict::Fenced(digest.clone()).into()),
+    }
+}
+
+pub(crate) fn release_claims(db: &Database, digests: &[Digest]) -> Result<()> {
+    let w = db.begin_write().map_err(be)?;
+    {
+        // Released under a new number: a writer that read the fence before
+        // this (while the bytes were being deleted) is still refused.
+        let seq = next_seq(&w)?;
+        let mut claims = w.open_table(CLAIMS).map_err(be)?;
+        let time = now().max(1);
+        for d in digests {
+            let claim = claims.get(d.as_str()).map_err(be)?.map(|v| v.value());
+            if let Some((_, 0)) = claim {
+                claims.insert(d.as_str(), (seq, time)).map_err(be)?;
+            }
+        }
+    }
+    w.commit().map_err(be)
+}
+
+pub(crate) fn unreleased_claims(db: &Database, released_before: u64) -> Result<Vec<Digest>> {
+    let w = db.begin_write().map_err(be)?;
+    let mut pending = Vec::new();
+    {
+        let mut claims = w.open_table(CLAIMS).map_err(be)?;
+        let mut forgotten = Vec::new();
+        for item in claims.iter().map_err(be)? {
+            let (k, v) = item.map_err(be)?;
+            match v.value() {
+                (_, 0) => pending.push(digest(k.value())?),
+                (_, released) if released < released_before => forgotten.push(k.value().to_string()),
+                _ => {}
+            }
+        }
+        for d in forgotten {
+            claims.remove(d.as_str()).map_err(be)?;
+        }
+    }
+    w.commit().map_err(be)?;
+    Ok(pending)
 }
 
 fn digest(s: &str) -> Result<Digest> {
@@ -154,6 +241,15 @@ pub(crate) fn sweep_blobs(db: &Database, candidates: &[Digest], guard: SweepGuar
     if swept.is_empty() {
         return Ok(swept);
     }
+    // Writers that read the fence before this claim, or while it is not
+    // released, cannot record these digests (`check_fence`).
+    let seq = next_seq(&w)?;
+    {
+        let mut claims = w.open_table(CLAIMS).map_err(be)?;
+        for s in &swept {
+            claims.insert(s.digest.as_str(), (seq, 0)).map_err(be)?;
+        }
+    }
     // The links of each swept blob, from the index keyed by digest: the
     // cost is the links removed, not the size of the links table.
     for s in &mut swept {
@@ -252,6 +348,16 @@ pub(crate) fn sweep_manifests(db: &Database, ms: &[ManifestSweep], guard: SweepG
 /// repositories: `project` itself and `project/...`) with its size.
 pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<String, u64>> {
     let r = db.begin_read().map_err(be)?;
+    let links = r.open_table(LINKS).map_err(be)?;
+    let manifests = r.open_table(MANIFESTS).map_err(be)?;
+    project_items_in(&links, &manifests, project)
+}
+
+fn project_items_in(
+    links: &impl ReadableTable<(&'static str, &'static str), u64>,
+    manifests: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    project: &str,
+) -> Result<HashMap<String, u64>> {
     let prefix = format!("{project}/");
     // Keys are ordered by repository; every repository of the project sorts
     // from `project` up to `project/\u{10ffff}`, with other names between
@@ -259,7 +365,6 @@ pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<Stri
     let end = format!("{project}0");
     let mine = |repo: &str| repo == project || repo.starts_with(&prefix);
     let mut items = HashMap::new();
-    let links = r.open_table(LINKS).map_err(be)?;
     for item in links.range((project, "")..(end.as_str(), "")).map_err(be)? {
         let (k, v) = item.map_err(be)?;
         let (repo, d) = k.value();
@@ -267,7 +372,6 @@ pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<Stri
             items.insert(d.to_string(), v.value());
         }
     }
-    let manifests = r.open_table(MANIFESTS).map_err(be)?;
     for item in manifests.range((project, "")..(end.as_str(), "")).map_err(be)? {
         let (k, v) = item.map_err(be)?;
         let (repo, d) = k.value();
@@ -277,4 +381,21 @@ pub(crate) fn project_items(db: &Database, project: &str) -> Result<HashMap<Stri
         }
     }
     Ok(items)
+}
+
+/// Refuses, inside the caller's write transaction, `size` more bytes of
+/// `digest` in `project` when they would take it over `limit` (content the
+/// project holds already is free).
+pub(crate) fn check_quota(w: &WriteTransaction, project: &str, digest: &Digest, size: u64, limit: u64) -> Result<()> {
+    let links = w.open_table(LINKS).map_err(be)?;
+    let manifests = w.open_table(MANIFESTS).map_err(be)?;
+    let items = project_items_in(&links, &manifests, project)?;
+    if items.contains_key(digest.as_str()) {
+        return Ok(());
+    }
+    let used: u64 = items.values().sum();
+    if used.saturating_add(size) > limit {
+        return Err(Conflict::OverQuota { used, limit, size }.into());
+    }
+    Ok(())
 }

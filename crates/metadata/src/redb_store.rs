@@ -12,7 +12,8 @@ use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result, StoreStats, UploadRecord,
+    Admission, Conflict, DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result,
+    StoreStats, UploadRecord,
 };
 
 /// digest -> size of every committed blob.
@@ -152,6 +153,18 @@ pub(crate) fn remove_link(w: &redb::WriteTransaction, repo: &str, digest: &str) 
         .is_some())
 }
 
+/// Checks `admission` for `size` bytes of `digest` in `repo`, inside the
+/// write transaction that records them.
+fn admit(w: &redb::WriteTransaction, repo: &RepoName, digest: &Digest, size: u64, admission: Admission) -> Result<()> {
+    if let Some(fence) = admission.fence {
+        crate::redb_gc::check_fence(w, digest, fence)?;
+    }
+    if let Some(limit) = admission.quota {
+        crate::redb_gc::check_quota(w, repo.project(), digest, size, limit)?;
+    }
+    Ok(())
+}
+
 fn parse_digest(s: &str) -> Result<Digest> {
     s.parse().map_err(be)
 }
@@ -184,11 +197,13 @@ fn second_keys_after<V: redb::Value + 'static>(
 
 #[async_trait]
 impl MetadataStore for RedbMetadata {
-    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+    async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64, admission: Admission) -> Result<()> {
+        let (name, d) = (repo.clone(), digest.clone());
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
             {
+                admit(&w, &name, &d, size, admission)?;
                 w.open_table(BLOBS)
                     .map_err(be)?
                     .insert(digest.as_str(), size)
@@ -211,8 +226,8 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        let (repo, d) = (repo.to_string(), digest.clone());
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission) -> Result<()> {
+        let (name, repo, d) = (repo.clone(), repo.to_string(), digest.clone());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
             {
@@ -225,6 +240,7 @@ impl MetadataStore for RedbMetadata {
                 let Some(size) = size else {
                     return Err(MetaError::BlobNotStored(d));
                 };
+                admit(&w, &name, &d, size, admission)?;
                 insert_link(&w, &repo, d.as_str(), size)?;
                 crate::redb_gc::touch(&w, [d.as_str()])?;
             }
@@ -255,10 +271,11 @@ impl MetadataStore for RedbMetadata {
     }
 
     async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()> {
-        let repo = repo.to_string();
+        let (name, repo) = (repo.clone(), repo.to_string());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
             {
+                admit(&w, &name, &m.digest, m.record.size, m.admission)?;
                 let links = w.open_table(LINKS).map_err(be)?;
                 for b in &m.required_blobs {
                     if links.get((repo.as_str(), b.as_str())).map_err(be)?.is_none() {
@@ -283,8 +300,17 @@ impl MetadataStore for RedbMetadata {
                 }
                 let mut tags = w.open_table(TAGS).map_err(be)?;
                 for t in &m.tags {
-                    tags.insert((repo.as_str(), t.as_str()), m.digest.as_str())
-                        .map_err(be)?;
+                    let old = tags
+                        .insert((repo.as_str(), t.as_str()), m.digest.as_str())
+                        .map_err(be)?
+                        .map(|v| v.value().to_string());
+                    if let Some(old) = old.filter(|o| *o != m.digest.as_str() && m.fixed_tags.contains(t)) {
+                        return Err(Conflict::TagMoved {
+                            tag: t.clone(),
+                            current: parse_digest(&old)?,
+                        }
+                        .into());
+                    }
                 }
                 if let Some(subject) = &m.record.subject {
                     let desc = Descriptor {
@@ -341,8 +367,9 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, allowed_tags: Option<&[Tag]>) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
+        let allowed: Option<Vec<String>> = allowed_tags.map(|ts| ts.iter().map(Tag::to_string).collect());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
             {
@@ -369,6 +396,9 @@ impl MetadataStore for RedbMetadata {
                         break;
                     }
                     if v.value() == digest {
+                        if allowed.as_ref().is_some_and(|a| !a.iter().any(|x| x == t)) {
+                            return Err(Conflict::TagAdded(t.parse().map_err(be)?).into());
+                        }
                         doomed.push(t.to_string());
                     }
                 }
@@ -668,6 +698,21 @@ impl MetadataStore for RedbMetadata {
             .await
     }
 
+    async fn byte_fence(&self, digest: &Digest) -> Result<u64> {
+        let digest = digest.clone();
+        self.run(move |db| crate::redb_gc::byte_fence(db, &digest)).await
+    }
+
+    async fn release_claims(&self, digests: &[Digest]) -> Result<()> {
+        let digests = digests.to_vec();
+        self.run(move |db| crate::redb_gc::release_claims(db, &digests)).await
+    }
+
+    async fn unreleased_claims(&self, released_before: u64) -> Result<Vec<Digest>> {
+        self.run(move |db| crate::redb_gc::unreleased_claims(db, released_before))
+            .await
+    }
+
     async fn sweep_manifests(&self, ms: &[crate::ManifestSweep], guard: crate::SweepGuard) -> Result<Vec<Option<u64>>> {
         let ms = ms.to_vec();
         self.run(move |db| crate::redb_gc::sweep_manifests(db, &ms, guard))
@@ -741,7 +786,7 @@ mod tests {
         let d = Digest::sha256(b"x");
         {
             let store = RedbMetadata::open(&path).unwrap();
-            store.add_blob(&repo, &d, 1).await.unwrap();
+            store.add_blob(&repo, &d, 1, Admission::default()).await.unwrap();
         }
         let store = RedbMetadata::open(&path).unwrap();
         assert_eq!(store.linked_blob(&repo, &d).await.unwrap(), Some(1));

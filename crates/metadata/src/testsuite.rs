@@ -4,7 +4,8 @@
 use oci::{Digest, RepoName, Tag, UploadId};
 
 use crate::{
-    DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, NewManifest, SweepGuard, UploadRecord,
+    Admission, Conflict, DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, NewManifest, SweepGuard,
+    UploadRecord,
 };
 
 fn repo(s: &str) -> RepoName {
@@ -36,8 +37,16 @@ fn new_manifest(digest: &Digest, blobs: &[&Digest], tags: &[&str], subject: Opti
         required_blobs: blobs.iter().map(|d| (*d).clone()).collect(),
         required_manifests: vec![],
         tags: tags.iter().map(|t| tag(t)).collect(),
+        fixed_tags: vec![],
+        admission: FREE,
     }
 }
+
+/// No quota, no fence.
+const FREE: Admission = Admission {
+    quota: None,
+    fence: None,
+};
 
 pub async fn run_all(store: &dyn MetadataStore) {
     blobs_and_links(store).await;
@@ -50,6 +59,10 @@ pub async fn run_all(store: &dyn MetadataStore) {
     outbox(store).await;
     gc_sweeps(store).await;
     project_usage(store).await;
+    quota_is_checked_in_the_write(store).await;
+    fixed_tags_have_one_winner(store).await;
+    delete_refuses_tags_it_was_not_told(store).await;
+    gc_claims_fence_writers(store).await;
     pulls(store).await;
 }
 
@@ -58,16 +71,16 @@ pub async fn blobs_and_links(store: &dyn MetadataStore) {
     let d = Digest::sha256(b"blob-1");
     assert_eq!(store.blob_size(&d).await.unwrap(), None);
     assert!(matches!(
-        store.link_blob(&a, &d).await,
+        store.link_blob(&a, &d, FREE).await,
         Err(MetaError::BlobNotStored(_))
     ));
-    store.add_blob(&a, &d, 6).await.unwrap();
-    store.add_blob(&a, &d, 6).await.unwrap();
+    store.add_blob(&a, &d, 6, FREE).await.unwrap();
+    store.add_blob(&a, &d, 6, FREE).await.unwrap();
     assert_eq!(store.blob_size(&d).await.unwrap(), Some(6));
     assert_eq!(store.linked_blob(&a, &d).await.unwrap(), Some(6));
     // Another repository cannot read it until it is linked (mounted).
     assert_eq!(store.linked_blob(&b, &d).await.unwrap(), None);
-    store.link_blob(&b, &d).await.unwrap();
+    store.link_blob(&b, &d, FREE).await.unwrap();
     assert_eq!(store.linked_blob(&b, &d).await.unwrap(), Some(6));
     assert!(store.unlink_blob(&b, &d).await.unwrap());
     assert!(!store.unlink_blob(&b, &d).await.unwrap());
@@ -78,7 +91,7 @@ pub async fn blobs_and_links(store: &dyn MetadataStore) {
 pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
     let r = repo("mt/app");
     let layer = Digest::sha256(b"mt-layer");
-    store.add_blob(&r, &layer, 8).await.unwrap();
+    store.add_blob(&r, &layer, 8, FREE).await.unwrap();
     let m1 = Digest::sha256(b"mt-m1");
     let m2 = Digest::sha256(b"mt-m2");
     assert!(!store.repo_exists(&r).await.unwrap());
@@ -104,11 +117,11 @@ pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
     assert!(!store.delete_tag(&r, &tag("v1")).await.unwrap());
     assert!(store.get_manifest(&r, &m1).await.unwrap().is_some());
     // Deleting a manifest removes the tags that point at it.
-    assert!(store.delete_manifest(&r, &m2).await.unwrap());
-    assert!(!store.delete_manifest(&r, &m2).await.unwrap());
+    assert!(store.delete_manifest(&r, &m2, None).await.unwrap());
+    assert!(!store.delete_manifest(&r, &m2, None).await.unwrap());
     assert_eq!(store.resolve_tag(&r, &tag("latest")).await.unwrap(), None);
     assert!(store.repo_exists(&r).await.unwrap());
-    assert!(store.delete_manifest(&r, &m1).await.unwrap());
+    assert!(store.delete_manifest(&r, &m1, None).await.unwrap());
     assert!(!store.repo_exists(&r).await.unwrap());
     assert!(store.list_tags(&r, None, 100).await.unwrap().is_empty());
 }
@@ -118,7 +131,7 @@ pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
     let layer = Digest::sha256(b"req-layer");
     let m = Digest::sha256(b"req-m");
     // The blob exists, but only in another repository.
-    store.add_blob(&other, &layer, 9).await.unwrap();
+    store.add_blob(&other, &layer, 9, FREE).await.unwrap();
     let err = store.put_manifest(&r, new_manifest(&m, &[&layer], &["v1"], None)).await;
     assert!(matches!(err, Err(MetaError::MissingReference(d)) if d == layer));
     // Nothing partial: no manifest, no tag, no repository.
@@ -138,7 +151,7 @@ pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
 pub async fn referrers_index(store: &dyn MetadataStore) {
     let r = repo("ref/app");
     let cfg = Digest::sha256(b"ref-cfg");
-    store.add_blob(&r, &cfg, 2).await.unwrap();
+    store.add_blob(&r, &cfg, 2, FREE).await.unwrap();
     let subject = Digest::sha256(b"ref-subject");
     store
         .put_manifest(&r, new_manifest(&subject, &[&cfg], &["v1"], None))
@@ -166,7 +179,7 @@ pub async fn referrers_index(store: &dyn MetadataStore) {
     want.sort();
     assert_eq!(got, want);
     assert!(store.referrers(&repo("ref/other"), &subject).await.unwrap().is_empty());
-    store.delete_manifest(&r, &sig).await.unwrap();
+    store.delete_manifest(&r, &sig, None).await.unwrap();
     let got: Vec<Digest> = store
         .referrers(&r, &subject)
         .await
@@ -181,7 +194,7 @@ pub async fn pagination(store: &dyn MetadataStore) {
     let cfg = Digest::sha256(b"page-cfg");
     for name in ["page/c", "page/a", "page/b"] {
         let r = repo(name);
-        store.add_blob(&r, &cfg, 2).await.unwrap();
+        store.add_blob(&r, &cfg, 2, FREE).await.unwrap();
         let m = Digest::sha256(name.as_bytes());
         store
             .put_manifest(&r, new_manifest(&m, &[&cfg], &["t3", "t1", "t2"], None))
@@ -218,10 +231,10 @@ pub async fn stats(store: &dyn MetadataStore) {
     let before = store.stats().await.unwrap();
     let r = repo("stats/app");
     let (a, b) = (Digest::sha256(b"stats-a"), Digest::sha256(b"stats-b"));
-    store.add_blob(&r, &a, 10).await.unwrap();
-    store.add_blob(&r, &b, 32).await.unwrap();
+    store.add_blob(&r, &a, 10, FREE).await.unwrap();
+    store.add_blob(&r, &b, 32, FREE).await.unwrap();
     // Linking the same blob elsewhere stores nothing new.
-    store.link_blob(&repo("stats/other"), &a).await.unwrap();
+    store.link_blob(&repo("stats/other"), &a, FREE).await.unwrap();
     let m = Digest::sha256(b"stats-m");
     store
         .put_manifest(&r, new_manifest(&m, &[&a, &b], &["v1", "v2"], None))
@@ -303,9 +316,9 @@ fn guard_at(seq: u64) -> SweepGuard {
 pub async fn gc_sweeps(store: &dyn MetadataStore) {
     let r = repo("gc/app");
     let (kept, loose) = (Digest::sha256(b"gc-kept"), Digest::sha256(b"gc-loose"));
-    store.add_blob(&r, &kept, 7).await.unwrap();
-    store.add_blob(&r, &loose, 8).await.unwrap();
-    store.link_blob(&repo("gc/other"), &loose).await.unwrap();
+    store.add_blob(&r, &kept, 7, FREE).await.unwrap();
+    store.add_blob(&r, &loose, 8, FREE).await.unwrap();
+    store.link_blob(&repo("gc/other"), &loose, FREE).await.unwrap();
     let m = Digest::sha256(b"gc-m");
     store
         .put_manifest(&r, new_manifest(&m, &[&kept], &["v1"], None))
@@ -332,7 +345,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .unwrap()
         .is_empty());
     // A link made after the snapshot wins against the sweep.
-    store.link_blob(&repo("gc/third"), &loose).await.unwrap();
+    store.link_blob(&repo("gc/third"), &loose, FREE).await.unwrap();
     assert!(store
         .sweep_blobs(std::slice::from_ref(&loose), guard_at(snap.seq))
         .await
@@ -341,7 +354,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     assert_eq!(store.blob_size(&loose).await.unwrap(), Some(8));
     // An unlinked repository is not counted again; the others all go.
     let fourth = repo("gc/fourth");
-    store.link_blob(&fourth, &loose).await.unwrap();
+    store.link_blob(&fourth, &loose, FREE).await.unwrap();
     assert!(store.unlink_blob(&fourth, &loose).await.unwrap());
     // With a fresh snapshot it goes, with every link, in one transaction.
     let snap = store.gc_snapshot().await.unwrap();
@@ -355,7 +368,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     assert_eq!(store.linked_blob(&repo("gc/other"), &loose).await.unwrap(), None);
     assert_eq!(store.linked_blob(&repo("gc/third"), &loose).await.unwrap(), None);
     // A blob committed again later starts with only its new link.
-    store.add_blob(&fourth, &loose, 8).await.unwrap();
+    store.add_blob(&fourth, &loose, 8, FREE).await.unwrap();
     let snap = store.gc_snapshot().await.unwrap();
     assert!(!snap.links.contains(&("gc/other".to_string(), loose.clone())));
     let swept = store
@@ -364,7 +377,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .unwrap();
     assert_eq!(swept[0].links, 1);
     assert!(matches!(
-        store.link_blob(&r, &loose).await,
+        store.link_blob(&r, &loose, FREE).await,
         Err(MetaError::BlobNotStored(_))
     ));
     // A digest with no blob record (an orphan file) is reported without a size.
@@ -428,11 +441,11 @@ pub async fn project_usage(store: &dyn MetadataStore) {
     let (a, b, other) = (repo("quota/a"), repo("quota/b"), repo("quota-x/a"));
     let (shared, own) = (Digest::sha256(b"q-shared"), Digest::sha256(b"q-own"));
     assert_eq!(store.project_usage("quota").await.unwrap(), 0);
-    store.add_blob(&a, &shared, 1000).await.unwrap();
-    store.add_blob(&b, &own, 10).await.unwrap();
-    store.link_blob(&b, &shared).await.unwrap();
+    store.add_blob(&a, &shared, 1000, FREE).await.unwrap();
+    store.add_blob(&b, &own, 10, FREE).await.unwrap();
+    store.link_blob(&b, &shared, FREE).await.unwrap();
     // A neighbour whose name sorts between `quota` and `quota/`.
-    store.link_blob(&other, &shared).await.unwrap();
+    store.link_blob(&other, &shared, FREE).await.unwrap();
     let m = Digest::sha256(b"q-m");
     store
         .put_manifest(&a, new_manifest(&m, &[&shared], &["v1"], None))
@@ -461,4 +474,184 @@ pub async fn pulls(store: &dyn MetadataStore) {
     let mut got: Vec<_> = snap.pulls.into_iter().filter(|(r, _, _)| r == "pull/a").collect();
     got.sort();
     assert_eq!(got, vec![p("pull/a", "v1", 100), p("pull/a", "v2", 60)]);
+}
+
+/// Four writers at once, each of 400 new bytes, under a quota of 1,000: two
+/// are admitted whichever order the store runs them in, never three.
+pub async fn quota_is_checked_in_the_write(store: &dyn MetadataStore) {
+    let r = repo("qtx/app");
+    let quota = Admission {
+        quota: Some(1_000),
+        fence: None,
+    };
+    let d: Vec<Digest> = (0..4).map(|i| Digest::sha256(format!("qtx-{i}").as_bytes())).collect();
+    let other = repo("qtx/other");
+    let (a, b, c, e) = tokio::join!(
+        store.add_blob(&r, &d[0], 400, quota),
+        store.add_blob(&r, &d[1], 400, quota),
+        store.add_blob(&other, &d[2], 400, quota),
+        store.add_blob(&r, &d[3], 400, quota),
+    );
+    let results = [a, b, c, e];
+    let admitted = results.iter().filter(|x| x.is_ok()).count();
+    assert_eq!(admitted, 2, "{results:?}");
+    for x in results.iter().filter(|x| x.is_err()) {
+        assert!(
+            matches!(
+                x,
+                Err(MetaError::Conflict(Conflict::OverQuota {
+                    used: 800,
+                    limit: 1_000,
+                    size: 400
+                }))
+            ),
+            "{x:?}"
+        );
+    }
+    assert_eq!(store.project_usage("qtx").await.unwrap(), 800);
+    // What the project holds is free to add again, and to link elsewhere in it.
+    let held = d.iter().zip(&results).find(|(_, x)| x.is_ok()).unwrap().0;
+    store.add_blob(&r, held, 400, quota).await.unwrap();
+    store.link_blob(&repo("qtx/third"), held, quota).await.unwrap();
+    // A mount of a blob stored elsewhere counts too.
+    let outside = Digest::sha256(b"qtx-outside");
+    store.add_blob(&repo("free/x"), &outside, 300, FREE).await.unwrap();
+    assert!(matches!(
+        store.link_blob(&r, &outside, quota).await,
+        Err(MetaError::Conflict(Conflict::OverQuota { .. }))
+    ));
+    assert_eq!(store.linked_blob(&r, &outside).await.unwrap(), None);
+    // A manifest's own bytes count.
+    let m = Digest::sha256(b"qtx-m");
+    let mut nm = new_manifest(&m, &[held], &["v1"], None);
+    nm.record.size = 201;
+    nm.admission = quota;
+    assert!(matches!(
+        store.put_manifest(&r, nm.clone()).await,
+        Err(MetaError::Conflict(Conflict::OverQuota { size: 201, .. }))
+    ));
+    assert_eq!(store.get_manifest(&r, &m).await.unwrap(), None);
+    assert_eq!(store.resolve_tag(&r, &tag("v1")).await.unwrap(), None);
+    nm.record.size = 200;
+    store.put_manifest(&r, nm).await.unwrap();
+    assert_eq!(store.project_usage("qtx").await.unwrap(), 1_000);
+}
+
+/// Two puts of different manifests racing for one new fixed tag: one wins,
+/// the other fails with a conflict and leaves nothing behind.
+pub async fn fixed_tags_have_one_winner(store: &dyn MetadataStore) {
+    let r = repo("fixed/app");
+    let layer = Digest::sha256(b"fixed-layer");
+    store.add_blob(&r, &layer, 5, FREE).await.unwrap();
+    let (m1, m2) = (Digest::sha256(b"fixed-m1"), Digest::sha256(b"fixed-m2"));
+    let fixed = |d: &Digest| {
+        let mut nm = new_manifest(d, &[&layer], &["v1", "latest"], None);
+        nm.fixed_tags = vec![tag("v1")];
+        nm
+    };
+    let (a, b) = tokio::join!(store.put_manifest(&r, fixed(&m1)), store.put_manifest(&r, fixed(&m2)));
+    let (winner, loser, err) = match (a, b) {
+        (Ok(()), Err(e)) => (&m1, &m2, e),
+        (Err(e), Ok(())) => (&m2, &m1, e),
+        other => panic!("exactly one put must win: {other:?}"),
+    };
+    match err {
+        MetaError::Conflict(Conflict::TagMoved { tag: t, current }) => {
+            assert_eq!((t.as_str(), &current), ("v1", winner));
+        }
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(store.resolve_tag(&r, &tag("v1")).await.unwrap().as_ref(), Some(winner));
+    // The loser's transaction moved nothing, not even its mutable tag.
+    assert_eq!(
+        store.resolve_tag(&r, &tag("latest")).await.unwrap().as_ref(),
+        Some(winner)
+    );
+    assert_eq!(store.get_manifest(&r, loser).await.unwrap(), None);
+    // Putting the same manifest under its fixed tag again is fine.
+    store.put_manifest(&r, fixed(winner)).await.unwrap();
+}
+
+/// `delete_manifest` with the tags the caller checked refuses when another
+/// tag came to point at the manifest meanwhile.
+pub async fn delete_refuses_tags_it_was_not_told(store: &dyn MetadataStore) {
+    let r = repo("deltags/app");
+    let m = Digest::sha256(b"deltags-m");
+    store
+        .put_manifest(&r, new_manifest(&m, &[], &["a"], None))
+        .await
+        .unwrap();
+    // Another writer tags it after the caller looked.
+    store
+        .put_manifest(&r, new_manifest(&m, &[], &["b"], None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.delete_manifest(&r, &m, Some(&[tag("a")])).await,
+        Err(MetaError::Conflict(Conflict::TagAdded(t))) if t.as_str() == "b"
+    ));
+    assert!(store.get_manifest(&r, &m).await.unwrap().is_some());
+    assert!(store
+        .delete_manifest(&r, &m, Some(&[tag("a"), tag("b")]))
+        .await
+        .unwrap());
+    assert_eq!(store.resolve_tag(&r, &tag("b")).await.unwrap(), None);
+}
+
+/// A sweep's claim fences writers of the digest: one that read the fence
+/// before the claim, or while its bytes are being deleted, is refused; one
+/// that read it after the release records.
+pub async fn gc_claims_fence_writers(store: &dyn MetadataStore) {
+    let r = repo("fence/app");
+    let d = Digest::sha256(b"fence-blob");
+    store.add_blob(&r, &d, 4, FREE).await.unwrap();
+    let fenced = |fence: u64| Admission {
+        quota: None,
+        fence: Some(fence),
+    };
+    let before = store.byte_fence(&d).await.unwrap();
+    let snap = store.gc_snapshot().await.unwrap();
+    assert_eq!(
+        store
+            .sweep_blobs(std::slice::from_ref(&d), guard_at(snap.seq))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let refused = |x: crate::Result<()>| matches!(x, Err(MetaError::Conflict(Conflict::Fenced(ref f))) if *f == d);
+    // While the claim is not released, the digest has no fence to read; other
+    // digests do, and it is past the claim.
+    assert!(refused(store.byte_fence(&d).await.map(|_| ())));
+    let during = store.byte_fence(&Digest::sha256(b"fence-other")).await.unwrap();
+    assert!(during > before);
+    assert!(refused(store.add_blob(&r, &d, 4, fenced(before)).await));
+    assert!(refused(store.add_blob(&r, &d, 4, fenced(during)).await));
+    let mut nm = new_manifest(&d, &[], &[], None);
+    nm.admission = fenced(during);
+    assert!(refused(store.put_manifest(&r, nm.clone()).await));
+    assert_eq!(store.blob_size(&d).await.unwrap(), None);
+    // A collector that died before releasing leaves the claim for the next.
+    // (Earlier sweeps of the suite left theirs too.)
+    let unreleased = store.unreleased_claims(0).await.unwrap();
+    assert!(unreleased.contains(&d), "{unreleased:?}");
+    store.release_claims(&unreleased).await.unwrap();
+    assert!(store.unreleased_claims(0).await.unwrap().is_empty());
+    // Bytes written before the deletion ended may be gone: still refused.
+    assert!(refused(store.add_blob(&r, &d, 4, fenced(during)).await));
+    let after = store.byte_fence(&d).await.unwrap();
+    store.add_blob(&r, &d, 4, fenced(after)).await.unwrap();
+    nm.admission = fenced(after);
+    store.put_manifest(&r, nm).await.unwrap();
+    assert_eq!(store.blob_size(&d).await.unwrap(), Some(4));
+    // Released claims are forgotten once old enough.
+    let e = Digest::sha256(b"fence-orphan");
+    let snap = store.gc_snapshot().await.unwrap();
+    store
+        .sweep_blobs(std::slice::from_ref(&e), guard_at(snap.seq))
+        .await
+        .unwrap();
+    store.release_claims(std::slice::from_ref(&e)).await.unwrap();
+    assert!(store.unreleased_claims(u64::MAX).await.unwrap().is_empty());
+    store.add_blob(&r, &e, 1, fenced(before)).await.unwrap();
 }

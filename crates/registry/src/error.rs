@@ -69,7 +69,18 @@ impl From<storage::StorageError> for RegistryError {
 
 impl From<metadata::MetaError> for RegistryError {
     fn from(e: metadata::MetaError) -> Self {
-        RegistryError::internal("accessing the metadata store", e)
+        match e {
+            // GC claimed the bytes as they were written (see `gc`): nothing
+            // was recorded, and writing them again succeeds.
+            metadata::MetaError::Conflict(metadata::Conflict::Fenced(d)) => RegistryError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "{d} was being removed by garbage collection as it was written; nothing was stored, push it again"
+                ),
+            )
+            .with_detail(d.to_string()),
+            e => RegistryError::internal("accessing the metadata store", e),
+        }
     }
 }
 

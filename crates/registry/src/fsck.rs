@@ -206,11 +206,8 @@ impl Registry {
             cutoff: u64::MAX,
         };
         for chunk in bad.chunks(64) {
-            let _fence = self.gc_fence.write().await;
-            for s in self.meta.sweep_blobs(chunk, everything).await? {
-                self.blobs.delete(&s.digest).await?;
-                repaired += 1;
-            }
+            let swept = self.meta.sweep_blobs(chunk, everything).await?;
+            repaired += self.delete_claimed(swept.iter().map(|s| &s.digest)).await?.len() as u64;
         }
         for (repo, d) in links {
             if let Ok(repo) = repo.parse::<RepoName>() {

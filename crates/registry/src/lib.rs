@@ -80,14 +80,6 @@ pub struct Registry {
     /// First catalog pages (see `listing`).
     catalog_cache: listing::CatalogCache,
     events: Option<events::Recorder>,
-    /// Pushes hold it for reading from writing bytes until their metadata
-    /// commit; GC holds it for writing while it deletes bytes (see `gc`).
-    gc_fence: tokio::sync::RwLock<()>,
-    /// Serializes the check and the change of tags under immutability rules,
-    /// so two pushes cannot both claim a new immutable tag.
-    tag_lock: tokio::sync::Mutex<()>,
-    /// Serializes quota checks with the commits they admit (see `quota`).
-    quota_lock: tokio::sync::Mutex<()>,
     /// Tag pulls not yet written to the metadata store (see `pulls`).
     pulls: pulls::PullLog,
 }
@@ -101,9 +93,6 @@ impl Registry {
             catalog_cache: listing::CatalogCache::default(),
             config,
             uploads: uploads::Sessions::default(),
-            gc_fence: tokio::sync::RwLock::new(()),
-            tag_lock: tokio::sync::Mutex::new(()),
-            quota_lock: tokio::sync::Mutex::new(()),
             pulls: pulls::PullLog::default(),
             events: None,
         }

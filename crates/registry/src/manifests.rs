@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use metadata::{ManifestRecord, MetaError, NewManifest};
+use metadata::{Conflict, ManifestRecord, MetaError, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
 use crate::cache::{self, Cached};
@@ -38,33 +38,30 @@ fn served(digest: Digest, m: &Cached, with_body: bool) -> ManifestBody {
     }
 }
 
-/// Holds the tag lock while a change under immutability rules commits.
-type TagGuard<'a> = Option<tokio::sync::MutexGuard<'a, ()>>;
-
 impl Registry {
-    async fn guard_immutable_tags(&self, repo: &RepoName, tags: &[Tag], digest: &Digest) -> Result<TagGuard<'_>> {
+    /// The tags of a push that immutability rules fix, after refusing the
+    /// push if one of them already names another manifest. The store checks
+    /// them again in the put's transaction (`NewManifest::fixed_tags`).
+    async fn fixed_tags(&self, repo: &RepoName, tags: &[Tag], digest: &Digest) -> Result<Vec<Tag>> {
         let rules = &self.config.immutable_tags;
-        if !tags
-            .iter()
-            .any(|t| crate::immutable::rule_for(rules, repo, t.as_str()).is_some())
-        {
-            return Ok(None);
-        }
-        let guard = self.tag_lock.lock().await;
+        let mut fixed = Vec::new();
         for t in tags {
             if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
                 match self.meta.resolve_tag(repo, t).await? {
                     Some(old) if old != *digest => {
                         return Err(crate::immutable::denied(repo, t, rule, "moved to another manifest"))
                     }
-                    _ => {}
+                    _ => fixed.push(t.clone()),
                 }
             }
         }
-        Ok(Some(guard))
+        Ok(fixed)
     }
 
-    async fn guard_immutable_delete(&self, repo: &RepoName, reference: &Reference) -> Result<TagGuard<'_>> {
+    /// The tags pointing at manifest `d`, after refusing if one is
+    /// immutable; `None` when no rule applies to the repository. The delete
+    /// passes them to the store, which refuses if another tag came since.
+    async fn deletable_tags(&self, repo: &RepoName, d: &Digest) -> Result<Option<Vec<Tag>>> {
         let rules = &self.config.immutable_tags;
         if !rules
             .iter()
@@ -72,37 +69,82 @@ impl Registry {
         {
             return Ok(None);
         }
-        let guard = self.tag_lock.lock().await;
-        match reference {
-            Reference::Tag(t) => {
-                if let Some(rule) = crate::immutable::rule_for(rules, repo, t.as_str()) {
-                    if self.meta.resolve_tag(repo, t).await?.is_some() {
-                        return Err(crate::immutable::denied(repo, t, rule, "deleted"));
-                    }
+        let mut tags = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self.meta.list_tags(repo, last.as_deref(), 1000).await?;
+            for name in &page {
+                let Ok(t) = name.parse::<Tag>() else { continue };
+                if self.meta.resolve_tag(repo, &t).await?.as_ref() != Some(d) {
+                    continue;
                 }
+                if let Some(rule) = crate::immutable::rule_for(rules, repo, name) {
+                    return Err(crate::immutable::denied(repo, &t, rule, "deleted with its manifest"));
+                }
+                tags.push(t);
             }
-            // Deleting a manifest deletes its tags: refused if one is immutable.
-            Reference::Digest(d) => {
-                let mut last: Option<String> = None;
-                loop {
-                    let page = self.meta.list_tags(repo, last.as_deref(), 1000).await?;
-                    for name in &page {
-                        let Some(rule) = crate::immutable::rule_for(rules, repo, name) else {
-                            continue;
-                        };
-                        let Ok(t) = name.parse::<Tag>() else { continue };
-                        if self.meta.resolve_tag(repo, &t).await?.as_ref() == Some(d) {
-                            return Err(crate::immutable::denied(repo, &t, rule, "deleted with its manifest"));
-                        }
-                    }
-                    match page.last() {
-                        Some(l) if page.len() == 1000 => last = Some(l.clone()),
-                        _ => break,
-                    }
-                }
+            match page.last() {
+                Some(l) if page.len() == 1000 => last = Some(l.clone()),
+                _ => break,
             }
         }
-        Ok(Some(guard))
+        Ok(Some(tags))
+    }
+
+    /// Deletes a tag; an immutable one that exists is refused. (A rule is
+    /// configuration, so there is nothing for a concurrent write to change:
+    /// an immutable tag is never deleted here.)
+    async fn tag_delete(&self, repo: &RepoName, t: &Tag) -> Result<bool> {
+        if let Some(rule) = crate::immutable::rule_for(&self.config.immutable_tags, repo, t.as_str()) {
+            return match self.meta.resolve_tag(repo, t).await? {
+                Some(_) => Err(crate::immutable::denied(repo, t, rule, "deleted")),
+                None => Ok(false),
+            };
+        }
+        Ok(self.meta.delete_tag(repo, t).await?)
+    }
+
+    /// Deletes manifest `d` and its tags, refusing if one is immutable.
+    async fn digest_delete(&self, repo: &RepoName, d: &Digest) -> Result<bool> {
+        // A retry only when a mutable tag came meanwhile; an immutable one is
+        // refused by the next check.
+        for _ in 0..3 {
+            let allowed = self.deletable_tags(repo, d).await?;
+            match self.meta.delete_manifest(repo, d, allowed.as_deref()).await {
+                Err(MetaError::Conflict(Conflict::TagAdded(t))) => {
+                    tracing::debug!(%repo, digest = %d, tag = %t, "a tag came while deleting; checking again");
+                }
+                other => return Ok(other?),
+            }
+        }
+        Err(RegistryError::new(
+            ErrorCode::Unavailable,
+            format!("manifest {d} keeps being tagged while it is deleted; try again"),
+        ))
+    }
+
+    /// Writes a manifest's bytes and records it; the inner result is the
+    /// store's answer. The fence is read before the bytes are written; if GC
+    /// claimed the digest since (its bytes may be gone), they are written
+    /// again.
+    pub(crate) async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        body: Bytes,
+        mut new: NewManifest,
+    ) -> Result<Result<(), MetaError>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            new.admission.fence = Some(self.byte_fence(&new.digest).await?);
+            self.blobs.put(&new.digest, body.clone()).await?;
+            match self.meta.put_manifest(repo, new.clone()).await {
+                Err(MetaError::Conflict(Conflict::Fenced(d))) if attempt < 3 => {
+                    tracing::debug!(%repo, digest = %d, "GC claimed the manifest's bytes as they were written; writing again");
+                }
+                stored => return Ok(stored),
+            }
+        }
     }
 }
 
@@ -201,25 +243,23 @@ impl Registry {
         };
         let (media_type, size) = (manifest.media_type.clone(), body.len() as u64);
         // Immutable tags that exist may only be put again on the same
-        // manifest; the lock keeps the check true until the commit.
-        let _tags = self.guard_immutable_tags(repo, &all_tags, &digest).await?;
-        let _quota = self.quota_admit(repo, &digest, body.len() as u64).await?;
+        // manifest; the store checks again in the put's transaction.
+        let fixed_tags = self.fixed_tags(repo, &all_tags, &digest).await?;
+        let admission = self.quota_admit(repo, &digest, body.len() as u64).await?;
         // Bytes first, durably; the metadata commit is what makes them visible.
-        // GC must not delete the bytes in between (see `gc`).
-        let fence = self.gc_fence.read().await;
-        self.blobs.put(&digest, body).await?;
         let new = NewManifest {
             digest: digest.clone(),
             record,
             required_blobs,
             required_manifests,
             tags: all_tags,
+            fixed_tags,
+            admission,
         };
-        let stored = self.meta.put_manifest(repo, new).await;
-        drop(fence);
+        let stored = self.store_manifest(repo, body, new).await;
         // After the commit: the tags may have moved.
         self.manifests_changed(repo);
-        match stored {
+        match stored? {
             Ok(()) => {
                 self.events(|| {
                     let data = |tag: Option<&Tag>| EventData {
@@ -246,7 +286,14 @@ impl Registry {
                 format!("manifest references {missing}, which is not in repository {repo}; push it first"),
             )
             .with_detail(missing.to_string())),
-            Err(e) => Err(e.into()),
+            // Another push claimed the immutable tag first.
+            Err(MetaError::Conflict(Conflict::TagMoved { tag, current })) => Err(
+                match crate::immutable::rule_for(&self.config.immutable_tags, repo, tag.as_str()) {
+                    Some(rule) => crate::immutable::denied(repo, &tag, rule, "moved to another manifest"),
+                    None => RegistryError::internal("moving a fixed tag", Conflict::TagMoved { tag, current }),
+                },
+            ),
+            Err(e) => Err(crate::quota::refused(repo, e)),
         }
     }
 
@@ -333,10 +380,9 @@ impl Registry {
     /// Deletes by digest (the manifest and every tag pointing at it) or by
     /// tag (only the tag).
     pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
-        let _tags = self.guard_immutable_delete(repo, reference).await?;
         let existed = match reference {
-            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await,
-            Reference::Tag(t) => self.meta.delete_tag(repo, t).await,
+            Reference::Digest(d) => self.digest_delete(repo, d).await,
+            Reference::Tag(t) => self.tag_delete(repo, t).await,
         };
         // After the commit, and even on error: the store may have changed.
         self.manifests_changed(repo);

@@ -35,24 +35,18 @@ impl Registry {
         self.check_manifest_body(&body, &Reference::Digest(digest.clone()))?;
         let Described { mut record, .. } = describe(&body, media_type)?;
         record.cached_from = Some(upstream.to_string());
-        let fence = self.gc_fence.read().await;
-        self.blobs.put(digest, body).await?;
-        let stored = self
-            .meta
-            .put_manifest(
-                repo,
-                NewManifest {
-                    digest: digest.clone(),
-                    record,
-                    required_blobs: vec![],
-                    required_manifests: vec![],
-                    tags: tag.into_iter().cloned().collect(),
-                },
-            )
-            .await;
-        drop(fence);
+        let new = NewManifest {
+            digest: digest.clone(),
+            record,
+            required_blobs: vec![],
+            required_manifests: vec![],
+            tags: tag.into_iter().cloned().collect(),
+            fixed_tags: vec![],
+            admission: metadata::Admission::default(),
+        };
+        let stored = self.store_manifest(repo, body, new).await;
         self.manifests_changed(repo);
-        Ok(stored?)
+        Ok(stored??)
     }
 
     /// Bytes of an upload from `offset` to its current end. The cache
@@ -72,7 +66,7 @@ impl Registry {
     /// upstream confirmed the repository has it), without fetching it again.
     /// Returns false when the blob is not stored (any more).
     pub async fn cache_link(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        match self.meta.link_blob(repo, digest).await {
+        match self.meta.link_blob(repo, digest, metadata::Admission::default()).await {
             Ok(()) => Ok(true),
             Err(metadata::MetaError::BlobNotStored(_)) => Ok(false),
             Err(e) => Err(e.into()),
@@ -85,7 +79,7 @@ impl Registry {
     pub async fn cache_evict(&self, repo: &RepoName, manifests: &[Digest], blobs: &[Digest]) -> Result<()> {
         let result = async {
             for d in manifests {
-                self.meta.delete_manifest(repo, d).await?;
+                self.meta.delete_manifest(repo, d, None).await?;
             }
             for d in blobs {
                 self.meta.unlink_blob(repo, d).await?;

@@ -5,11 +5,14 @@
 //! `DENIED` before anything is stored; content the project already holds
 //! is free to add again.
 //!
-//! The check and the metadata commit it admits happen under one lock, so
-//! concurrent pushes cannot both squeeze under the limit.
+//! The metadata store checks the quota in the transaction that records the
+//! blob, link or manifest (`metadata::Admission`), so concurrent pushes,
+//! through one node or several, cannot both squeeze under the limit. A
+//! check before the bytes are written spares writing what the store would
+//! refuse.
 
+use metadata::{Admission, Conflict, MetaError};
 use oci::{Digest, ErrorCode, RepoName};
-use tokio::sync::MutexGuard;
 
 use crate::{Registry, RegistryError, Result};
 
@@ -30,35 +33,47 @@ impl Registry {
         })
     }
 
-    /// Admits `size` bytes of `digest` into `repo`'s project, or refuses.
-    /// Hold the returned guard until the metadata commit.
-    pub(crate) async fn quota_admit(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<Option<MutexGuard<'_, ()>>> {
+    /// Refuses `size` bytes of `digest` in `repo`'s project if they would
+    /// take it over its quota now; else the admission the metadata write
+    /// checks again, in its transaction.
+    pub(crate) async fn quota_admit(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<Admission> {
         let project = repo.project();
         let Some(&limit) = self.config.quotas.get(project) else {
-            return Ok(None);
+            return Ok(Admission::default());
         };
-        let guard = self.quota_lock.lock().await;
-        if self.meta.project_holds(project, digest).await? {
-            return Ok(Some(guard));
+        if !self.meta.project_holds(project, digest).await? {
+            let used = self.meta.project_usage(project).await?;
+            if used.saturating_add(size) > limit {
+                return Err(over_quota(repo, used, limit, size));
+            }
         }
-        let used = self.meta.project_usage(project).await?;
-        if used.saturating_add(size) > limit {
-            return Err(RegistryError::new(
-                ErrorCode::Denied,
-                format!(
-                    "project {project} is over its storage quota: it uses {used} of {limit} bytes, and this needs {size} more; \
-                     delete images (space returns after garbage collection) or ask an administrator to raise the quota"
-                ),
-            )
-            .with_detail(project.to_string()));
-        }
-        Ok(Some(guard))
+        Ok(Admission {
+            quota: Some(limit),
+            fence: None,
+        })
     }
+}
+
+/// `e` as the service's error; the store's quota conflict as the refusal
+/// it is.
+pub(crate) fn refused(repo: &RepoName, e: MetaError) -> RegistryError {
+    match e {
+        MetaError::Conflict(Conflict::OverQuota { used, limit, size }) => over_quota(repo, used, limit, size),
+        e => e.into(),
+    }
+}
+
+/// The refusal of a push that would take `repo`'s project over its quota.
+fn over_quota(repo: &RepoName, used: u64, limit: u64, size: u64) -> RegistryError {
+    let project = repo.project();
+    RegistryError::new(
+        ErrorCode::Denied,
+        format!(
+            "project {project} is over its storage quota: it uses {used} of {limit} bytes, and this needs {size} more; \
+             delete images (space returns after garbage collection) or ask an administrator to raise the quota"
+        ),
+    )
+    .with_detail(project.to_string())
 }
 
 #[cfg(test)]
@@ -122,5 +137,37 @@ mod tests {
         e.reg.gc(&crate::gc::tests::now_opts()).await.unwrap();
         assert_eq!(e.meta.project_usage("q").await.unwrap(), 1_000 + 2 + m_len);
         pull(&e.reg, &a, &m1).await.unwrap();
+    }
+
+    /// Pushes of new layers at once, each alone within the quota, only one
+    /// fitting with another: the store's transaction admits one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_pushes_cannot_both_fit_under_the_quota() {
+        let e = env_with(RegistryConfig {
+            quotas: [("q".to_string(), 1_500)].into(),
+            ..RegistryConfig::default()
+        })
+        .await;
+        let a = repo("q/a");
+        let push = |i: u8| {
+            let (reg, a) = (e.reg.clone(), a.clone());
+            tokio::spawn(async move {
+                let data = vec![i; 1_000];
+                let d = Digest::sha256(&data);
+                let id = reg.upload_start(&a, None).await.unwrap();
+                let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from(data))]));
+                reg.upload_finish(&a, &id, None, &d, Some(body)).await
+            })
+        };
+        let tasks: Vec<_> = (1..=4).map(push).collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(r.code, ErrorCode::Denied, "{r:?}");
+        }
+        assert_eq!(e.meta.project_usage("q").await.unwrap(), 1_000);
     }
 }

@@ -212,26 +212,31 @@ impl Registry {
             .with_detail(digest.to_string()));
         }
         // Over quota: nothing is stored, the upload is gone.
-        let _quota = match self.quota_admit(repo, digest, size).await {
-            Ok(g) => g,
+        let mut admission = match self.quota_admit(repo, digest, size).await {
+            Ok(a) => a,
             Err(e) => {
                 self.discard(id).await;
                 return Err(e);
             }
         };
-        // From the bytes landing under their digest to the metadata record,
-        // GC must not delete them (see `gc`).
-        let fence = self.gc_fence.read().await;
+        // Read before the bytes land under their digest: the record is
+        // refused if GC claimed the digest since (see `gc`).
+        admission.fence = Some(self.byte_fence(digest).await?);
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
             Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
             Err(e) => return Err(e.into()),
         };
-        self.meta.add_blob(repo, digest, size).await?;
-        drop(fence);
+        let recorded = self.meta.add_blob(repo, digest, size, admission).await;
+        // The commit consumed the upload, whether or not the store took it.
         self.meta.delete_upload(id).await?;
         self.uploads.remove(id);
-        Ok(size)
+        match recorded {
+            Ok(()) => Ok(size),
+            // Refused (another push took the project over its quota since
+            // the check above): the bytes are unreferenced and GC removes them.
+            Err(e) => Err(crate::quota::refused(repo, e)),
+        }
     }
 
     /// The sha256 digest of what the upload holds now, from the streaming
@@ -315,8 +320,8 @@ impl Registry {
             None => self.meta.blob_size(digest).await?,
         };
         let Some(size) = size else { return Ok(None) };
-        let _quota = self.quota_admit(repo, digest, size).await?;
-        match self.meta.link_blob(repo, digest).await {
+        let admission = self.quota_admit(repo, digest, size).await?;
+        match self.meta.link_blob(repo, digest, admission).await {
             Ok(()) => {
                 self.events(|| {
                     vec![(
@@ -334,7 +339,7 @@ impl Registry {
                 Ok(Some(size))
             }
             Err(MetaError::BlobNotStored(_)) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(crate::quota::refused(repo, e)),
         }
     }
 }

@@ -13,10 +13,14 @@
 //! - every removal is a metadata transaction that re-checks the digest's
 //!   touch (`metadata::SweepGuard`), so a push that referenced it after the
 //!   snapshot wins;
-//! - bytes are deleted while holding the registry's GC fence for writing; a
-//!   push holds it for reading from writing its bytes until its metadata
-//!   commit, so the sweep never deletes bytes a push has written but not yet
-//!   recorded.
+//! - the removal transaction claims the digests whose bytes it deletes, and
+//!   releases them once they are deleted; a push reads the store's byte
+//!   fence before writing bytes, and its metadata commit is refused if a
+//!   claim came after that fence or is not released (`metadata::Admission`).
+//!   So the sweep never deletes bytes a push has written but not yet
+//!   recorded, with no lock shared by the two: they may run on two nodes.
+//!   A run first finishes the claims of a run that died between its sweep and
+//!   the deletion.
 //!
 //! It is throttled: removals go in small batches, and after each batch it
 //! rests for at least `pause`, and long enough that its work takes at most
@@ -129,6 +133,8 @@ impl Registry {
         let start = now();
         let cutoff = start.saturating_sub(opts.grace.as_secs());
 
+        self.finish_claims().await?;
+
         // 1. Abandoned uploads.
         let snap = self.meta.gc_snapshot().await?;
         let abandoned = mark::abandoned_uploads(&snap, start.saturating_sub(opts.upload_ttl.as_secs()));
@@ -208,23 +214,75 @@ impl Registry {
         for chunk in candidates.chunks(batch) {
             let work = Instant::now();
             let digests: Vec<Digest> = chunk.iter().map(|(d, _)| d.clone()).collect();
-            let fence = self.gc_fence.write().await;
             let swept = self.meta.sweep_blobs(&digests, guard).await?;
-            for s in &swept {
-                // The metadata no longer knows the blob; deleting the bytes
-                // cannot break a reader. A failure leaves an orphan file that
-                // the next run removes.
-                if let Err(e) = self.blobs.delete(&s.digest).await {
-                    tracing::warn!(digest = %s.digest, error = %e, "could not delete an unreferenced blob; the next GC run retries");
-                    continue;
-                }
+            let deleted = self.delete_claimed(swept.iter().map(|s| &s.digest)).await?;
+            for s in swept.iter().filter(|s| deleted.contains(&s.digest)) {
                 let size = chunk.iter().find(|(d, _)| *d == s.digest).map(|(_, n)| *n);
                 report.blobs += 1;
                 report.blob_bytes += size.or(s.size).unwrap_or(0);
                 report.links += s.links as u64;
             }
-            drop(fence);
             gc_pause(opts, work.elapsed()).await;
+        }
+        Ok(())
+    }
+
+    /// The byte fence for writing `digest` (see `metadata::Admission`). While
+    /// GC is deleting the digest's bytes, waits for it to finish (a batch
+    /// takes milliseconds), so the bytes about to be written come after the
+    /// deletion.
+    pub(crate) async fn byte_fence(&self, digest: &Digest) -> Result<u64> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.meta.byte_fence(digest).await {
+                Err(metadata::MetaError::Conflict(metadata::Conflict::Fenced(_))) if waited < FENCE_WAIT => {
+                    tokio::time::sleep(FENCE_POLL).await;
+                    waited += FENCE_POLL;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Deletes the bytes of digests a sweep claimed, then releases the
+    /// claims. The metadata no longer knows these blobs, so deleting their
+    /// bytes cannot break a reader. Returns those whose bytes are gone; a
+    /// failure leaves an orphan file that the next run removes.
+    pub(crate) async fn delete_claimed<'a>(
+        &self,
+        claimed: impl Iterator<Item = &'a Digest>,
+    ) -> Result<HashSet<Digest>> {
+        let mut claims = Vec::new();
+        let mut deleted = HashSet::new();
+        for d in claimed {
+            match self.blobs.delete(d).await {
+                Ok(()) => {
+                    deleted.insert(d.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "could not delete an unreferenced blob; the next GC run retries")
+                }
+            }
+            claims.push(d.clone());
+        }
+        if !claims.is_empty() {
+            self.meta.release_claims(&claims).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the bytes of claims a run that died left unreleased (pushes
+    /// of those digests are refused until then), and forgets claims released
+    /// long before any push still in flight read its fence.
+    async fn finish_claims(&self) -> Result<()> {
+        let forget_before = now().saturating_sub(CLAIM_MEMORY.as_secs());
+        let unreleased = self.meta.unreleased_claims(forget_before).await?;
+        if !unreleased.is_empty() {
+            tracing::info!(
+                count = unreleased.len(),
+                "finishing the deletions of a garbage collection run that stopped"
+            );
+            self.delete_claimed(unreleased.iter()).await?;
         }
         Ok(())
     }
@@ -245,6 +303,15 @@ impl Registry {
         Ok(n)
     }
 }
+
+/// How long a writer waits for GC to finish deleting a digest's bytes
+/// before it gives up (`503`, push again), and how often it looks.
+const FENCE_WAIT: Duration = Duration::from_secs(2);
+const FENCE_POLL: Duration = Duration::from_millis(10);
+
+/// How long a released claim is remembered: longer than any push takes
+/// from reading the byte fence to its metadata commit.
+const CLAIM_MEMORY: Duration = Duration::from_secs(3600);
 
 /// How long to rest after a batch that took `work`.
 fn rest_after(opts: &GcOptions, work: Duration) -> Duration {

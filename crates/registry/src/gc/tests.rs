@@ -305,3 +305,34 @@ async fn orphan_files_go() {
     assert_eq!((report.blobs, report.blob_bytes, report.links), (1, 6, 0));
     assert!(stored(&e.blobs).await.is_empty());
 }
+
+/// A collector that died between its sweep and deleting the bytes leaves
+/// the digest claimed: a push of it is refused (it could be recorded just
+/// before the bytes go) until the next run finishes the deletion.
+#[tokio::test]
+async fn claims_a_dead_run_left_refuse_pushes_until_the_next_run() {
+    let e = env().await;
+    let r = repo("p/claimed");
+    let d = upload(&e.reg, &r, b"claimed").await;
+    let snap = e.meta.gc_snapshot().await.unwrap();
+    let guard = metadata::SweepGuard {
+        seq: snap.seq,
+        cutoff: u64::MAX,
+    };
+    // The dead run: its sweep committed, its deletion never happened.
+    assert_eq!(
+        e.meta.sweep_blobs(std::slice::from_ref(&d), guard).await.unwrap().len(),
+        1
+    );
+    let id = e.reg.upload_start(&r, None).await.unwrap();
+    let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"claimed"))]));
+    let err = e.reg.upload_finish(&r, &id, None, &d, Some(body)).await.unwrap_err();
+    assert_eq!(err.code, oci::ErrorCode::Unavailable, "{err:?}");
+    assert!(err.message.contains("push it again"), "{}", err.message);
+    assert_eq!(e.meta.linked_blob(&r, &d).await.unwrap(), None);
+    // The next run deletes the bytes and releases the claim; then a push works.
+    e.reg.gc(&now_opts()).await.unwrap();
+    assert!(stored(&e.blobs).await.is_empty());
+    assert_eq!(upload(&e.reg, &r, b"claimed").await, d);
+    assert_eq!(e.meta.linked_blob(&r, &d).await.unwrap(), Some(7));
+}

@@ -2,7 +2,9 @@
 //! bounded by a count. GC runs back to back with a one-second grace window
 //! (touch times have one-second resolution, so that is the shortest real
 //! window): a push slower than that may be refused because GC took a layer
-//! between its upload and the manifest, and the client pushes again. Every
+//! between its upload and the manifest, or a layer upload may get `503`
+//! because GC was deleting that very digest as it was written; the client
+//! pushes again. Every
 //! acknowledged and not deleted image must pull completely afterwards, and
 //! after a last run the store must hold nothing more.
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use oci::{Digest, ErrorCode, Reference, RepoName};
 
-use super::{env, manifest, now_opts, pull, repo, stored, tag, upload};
+use super::{env, manifest, now_opts, pull, repo, stored, tag};
 use crate::gc::GcOptions;
 use crate::Registry;
 
@@ -31,9 +33,8 @@ fn layer(n: usize) -> Vec<u8> {
 async fn push_until_acknowledged(reg: &Registry, r: &RepoName, cfg: &[u8], layers: &[Vec<u8>], t: &str) -> Digest {
     let refs: Vec<&[u8]> = layers.iter().map(Vec::as_slice).collect();
     for _ in 0..ATTEMPTS {
-        upload(reg, r, cfg).await;
-        for l in &refs {
-            upload(reg, r, l).await;
+        if !(upload_or_retry(reg, r, cfg).await && all(reg, r, &refs).await) {
+            continue;
         }
         let body = manifest(cfg, &refs);
         match reg
@@ -46,6 +47,31 @@ async fn push_until_acknowledged(reg: &Registry, r: &RepoName, cfg: &[u8], layer
         }
     }
     panic!("push of {r}:{t} was refused {ATTEMPTS} times in a row");
+}
+
+/// Uploads every layer; false if one must be pushed again.
+async fn all(reg: &Registry, r: &RepoName, layers: &[&[u8]]) -> bool {
+    for l in layers {
+        if !upload_or_retry(reg, r, l).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Uploads a blob; false when the registry answers `503` because GC took
+/// the digest as it was written (the client pushes it again).
+async fn upload_or_retry(reg: &Registry, r: &RepoName, data: &[u8]) -> bool {
+    let d = Digest::sha256(data);
+    let id = reg.upload_start(r, None).await.unwrap();
+    let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(bytes::Bytes::copy_from_slice(
+        data,
+    ))]));
+    match reg.upload_finish(r, &id, None, &d, Some(body)).await {
+        Ok(_) => true,
+        Err(e) if e.code == ErrorCode::Unavailable => false,
+        Err(e) => panic!("upload of {d} to {r} failed: {e}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
