@@ -217,3 +217,106 @@ repositories = ["hooks/keep*"]
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(delivered(&got, "/all").len(), 11, "nothing delivered twice");
 }
+
+/// `kill -9` during a storm of pushes: after the restart, every push that
+/// was acknowledged, and every tag the store holds at all, has its push
+/// event in the stream (the change and its event are one transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_never_leaves_a_change_without_its_event() {
+    const PUSHERS: usize = 6;
+    const PER_PUSHER: usize = 40;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let rx = receiver("127.0.0.1:0", got.clone()).await;
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("berth.toml");
+    let hook = rx.addr;
+    std::fs::write(
+        &cfg,
+        format!("[[webhooks]]\nname = \"all\"\nurl = \"http://{hook}/all\"\ntypes = [\"push\"]\nbackoff_initial = \"50ms\"\n"),
+    )
+    .unwrap();
+    let mut s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let c = client();
+    let layer = bytes(21, 1000);
+    let ld = push_blob(&c, &s, "crash/app", &layer).await;
+    let base = s.url("");
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for p in 0..PUSHERS {
+        let (c, base, acked, ld) = (c.clone(), base.clone(), acked.clone(), ld.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_PUSHER {
+                let tag = format!("p{p}-{i}");
+                let config = format!("{{\"os\":\"linux\",\"tag\":\"{tag}\"}}").into_bytes();
+                let cd = sha256(&config);
+                let r = c
+                    .post(format!("{base}/v2/crash/app/blobs/uploads/?digest={cd}"))
+                    .body(config.clone())
+                    .send()
+                    .await;
+                if !r.is_ok_and(|r| r.status() == 201) {
+                    return;
+                }
+                let m = image_manifest((&cd, config.len()), &[(&ld, 1000)]);
+                let r = c
+                    .put(format!("{base}/v2/crash/app/manifests/{tag}"))
+                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                    .body(m)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 201 => acked.lock().unwrap().push(tag),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // Kill it in the middle of the storm.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < PUSHERS * PER_PUSHER / 4 {
+        assert!(Instant::now() < deadline, "pushes are not acknowledged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() < PUSHERS * PER_PUSHER, "the kill came after the storm");
+    s.restart();
+    let r = c.get(s.url("/v2/crash/app/tags/list?n=10000")).send().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    let stored: Vec<String> = body["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    for t in &acked {
+        assert!(stored.contains(t), "acknowledged push of {t} is not in the store");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: std::collections::HashSet<String> = delivered(&got, "/all")
+            .into_iter()
+            .filter(|(ty, _)| ty == "io.berth.push")
+            .map(|(_, subject)| subject)
+            .collect();
+        let missing: Vec<&String> = stored
+            .iter()
+            .filter(|t| !seen.contains(&format!("crash/app:{t}")))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} stored tags ({} acknowledged) have no push event: {missing:?}",
+            missing.len(),
+            stored.len(),
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rx.stop().await;
+}

@@ -122,7 +122,14 @@ pub struct NewManifest {
     /// `Conflict::TagMoved`.
     pub fixed_tags: Vec<Tag>,
     pub admission: Admission,
+    /// Events to append to the outbox in the same transaction.
+    pub events: Events,
 }
+
+/// Event payloads a change appends to the outbox in its own transaction,
+/// in order, if it changes anything: what a writer acknowledges is never
+/// missing from the outbox, even after a crash.
+pub type Events = Vec<Vec<u8>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadRecord {
@@ -179,13 +186,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Links a committed blob into `repo` (a cross-repo mount), if
     /// `admission` allows. Fails with `BlobNotStored` if the blob is not
     /// committed. Idempotent.
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission) -> Result<()>;
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission, events: Events) -> Result<()>;
 
     /// The blob's size if it is linked into `repo`.
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>>;
 
-    /// Removes the link. Returns whether there was one.
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool>;
+    /// Removes the link, and appends `events` if there was one. Returns
+    /// whether there was one.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest, events: Events) -> Result<bool>;
 
     /// Stores a manifest, its tags and its referrers entry atomically.
     async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()>;
@@ -196,12 +204,19 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Deletes a manifest, every tag pointing at it and its referrers entry.
     /// With `allowed_tags`, only if every tag pointing at it is one of them
-    /// (else `Conflict::TagAdded`): the caller checked those. Returns whether
-    /// it existed.
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, allowed_tags: Option<&[Tag]>) -> Result<bool>;
+    /// (else `Conflict::TagAdded`): the caller checked those. Appends
+    /// `events` if it existed. Returns whether it existed.
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        allowed_tags: Option<&[Tag]>,
+        events: Events,
+    ) -> Result<bool>;
 
-    /// Deletes one tag. Returns whether it existed.
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool>;
+    /// Deletes one tag, and appends `events` if it existed. Returns whether
+    /// it existed.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, events: Events) -> Result<bool>;
 
     /// Whether the repository holds at least one manifest.
     async fn repo_exists(&self, repo: &RepoName) -> Result<bool>;

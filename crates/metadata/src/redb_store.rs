@@ -12,8 +12,8 @@ use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    Admission, Conflict, DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result,
-    StoreStats, UploadRecord,
+    Admission, Conflict, DeadLetter, Events, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent,
+    Result, StoreStats, UploadRecord,
 };
 
 /// digest -> size of every committed blob.
@@ -165,6 +165,23 @@ fn admit(w: &redb::WriteTransaction, repo: &RepoName, digest: &Digest, size: u64
     Ok(())
 }
 
+/// Appends `payloads` to the outbox in the caller's write transaction.
+/// Returns the sequence number of the last one (the current last if none).
+fn append_outbox(w: &redb::WriteTransaction, payloads: &[Vec<u8>]) -> Result<u64> {
+    let mut counters = w.open_table(COUNTERS).map_err(be)?;
+    let mut last = counters.get(OUTBOX_LAST).map_err(be)?.map(|v| v.value()).unwrap_or(0);
+    if payloads.is_empty() {
+        return Ok(last);
+    }
+    let mut outbox = w.open_table(OUTBOX).map_err(be)?;
+    for p in payloads {
+        last += 1;
+        outbox.insert(last, p.as_slice()).map_err(be)?;
+    }
+    counters.insert(OUTBOX_LAST, last).map_err(be)?;
+    Ok(last)
+}
+
 fn parse_digest(s: &str) -> Result<Digest> {
     s.parse().map_err(be)
 }
@@ -226,7 +243,7 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission) -> Result<()> {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission, events: Events) -> Result<()> {
         let (name, repo, d) = (repo.clone(), repo.to_string(), digest.clone());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
@@ -243,6 +260,7 @@ impl MetadataStore for RedbMetadata {
                 admit(&w, &name, &d, size, admission)?;
                 insert_link(&w, &repo, d.as_str(), size)?;
                 crate::redb_gc::touch(&w, [d.as_str()])?;
+                append_outbox(&w, &events)?;
             }
             w.commit().map_err(be)
         })
@@ -259,11 +277,15 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest, events: Events) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
             let existed = remove_link(&w, &repo, &digest)?;
+            if !existed {
+                return Ok(false);
+            }
+            append_outbox(&w, &events)?;
             w.commit().map_err(be)?;
             Ok(existed)
         })
@@ -335,6 +357,7 @@ impl MetadataStore for RedbMetadata {
                     .chain(m.record.blobs.iter().map(String::as_str))
                     .chain(m.record.children.iter().map(String::as_str));
                 crate::redb_gc::touch(&w, referenced)?;
+                append_outbox(&w, &m.events)?;
             }
             w.commit().map_err(be)
         })
@@ -367,7 +390,13 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, allowed_tags: Option<&[Tag]>) -> Result<bool> {
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        allowed_tags: Option<&[Tag]>,
+        events: Events,
+    ) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
         let allowed: Option<Vec<String>> = allowed_tags.map(|ts| ts.iter().map(Tag::to_string).collect());
         self.run(move |db| {
@@ -411,6 +440,7 @@ impl MetadataStore for RedbMetadata {
                         .remove((repo.as_str(), subject.as_str(), digest.as_str()))
                         .map_err(be)?;
                 }
+                append_outbox(&w, &events)?;
             }
             w.commit().map_err(be)?;
             Ok(true)
@@ -418,7 +448,7 @@ impl MetadataStore for RedbMetadata {
         .await
     }
 
-    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool> {
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag, events: Events) -> Result<bool> {
         let (repo, tag) = (repo.to_string(), tag.to_string());
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
@@ -428,6 +458,10 @@ impl MetadataStore for RedbMetadata {
                 .remove((repo.as_str(), tag.as_str()))
                 .map_err(be)?
                 .is_some();
+            if !existed {
+                return Ok(false);
+            }
+            append_outbox(&w, &events)?;
             w.commit().map_err(be)?;
             Ok(existed)
         })
@@ -554,17 +588,7 @@ impl MetadataStore for RedbMetadata {
     async fn outbox_append(&self, payloads: Vec<Vec<u8>>) -> Result<u64> {
         self.run(move |db| {
             let w = db.begin_write().map_err(be)?;
-            let last = {
-                let mut counters = w.open_table(COUNTERS).map_err(be)?;
-                let mut last = counters.get(OUTBOX_LAST).map_err(be)?.map(|v| v.value()).unwrap_or(0);
-                let mut outbox = w.open_table(OUTBOX).map_err(be)?;
-                for p in &payloads {
-                    last += 1;
-                    outbox.insert(last, p.as_slice()).map_err(be)?;
-                }
-                counters.insert(OUTBOX_LAST, last).map_err(be)?;
-                last
-            };
+            let last = append_outbox(&w, &payloads)?;
             w.commit().map_err(be)?;
             Ok(last)
         })

@@ -39,6 +39,7 @@ fn new_manifest(digest: &Digest, blobs: &[&Digest], tags: &[&str], subject: Opti
         tags: tags.iter().map(|t| tag(t)).collect(),
         fixed_tags: vec![],
         admission: FREE,
+        events: vec![],
     }
 }
 
@@ -63,6 +64,7 @@ pub async fn run_all(store: &dyn MetadataStore) {
     fixed_tags_have_one_winner(store).await;
     delete_refuses_tags_it_was_not_told(store).await;
     gc_claims_fence_writers(store).await;
+    changes_append_their_events(store).await;
     pulls(store).await;
 }
 
@@ -71,7 +73,7 @@ pub async fn blobs_and_links(store: &dyn MetadataStore) {
     let d = Digest::sha256(b"blob-1");
     assert_eq!(store.blob_size(&d).await.unwrap(), None);
     assert!(matches!(
-        store.link_blob(&a, &d, FREE).await,
+        store.link_blob(&a, &d, FREE, vec![]).await,
         Err(MetaError::BlobNotStored(_))
     ));
     store.add_blob(&a, &d, 6, FREE).await.unwrap();
@@ -80,10 +82,10 @@ pub async fn blobs_and_links(store: &dyn MetadataStore) {
     assert_eq!(store.linked_blob(&a, &d).await.unwrap(), Some(6));
     // Another repository cannot read it until it is linked (mounted).
     assert_eq!(store.linked_blob(&b, &d).await.unwrap(), None);
-    store.link_blob(&b, &d, FREE).await.unwrap();
+    store.link_blob(&b, &d, FREE, vec![]).await.unwrap();
     assert_eq!(store.linked_blob(&b, &d).await.unwrap(), Some(6));
-    assert!(store.unlink_blob(&b, &d).await.unwrap());
-    assert!(!store.unlink_blob(&b, &d).await.unwrap());
+    assert!(store.unlink_blob(&b, &d, vec![]).await.unwrap());
+    assert!(!store.unlink_blob(&b, &d, vec![]).await.unwrap());
     assert_eq!(store.linked_blob(&b, &d).await.unwrap(), None);
     assert_eq!(store.linked_blob(&a, &d).await.unwrap(), Some(6));
 }
@@ -113,15 +115,15 @@ pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
     assert_eq!(store.resolve_tag(&r, &tag("latest")).await.unwrap(), Some(m2.clone()));
     assert_eq!(store.list_tags(&r, None, 100).await.unwrap(), vec!["latest", "v1"]);
     // Deleting a tag leaves the manifest.
-    assert!(store.delete_tag(&r, &tag("v1")).await.unwrap());
-    assert!(!store.delete_tag(&r, &tag("v1")).await.unwrap());
+    assert!(store.delete_tag(&r, &tag("v1"), vec![]).await.unwrap());
+    assert!(!store.delete_tag(&r, &tag("v1"), vec![]).await.unwrap());
     assert!(store.get_manifest(&r, &m1).await.unwrap().is_some());
     // Deleting a manifest removes the tags that point at it.
-    assert!(store.delete_manifest(&r, &m2, None).await.unwrap());
-    assert!(!store.delete_manifest(&r, &m2, None).await.unwrap());
+    assert!(store.delete_manifest(&r, &m2, None, vec![]).await.unwrap());
+    assert!(!store.delete_manifest(&r, &m2, None, vec![]).await.unwrap());
     assert_eq!(store.resolve_tag(&r, &tag("latest")).await.unwrap(), None);
     assert!(store.repo_exists(&r).await.unwrap());
-    assert!(store.delete_manifest(&r, &m1, None).await.unwrap());
+    assert!(store.delete_manifest(&r, &m1, None, vec![]).await.unwrap());
     assert!(!store.repo_exists(&r).await.unwrap());
     assert!(store.list_tags(&r, None, 100).await.unwrap().is_empty());
 }
@@ -179,7 +181,7 @@ pub async fn referrers_index(store: &dyn MetadataStore) {
     want.sort();
     assert_eq!(got, want);
     assert!(store.referrers(&repo("ref/other"), &subject).await.unwrap().is_empty());
-    store.delete_manifest(&r, &sig, None).await.unwrap();
+    store.delete_manifest(&r, &sig, None, vec![]).await.unwrap();
     let got: Vec<Digest> = store
         .referrers(&r, &subject)
         .await
@@ -234,7 +236,7 @@ pub async fn stats(store: &dyn MetadataStore) {
     store.add_blob(&r, &a, 10, FREE).await.unwrap();
     store.add_blob(&r, &b, 32, FREE).await.unwrap();
     // Linking the same blob elsewhere stores nothing new.
-    store.link_blob(&repo("stats/other"), &a, FREE).await.unwrap();
+    store.link_blob(&repo("stats/other"), &a, FREE, vec![]).await.unwrap();
     let m = Digest::sha256(b"stats-m");
     store
         .put_manifest(&r, new_manifest(&m, &[&a, &b], &["v1", "v2"], None))
@@ -318,7 +320,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     let (kept, loose) = (Digest::sha256(b"gc-kept"), Digest::sha256(b"gc-loose"));
     store.add_blob(&r, &kept, 7, FREE).await.unwrap();
     store.add_blob(&r, &loose, 8, FREE).await.unwrap();
-    store.link_blob(&repo("gc/other"), &loose, FREE).await.unwrap();
+    store.link_blob(&repo("gc/other"), &loose, FREE, vec![]).await.unwrap();
     let m = Digest::sha256(b"gc-m");
     store
         .put_manifest(&r, new_manifest(&m, &[&kept], &["v1"], None))
@@ -345,7 +347,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .unwrap()
         .is_empty());
     // A link made after the snapshot wins against the sweep.
-    store.link_blob(&repo("gc/third"), &loose, FREE).await.unwrap();
+    store.link_blob(&repo("gc/third"), &loose, FREE, vec![]).await.unwrap();
     assert!(store
         .sweep_blobs(std::slice::from_ref(&loose), guard_at(snap.seq))
         .await
@@ -354,8 +356,8 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     assert_eq!(store.blob_size(&loose).await.unwrap(), Some(8));
     // An unlinked repository is not counted again; the others all go.
     let fourth = repo("gc/fourth");
-    store.link_blob(&fourth, &loose, FREE).await.unwrap();
-    assert!(store.unlink_blob(&fourth, &loose).await.unwrap());
+    store.link_blob(&fourth, &loose, FREE, vec![]).await.unwrap();
+    assert!(store.unlink_blob(&fourth, &loose, vec![]).await.unwrap());
     // With a fresh snapshot it goes, with every link, in one transaction.
     let snap = store.gc_snapshot().await.unwrap();
     let swept = store
@@ -377,7 +379,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .unwrap();
     assert_eq!(swept[0].links, 1);
     assert!(matches!(
-        store.link_blob(&r, &loose, FREE).await,
+        store.link_blob(&r, &loose, FREE, vec![]).await,
         Err(MetaError::BlobNotStored(_))
     ));
     // A digest with no blob record (an orphan file) is reported without a size.
@@ -402,7 +404,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
         .put_manifest(&r, new_manifest(&sig, &[&kept], &[], Some(&m)))
         .await
         .unwrap();
-    store.delete_tag(&r, &tag("v1")).await.unwrap();
+    store.delete_tag(&r, &tag("v1"), vec![]).await.unwrap();
     let snap = store.gc_snapshot().await.unwrap();
     assert_eq!(
         store.sweep_manifest(&sweep(&m), guard_at(snap.seq)).await.unwrap(),
@@ -443,9 +445,9 @@ pub async fn project_usage(store: &dyn MetadataStore) {
     assert_eq!(store.project_usage("quota").await.unwrap(), 0);
     store.add_blob(&a, &shared, 1000, FREE).await.unwrap();
     store.add_blob(&b, &own, 10, FREE).await.unwrap();
-    store.link_blob(&b, &shared, FREE).await.unwrap();
+    store.link_blob(&b, &shared, FREE, vec![]).await.unwrap();
     // A neighbour whose name sorts between `quota` and `quota/`.
-    store.link_blob(&other, &shared, FREE).await.unwrap();
+    store.link_blob(&other, &shared, FREE, vec![]).await.unwrap();
     let m = Digest::sha256(b"q-m");
     store
         .put_manifest(&a, new_manifest(&m, &[&shared], &["v1"], None))
@@ -512,12 +514,12 @@ pub async fn quota_is_checked_in_the_write(store: &dyn MetadataStore) {
     // What the project holds is free to add again, and to link elsewhere in it.
     let held = d.iter().zip(&results).find(|(_, x)| x.is_ok()).unwrap().0;
     store.add_blob(&r, held, 400, quota).await.unwrap();
-    store.link_blob(&repo("qtx/third"), held, quota).await.unwrap();
+    store.link_blob(&repo("qtx/third"), held, quota, vec![]).await.unwrap();
     // A mount of a blob stored elsewhere counts too.
     let outside = Digest::sha256(b"qtx-outside");
     store.add_blob(&repo("free/x"), &outside, 300, FREE).await.unwrap();
     assert!(matches!(
-        store.link_blob(&r, &outside, quota).await,
+        store.link_blob(&r, &outside, quota, vec![]).await,
         Err(MetaError::Conflict(Conflict::OverQuota { .. }))
     ));
     assert_eq!(store.linked_blob(&r, &outside).await.unwrap(), None);
@@ -587,12 +589,12 @@ pub async fn delete_refuses_tags_it_was_not_told(store: &dyn MetadataStore) {
         .await
         .unwrap();
     assert!(matches!(
-        store.delete_manifest(&r, &m, Some(&[tag("a")])).await,
+        store.delete_manifest(&r, &m, Some(&[tag("a")]), vec![]).await,
         Err(MetaError::Conflict(Conflict::TagAdded(t))) if t.as_str() == "b"
     ));
     assert!(store.get_manifest(&r, &m).await.unwrap().is_some());
     assert!(store
-        .delete_manifest(&r, &m, Some(&[tag("a"), tag("b")]))
+        .delete_manifest(&r, &m, Some(&[tag("a"), tag("b")]), vec![])
         .await
         .unwrap());
     assert_eq!(store.resolve_tag(&r, &tag("b")).await.unwrap(), None);
@@ -654,4 +656,54 @@ pub async fn gc_claims_fence_writers(store: &dyn MetadataStore) {
     store.release_claims(std::slice::from_ref(&e)).await.unwrap();
     assert!(store.unreleased_claims(u64::MAX).await.unwrap().is_empty());
     store.add_blob(&r, &e, 1, fenced(before)).await.unwrap();
+}
+
+/// A change appends its events in its own transaction: all of them when it
+/// changes something, none when it does not or is refused.
+pub async fn changes_append_their_events(store: &dyn MetadataStore) {
+    let r = repo("outbox-tx/app");
+    let ev = |s: &str| vec![s.as_bytes().to_vec()];
+    let start = store.outbox_last_seq().await.unwrap();
+    let layer = Digest::sha256(b"outbox-tx-layer");
+    store.add_blob(&r, &layer, 3, FREE).await.unwrap();
+    let m = Digest::sha256(b"outbox-tx-m");
+    let mut nm = new_manifest(&m, &[&layer], &["v1"], None);
+    nm.events = vec![b"push".to_vec(), b"tag".to_vec()];
+    store.put_manifest(&r, nm.clone()).await.unwrap();
+    store
+        .link_blob(&repo("outbox-tx/b"), &layer, FREE, ev("mount"))
+        .await
+        .unwrap();
+    assert!(store
+        .unlink_blob(&repo("outbox-tx/b"), &layer, ev("unlink"))
+        .await
+        .unwrap());
+    assert!(!store
+        .unlink_blob(&repo("outbox-tx/b"), &layer, ev("no-unlink"))
+        .await
+        .unwrap());
+    assert!(store.delete_tag(&r, &tag("v1"), ev("untag")).await.unwrap());
+    assert!(!store.delete_tag(&r, &tag("v1"), ev("no-untag")).await.unwrap());
+    // Refused: a missing blob, a fixed tag moved.
+    let mut missing = new_manifest(&Digest::sha256(b"outbox-tx-x"), &[&Digest::sha256(b"nope")], &[], None);
+    missing.events = ev("refused");
+    assert!(store.put_manifest(&r, missing).await.is_err());
+    let mut fixed = new_manifest(&Digest::sha256(b"outbox-tx-y"), &[&layer], &["v2"], None);
+    fixed.fixed_tags = vec![tag("v2")];
+    store.put_manifest(&r, fixed.clone()).await.unwrap();
+    let mut moved = new_manifest(&m, &[&layer], &["v2"], None);
+    moved.fixed_tags = vec![tag("v2")];
+    moved.events = ev("moved");
+    assert!(store.put_manifest(&r, moved).await.is_err());
+    assert!(store.delete_manifest(&r, &m, None, ev("delete")).await.unwrap());
+    assert!(!store.delete_manifest(&r, &m, None, ev("no-delete")).await.unwrap());
+    let got: Vec<String> = store
+        .outbox_read(start, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| String::from_utf8(e.payload).unwrap())
+        .collect();
+    assert_eq!(got, ["push", "tag", "mount", "unlink", "untag", "delete"]);
+    assert_eq!(store.outbox_last_seq().await.unwrap(), start + 6);
 }

@@ -37,10 +37,7 @@ impl Registry {
     /// Removes the blob from the repository. The bytes stay while other
     /// repositories link them; garbage collection reclaims unreferenced ones.
     pub async fn blob_delete(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        if !self.meta.unlink_blob(repo, digest).await? {
-            return Err(blob_unknown(digest));
-        }
-        self.events(|| {
+        let events = self.change_events(|| {
             vec![(
                 crate::events::EventKind::Delete,
                 crate::events::EventData {
@@ -49,8 +46,12 @@ impl Registry {
                     ..Default::default()
                 },
             )]
-        })
-        .await;
+        });
+        let n = events.len();
+        if !self.meta.unlink_blob(repo, digest, events).await? {
+            return Err(blob_unknown(digest));
+        }
+        self.events_committed(n);
         Ok(())
     }
 }

@@ -1,12 +1,13 @@
 //! Registry events (push, pull, delete, mount, tag) as CloudEvents 1.0
 //! JSON, written to the durable outbox in the metadata store.
 //!
-//! Recording is batched: a writer task appends everything queued since its
-//! last transaction in one transaction (group commit). A change (push,
-//! delete, mount, tag) waits for that commit before its request returns, so
-//! its event survives a crash from then on; a pull does not wait, since
-//! pulls are the hot path. Pull events are dropped (and counted) when the
-//! queue is full, never blocking a pull. Delivery to webhooks is another
+//! A change's events (push, delete, mount, tag) are appended to the outbox
+//! by the metadata transaction that makes the change (`metadata::Events`),
+//! so a change is never committed without its events, even across a crash,
+//! and costs no commit of its own. Pulls change nothing: a writer task
+//! appends them in batches (group commit), behind the request, since pulls
+//! are the hot path; they are dropped (and counted) when its queue is full,
+//! never blocking a pull. Delivery to webhooks is another
 //! crate's job (`events`); nothing here does network I/O.
 
 use std::sync::atomic::Ordering;
@@ -16,7 +17,7 @@ use std::time::SystemTime;
 use metadata::MetadataStore;
 use observe::metrics::EventRecorderCounters;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -139,24 +140,21 @@ pub fn cloud_event(kind: EventKind, source: &str, data: &EventData) -> Value {
     })
 }
 
-struct Pending {
-    payload: Vec<u8>,
-    /// Signalled once the event is committed (or known lost).
-    ack: Option<oneshot::Sender<()>>,
-}
-
 /// Records events into the outbox; cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Pending>,
+    /// Pull events for the writer task.
+    tx: mpsc::Sender<Vec<u8>>,
     kinds: EventKinds,
     source: Arc<str>,
     counters: Arc<EventRecorderCounters>,
+    /// Told of every outbox commit, so deliverers wake at once.
+    committed: Arc<watch::Sender<u64>>,
 }
 
-/// Most events one outbox transaction takes.
+/// Most pull events one outbox transaction takes.
 const BATCH: usize = 512;
-/// Events queued for the writer; beyond this, changes wait and pulls drop.
+/// Pull events queued for the writer; beyond this, they are dropped.
 const QUEUE: usize = 8192;
 
 impl Recorder {
@@ -171,12 +169,14 @@ impl Recorder {
         committed: watch::Sender<u64>,
     ) -> Recorder {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_outbox(meta, rx, counters.clone(), committed));
+        let committed = Arc::new(committed);
+        tokio::spawn(write_outbox(meta, rx, counters.clone(), committed.clone()));
         Recorder {
             tx,
             kinds,
             source: source.into(),
             counters,
+            committed,
         }
     }
 
@@ -184,34 +184,22 @@ impl Recorder {
         self.kinds.contains(kind)
     }
 
-    /// Records a change and returns once it is in the outbox.
-    pub async fn change(&self, kind: EventKind, data: EventData) {
-        self.changes(vec![(kind, data)]).await
+    /// The outbox payloads of the changes this recorder wants, for the
+    /// metadata transaction that makes them.
+    pub fn payloads(&self, events: Vec<(EventKind, EventData)>) -> metadata::Events {
+        events
+            .into_iter()
+            .filter(|(k, _)| self.wants(*k))
+            .map(|(kind, data)| cloud_event(kind, &self.source, &data).to_string().into_bytes())
+            .collect()
     }
 
-    /// Records changes, in order, and returns once all are in the outbox.
-    /// The writer takes the queue in order, so the last commit covers all.
-    pub async fn changes(&self, events: Vec<(EventKind, EventData)>) {
-        let mut last = None;
-        for (kind, data) in events.into_iter().filter(|(k, _)| self.wants(*k)) {
-            let payload = cloud_event(kind, &self.source, &data).to_string().into_bytes();
-            let (ack, done) = oneshot::channel();
-            if self
-                .tx
-                .send(Pending {
-                    payload,
-                    ack: Some(ack),
-                })
-                .await
-                .is_err()
-            {
-                self.counters.lost.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            last = Some(done);
-        }
-        if let Some(done) = last {
-            let _ = done.await;
+    /// After a metadata commit appended `n` change events: counts them and
+    /// wakes the deliverers.
+    pub fn committed(&self, n: usize) {
+        if n > 0 {
+            self.counters.recorded.fetch_add(n as u64, Ordering::Relaxed);
+            self.committed.send_modify(|_| {});
         }
     }
 
@@ -223,7 +211,7 @@ impl Recorder {
         let payload = cloud_event(EventKind::Pull, &self.source, &data)
             .to_string()
             .into_bytes();
-        if self.tx.try_send(Pending { payload, ack: None }).is_err() {
+        if self.tx.try_send(payload).is_err() {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -231,15 +219,14 @@ impl Recorder {
 
 async fn write_outbox(
     meta: Arc<dyn MetadataStore>,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
     counters: Arc<EventRecorderCounters>,
-    committed: watch::Sender<u64>,
+    committed: Arc<watch::Sender<u64>>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let n = batch.len() as u64;
-        let (payloads, acks): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.payload, p.ack)).unzip();
-        match meta.outbox_append(payloads).await {
+        match meta.outbox_append(std::mem::take(&mut batch)).await {
             Ok(last) => {
                 counters.recorded.fetch_add(n, Ordering::Relaxed);
                 committed.send_replace(last);
@@ -248,9 +235,6 @@ async fn write_outbox(
                 counters.lost.fetch_add(n, Ordering::Relaxed);
                 tracing::error!(error = %e, events = n, "cannot write events to the outbox; they are lost");
             }
-        }
-        for ack in acks.into_iter().flatten() {
-            let _ = ack.send(());
         }
     }
 }
@@ -288,35 +272,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn changes_are_in_the_outbox_when_recorded() {
+    async fn pulls_are_written_behind_and_changes_go_with_their_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let meta: Arc<dyn MetadataStore> = Arc::new(metadata::RedbMetadata::open(&dir.path().join("m")).unwrap());
-        let (tx, rx) = watch::channel(0);
+        let (tx, mut rx) = watch::channel(0);
         let mut kinds = EventKinds::default();
         kinds.insert(EventKind::Push);
+        kinds.insert(EventKind::Pull);
         let counters = Arc::new(EventRecorderCounters::default());
         let r = Recorder::start(meta.clone(), kinds, "/berth/test", counters.clone(), tx);
-        for i in 0..3 {
-            r.change(
-                EventKind::Push,
-                EventData {
-                    repository: format!("r{i}"),
-                    ..Default::default()
-                },
-            )
-            .await;
+        let data = |repo: &str| EventData {
+            repository: repo.into(),
+            ..Default::default()
+        };
+        // Not wanted: no payload.
+        let payloads = r.payloads(vec![(EventKind::Push, data("r0")), (EventKind::Delete, data("r1"))]);
+        assert_eq!(payloads.len(), 1);
+        meta.outbox_append(payloads).await.unwrap();
+        rx.mark_unchanged();
+        r.committed(1);
+        assert!(rx.has_changed().unwrap(), "deliverers are woken");
+        r.pull(data("r2"));
+        for _ in 0..100 {
+            if meta.outbox_last_seq().await.unwrap() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        // Not wanted: not recorded.
-        r.change(EventKind::Delete, EventData::default()).await;
-        r.pull(EventData::default());
         let got = meta.outbox_read(0, 10).await.unwrap();
-        assert_eq!(got.len(), 3);
-        let repos: Vec<String> = got
+        let seen: Vec<(String, String)> = got
             .iter()
-            .map(|e| serde_json::from_slice::<Value>(&e.payload).unwrap()["data"]["repository"].to_string())
+            .map(|e| {
+                let v: Value = serde_json::from_slice(&e.payload).unwrap();
+                (v["type"].to_string(), v["data"]["repository"].to_string())
+            })
             .collect();
-        assert_eq!(repos, ["\"r0\"", "\"r1\"", "\"r2\""]);
-        assert_eq!(*rx.borrow(), 3);
-        assert_eq!(counters.recorded.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            seen,
+            [
+                ("\"io.berth.push\"".to_string(), "\"r0\"".to_string()),
+                ("\"io.berth.pull\"".to_string(), "\"r2\"".to_string())
+            ]
+        );
+        assert_eq!(*rx.borrow(), 2);
+        assert_eq!(counters.recorded.load(Ordering::Relaxed), 2);
     }
 }

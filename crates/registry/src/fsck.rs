@@ -211,7 +211,7 @@ impl Registry {
         }
         for (repo, d) in links {
             if let Ok(repo) = repo.parse::<RepoName>() {
-                if self.meta.unlink_blob(&repo, d).await? {
+                if self.meta.unlink_blob(&repo, d, vec![]).await? {
                     repaired += 1;
                 }
             }

@@ -113,11 +113,23 @@ impl Registry {
         self
     }
 
-    /// Records change events; returns once they are in the outbox. `make`
-    /// runs only when events are recorded at all.
-    pub(crate) async fn events(&self, make: impl FnOnce() -> Vec<(events::EventKind, events::EventData)>) {
+    /// The outbox payloads of change events, for the metadata call that
+    /// makes the change (empty when no events are recorded). `make` runs
+    /// only when events are recorded at all.
+    pub(crate) fn change_events(
+        &self,
+        make: impl FnOnce() -> Vec<(events::EventKind, events::EventData)>,
+    ) -> metadata::Events {
+        match &self.events {
+            Some(r) => r.payloads(make()),
+            None => Vec::new(),
+        }
+    }
+
+    /// After a metadata commit appended `n` change events.
+    pub(crate) fn events_committed(&self, n: usize) {
         if let Some(r) = &self.events {
-            r.changes(make()).await;
+            r.committed(n);
         }
     }
 

@@ -94,23 +94,27 @@ impl Registry {
     /// Deletes a tag; an immutable one that exists is refused. (A rule is
     /// configuration, so there is nothing for a concurrent write to change:
     /// an immutable tag is never deleted here.)
-    async fn tag_delete(&self, repo: &RepoName, t: &Tag) -> Result<bool> {
+    async fn tag_delete(&self, repo: &RepoName, t: &Tag, events: metadata::Events) -> Result<bool> {
         if let Some(rule) = crate::immutable::rule_for(&self.config.immutable_tags, repo, t.as_str()) {
             return match self.meta.resolve_tag(repo, t).await? {
                 Some(_) => Err(crate::immutable::denied(repo, t, rule, "deleted")),
                 None => Ok(false),
             };
         }
-        Ok(self.meta.delete_tag(repo, t).await?)
+        Ok(self.meta.delete_tag(repo, t, events).await?)
     }
 
     /// Deletes manifest `d` and its tags, refusing if one is immutable.
-    async fn digest_delete(&self, repo: &RepoName, d: &Digest) -> Result<bool> {
+    async fn digest_delete(&self, repo: &RepoName, d: &Digest, events: metadata::Events) -> Result<bool> {
         // A retry only when a mutable tag came meanwhile; an immutable one is
         // refused by the next check.
         for _ in 0..3 {
             let allowed = self.deletable_tags(repo, d).await?;
-            match self.meta.delete_manifest(repo, d, allowed.as_deref()).await {
+            match self
+                .meta
+                .delete_manifest(repo, d, allowed.as_deref(), events.clone())
+                .await
+            {
                 Err(MetaError::Conflict(Conflict::TagAdded(t))) => {
                     tracing::debug!(%repo, digest = %d, tag = %t, "a tag came while deleting; checking again");
                 }
@@ -236,12 +240,25 @@ impl Registry {
             subject,
         } = describe(&body, content_type)?;
         let required_manifests = if self.config.sparse_index { vec![] } else { children };
-        let event_tags = if self.events.is_some() {
-            all_tags.clone()
-        } else {
-            Vec::new()
-        };
         let (media_type, size) = (manifest.media_type.clone(), body.len() as u64);
+        let events = self.change_events(|| {
+            let data = |tag: Option<&Tag>| EventData {
+                repository: repo.to_string(),
+                digest: Some(digest.to_string()),
+                tag: tag.map(Tag::to_string),
+                media_type: Some(media_type.clone()),
+                size: Some(size),
+                from: None,
+            };
+            let pushed_tag = match reference {
+                Reference::Tag(t) => Some(t),
+                Reference::Digest(_) => None,
+            };
+            let mut out = vec![(EventKind::Push, data(pushed_tag))];
+            out.extend(all_tags.iter().map(|t| (EventKind::Tag, data(Some(t)))));
+            out
+        });
+        let n_events = events.len();
         // Immutable tags that exist may only be put again on the same
         // manifest; the store checks again in the put's transaction.
         let fixed_tags = self.fixed_tags(repo, &all_tags, &digest).await?;
@@ -255,30 +272,14 @@ impl Registry {
             tags: all_tags,
             fixed_tags,
             admission,
+            events,
         };
         let stored = self.store_manifest(repo, body, new).await;
         // After the commit: the tags may have moved.
         self.manifests_changed(repo);
         match stored? {
             Ok(()) => {
-                self.events(|| {
-                    let data = |tag: Option<&Tag>| EventData {
-                        repository: repo.to_string(),
-                        digest: Some(digest.to_string()),
-                        tag: tag.map(Tag::to_string),
-                        media_type: Some(media_type.clone()),
-                        size: Some(size),
-                        from: None,
-                    };
-                    let pushed_tag = match reference {
-                        Reference::Tag(t) => Some(t),
-                        Reference::Digest(_) => None,
-                    };
-                    let mut out = vec![(EventKind::Push, data(pushed_tag))];
-                    out.extend(event_tags.iter().map(|t| (EventKind::Tag, data(Some(t)))));
-                    out
-                })
-                .await;
+                self.events_committed(n_events);
                 Ok(PutManifest { digest, subject })
             }
             Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
@@ -380,16 +381,7 @@ impl Registry {
     /// Deletes by digest (the manifest and every tag pointing at it) or by
     /// tag (only the tag).
     pub async fn manifest_delete(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
-        let existed = match reference {
-            Reference::Digest(d) => self.digest_delete(repo, d).await,
-            Reference::Tag(t) => self.tag_delete(repo, t).await,
-        };
-        // After the commit, and even on error: the store may have changed.
-        self.manifests_changed(repo);
-        if !existed? {
-            return Err(manifest_unknown(reference));
-        }
-        self.events(|| {
+        let events = self.change_events(|| {
             let (digest, tag) = match reference {
                 Reference::Digest(d) => (Some(d.to_string()), None),
                 Reference::Tag(t) => (None, Some(t.to_string())),
@@ -403,8 +395,18 @@ impl Registry {
                     ..Default::default()
                 },
             )]
-        })
-        .await;
+        });
+        let n = events.len();
+        let existed = match reference {
+            Reference::Digest(d) => self.digest_delete(repo, d, events).await,
+            Reference::Tag(t) => self.tag_delete(repo, t, events).await,
+        };
+        // After the commit, and even on error: the store may have changed.
+        self.manifests_changed(repo);
+        if !existed? {
+            return Err(manifest_unknown(reference));
+        }
+        self.events_committed(n);
         Ok(())
     }
 }

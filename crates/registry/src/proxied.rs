@@ -43,6 +43,7 @@ impl Registry {
             tags: tag.into_iter().cloned().collect(),
             fixed_tags: vec![],
             admission: metadata::Admission::default(),
+            events: vec![],
         };
         let stored = self.store_manifest(repo, body, new).await;
         self.manifests_changed(repo);
@@ -66,7 +67,11 @@ impl Registry {
     /// upstream confirmed the repository has it), without fetching it again.
     /// Returns false when the blob is not stored (any more).
     pub async fn cache_link(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        match self.meta.link_blob(repo, digest, metadata::Admission::default()).await {
+        match self
+            .meta
+            .link_blob(repo, digest, metadata::Admission::default(), vec![])
+            .await
+        {
             Ok(()) => Ok(true),
             Err(metadata::MetaError::BlobNotStored(_)) => Ok(false),
             Err(e) => Err(e.into()),
@@ -79,10 +84,10 @@ impl Registry {
     pub async fn cache_evict(&self, repo: &RepoName, manifests: &[Digest], blobs: &[Digest]) -> Result<()> {
         let result = async {
             for d in manifests {
-                self.meta.delete_manifest(repo, d, None).await?;
+                self.meta.delete_manifest(repo, d, None, vec![]).await?;
             }
             for d in blobs {
-                self.meta.unlink_blob(repo, d).await?;
+                self.meta.unlink_blob(repo, d, vec![]).await?;
             }
             Ok::<(), metadata::MetaError>(())
         }

@@ -321,21 +321,22 @@ impl Registry {
         };
         let Some(size) = size else { return Ok(None) };
         let admission = self.quota_admit(repo, digest, size).await?;
-        match self.meta.link_blob(repo, digest, admission).await {
+        let events = self.change_events(|| {
+            vec![(
+                crate::events::EventKind::Mount,
+                crate::events::EventData {
+                    repository: repo.to_string(),
+                    digest: Some(digest.to_string()),
+                    size: Some(size),
+                    from: from.map(RepoName::to_string),
+                    ..Default::default()
+                },
+            )]
+        });
+        let n = events.len();
+        match self.meta.link_blob(repo, digest, admission, events).await {
             Ok(()) => {
-                self.events(|| {
-                    vec![(
-                        crate::events::EventKind::Mount,
-                        crate::events::EventData {
-                            repository: repo.to_string(),
-                            digest: Some(digest.to_string()),
-                            size: Some(size),
-                            from: from.map(RepoName::to_string),
-                            ..Default::default()
-                        },
-                    )]
-                })
-                .await;
+                self.events_committed(n);
                 Ok(Some(size))
             }
             Err(MetaError::BlobNotStored(_)) => Ok(None),
