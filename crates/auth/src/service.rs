@@ -58,8 +58,8 @@ pub enum AuthError {
     Internal(String),
 }
 
-fn internal(e: impl std::fmt::Display) -> AuthError {
-    tracing::error!(error = %e, "access control backend failure");
+fn internal(e: impl std::error::Error) -> AuthError {
+    tracing::error!(error = %metadata::error_chain(&e), "access control backend failure");
     AuthError::Internal("internal error while checking access; the server log has the details".into())
 }
 

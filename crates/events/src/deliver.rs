@@ -56,7 +56,7 @@ where
         match f().await {
             Ok(v) => return v,
             Err(e) => {
-                tracing::warn!(error = %e, "event delivery: {what} failed; retrying in 1 s");
+                tracing::warn!(error = %metadata::error_chain(&e), "event delivery: {what} failed; retrying in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -176,7 +176,7 @@ async fn prune(meta: Arc<dyn MetadataStore>, endpoints: Vec<String>) {
         match meta.outbox_prune(upto).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(events = n, "pruned delivered events from the outbox"),
-            Err(e) => tracing::warn!(error = %e, "cannot prune the outbox; will retry"),
+            Err(e) => tracing::warn!(error = %metadata::error_chain(&e), "cannot prune the outbox; will retry"),
         }
         tokio::time::sleep(PRUNE_EVERY).await;
     }

@@ -29,20 +29,51 @@ pub use gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch
 pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User};
 pub use redb_store::RedbMetadata;
 
+/// What a metadata call can fail with. Callers decide by the variant; the
+/// backend's own text is in `source()`, for the log, never for a client.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
-    /// A manifest names a blob or child manifest its repository lacks.
-    #[error("referenced content {0} is not in the repository")]
-    MissingReference(Digest),
-    /// `link_blob` of a blob that is not committed.
-    #[error("blob {0} is not stored")]
-    BlobNotStored(Digest),
+    /// What the operation needs is not in the store; nothing was written.
+    #[error(transparent)]
+    NotFound(#[from] Missing),
     /// A condition the write checks in its own transaction did not hold;
     /// nothing was written.
     #[error(transparent)]
     Conflict(#[from] Conflict),
-    #[error("metadata backend error: {0}")]
-    Backend(String),
+    /// The backend failed in a way that may pass (a lost connection, a
+    /// serialization failure, a timeout): the same call may succeed if made
+    /// again. Nothing was written.
+    #[error("the metadata store is unavailable")]
+    Retryable(#[source] BackendError),
+    /// The backend failed.
+    #[error("the metadata store failed")]
+    Backend(#[source] BackendError),
+}
+
+/// A backend's own error.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a call needed and the store did not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Missing {
+    /// A manifest names a blob or child manifest its repository lacks.
+    #[error("referenced content {0} is not in the repository")]
+    Reference(Digest),
+    /// `link_blob` of a blob that is not committed.
+    #[error("blob {0} is not stored")]
+    Blob(Digest),
+}
+
+/// An error with its sources, `outer: inner: innermost`, for a log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
 }
 
 /// Why a conditional write refused: what another writer (another request,
@@ -184,7 +215,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
 
     /// Links a committed blob into `repo` (a cross-repo mount), if
-    /// `admission` allows. Fails with `BlobNotStored` if the blob is not
+    /// `admission` allows. Fails with `Missing::Blob` if the blob is not
     /// committed. Idempotent.
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, admission: Admission, events: Events) -> Result<()>;
 

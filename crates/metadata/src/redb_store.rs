@@ -51,8 +51,9 @@ pub struct RedbMetadata {
     runtime: Option<tokio::runtime::Handle>,
 }
 
-pub(crate) fn be(e: impl std::fmt::Display) -> MetaError {
-    MetaError::Backend(e.to_string())
+/// redb has no transient failures: every error of it is `Backend`.
+pub(crate) fn be(e: impl std::error::Error + Send + Sync + 'static) -> MetaError {
+    MetaError::Backend(Box::new(e))
 }
 
 impl RedbMetadata {
@@ -255,7 +256,7 @@ impl MetadataStore for RedbMetadata {
                     .map_err(be)?
                     .map(|v| v.value());
                 let Some(size) = size else {
-                    return Err(MetaError::BlobNotStored(d));
+                    return Err(crate::Missing::Blob(d).into());
                 };
                 admit(&w, &name, &d, size, admission)?;
                 insert_link(&w, &repo, d.as_str(), size)?;
@@ -301,13 +302,13 @@ impl MetadataStore for RedbMetadata {
                 let links = w.open_table(LINKS).map_err(be)?;
                 for b in &m.required_blobs {
                     if links.get((repo.as_str(), b.as_str())).map_err(be)?.is_none() {
-                        return Err(MetaError::MissingReference(b.clone()));
+                        return Err(crate::Missing::Reference(b.clone()).into());
                     }
                 }
                 let mut manifests = w.open_table(MANIFESTS).map_err(be)?;
                 for c in &m.required_manifests {
                     if manifests.get((repo.as_str(), c.as_str())).map_err(be)?.is_none() {
-                        return Err(MetaError::MissingReference(c.clone()));
+                        return Err(crate::Missing::Reference(c.clone()).into());
                     }
                 }
                 let json = serde_json::to_vec(&m.record).map_err(be)?;

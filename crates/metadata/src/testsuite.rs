@@ -4,8 +4,8 @@
 use oci::{Digest, RepoName, Tag, UploadId};
 
 use crate::{
-    Admission, Conflict, DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, NewManifest, SweepGuard,
-    UploadRecord,
+    Admission, Conflict, DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, Missing, NewManifest,
+    SweepGuard, UploadRecord,
 };
 
 fn repo(s: &str) -> RepoName {
@@ -74,7 +74,7 @@ pub async fn blobs_and_links(store: &dyn MetadataStore) {
     assert_eq!(store.blob_size(&d).await.unwrap(), None);
     assert!(matches!(
         store.link_blob(&a, &d, FREE, vec![]).await,
-        Err(MetaError::BlobNotStored(_))
+        Err(MetaError::NotFound(Missing::Blob(_)))
     ));
     store.add_blob(&a, &d, 6, FREE).await.unwrap();
     store.add_blob(&a, &d, 6, FREE).await.unwrap();
@@ -135,7 +135,7 @@ pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
     // The blob exists, but only in another repository.
     store.add_blob(&other, &layer, 9, FREE).await.unwrap();
     let err = store.put_manifest(&r, new_manifest(&m, &[&layer], &["v1"], None)).await;
-    assert!(matches!(err, Err(MetaError::MissingReference(d)) if d == layer));
+    assert!(matches!(err, Err(MetaError::NotFound(Missing::Reference(d))) if d == layer));
     // Nothing partial: no manifest, no tag, no repository.
     assert_eq!(store.get_manifest(&r, &m).await.unwrap(), None);
     assert_eq!(store.resolve_tag(&r, &tag("v1")).await.unwrap(), None);
@@ -146,7 +146,7 @@ pub async fn manifest_requires_linked_blobs(store: &dyn MetadataStore) {
     nm.required_manifests = vec![m.clone()];
     assert!(matches!(
         store.put_manifest(&r, nm).await,
-        Err(MetaError::MissingReference(_))
+        Err(MetaError::NotFound(Missing::Reference(_)))
     ));
 }
 
@@ -380,7 +380,7 @@ pub async fn gc_sweeps(store: &dyn MetadataStore) {
     assert_eq!(swept[0].links, 1);
     assert!(matches!(
         store.link_blob(&r, &loose, FREE, vec![]).await,
-        Err(MetaError::BlobNotStored(_))
+        Err(MetaError::NotFound(Missing::Blob(_)))
     ));
     // A digest with no blob record (an orphan file) is reported without a size.
     let orphan = Digest::sha256(b"gc-orphan");

@@ -27,8 +27,10 @@ impl RegistryError {
         self
     }
 
-    pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %err, "{context}");
+    /// A failure of ours: the error and its sources go to the log, the
+    /// client gets a generic message.
+    pub fn internal(context: &str, err: impl std::error::Error) -> Self {
+        tracing::error!(error = %metadata::error_chain(&err), "{context}");
         RegistryError::new(
             ErrorCode::Internal,
             format!("internal error while {context}; the server log has the details"),
@@ -79,9 +81,40 @@ impl From<metadata::MetaError> for RegistryError {
                 ),
             )
             .with_detail(d.to_string()),
+            metadata::MetaError::Retryable(e) => {
+                tracing::warn!(error = %metadata::error_chain(e.as_ref()), "the metadata store is unavailable");
+                RegistryError::new(
+                    ErrorCode::Unavailable,
+                    "the metadata store is unavailable; nothing was changed, try again",
+                )
+            }
             e => RegistryError::internal("accessing the metadata store", e),
         }
     }
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metadata::MetaError;
+
+    #[test]
+    fn metadata_failures_reach_clients_without_the_backend_text() {
+        let backend = || Box::new(std::io::Error::other("disk on fire under /var/lib/secret"));
+        let e = MetaError::Backend(backend());
+        assert!(metadata::error_chain(&e).ends_with("disk on fire under /var/lib/secret"));
+        let r: RegistryError = e.into();
+        assert_eq!(r.code, ErrorCode::Internal);
+        assert!(
+            !r.message.contains("fire") && !r.message.contains("secret"),
+            "{}",
+            r.message
+        );
+        let r: RegistryError = MetaError::Retryable(backend()).into();
+        assert_eq!(r.code, ErrorCode::Unavailable);
+        assert!(!r.message.contains("fire"), "{}", r.message);
+        assert!(r.message.contains("try again"), "{}", r.message);
+    }
+}

@@ -233,7 +233,7 @@ async fn write_outbox(
             }
             Err(e) => {
                 counters.lost.fetch_add(n, Ordering::Relaxed);
-                tracing::error!(error = %e, events = n, "cannot write events to the outbox; they are lost");
+                tracing::error!(error = %metadata::error_chain(&e), events = n, "cannot write events to the outbox; they are lost");
             }
         }
     }

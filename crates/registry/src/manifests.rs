@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use metadata::{Conflict, ManifestRecord, MetaError, NewManifest};
+use metadata::{Conflict, ManifestRecord, MetaError, Missing, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
 use crate::cache::{self, Cached};
@@ -282,7 +282,7 @@ impl Registry {
                 self.events_committed(n_events);
                 Ok(PutManifest { digest, subject })
             }
-            Err(MetaError::MissingReference(missing)) => Err(RegistryError::new(
+            Err(MetaError::NotFound(Missing::Reference(missing))) => Err(RegistryError::new(
                 ErrorCode::ManifestBlobUnknown,
                 format!("manifest references {missing}, which is not in repository {repo}; push it first"),
             )

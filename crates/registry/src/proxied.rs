@@ -73,7 +73,7 @@ impl Registry {
             .await
         {
             Ok(()) => Ok(true),
-            Err(metadata::MetaError::BlobNotStored(_)) => Ok(false),
+            Err(metadata::MetaError::NotFound(metadata::Missing::Blob(_))) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use metadata::{MetaError, UploadRecord};
+use metadata::{MetaError, Missing, UploadRecord};
 use oci::{Algorithm, Digest, ErrorCode, Hasher, RepoName, UploadId};
 use storage::ByteStream;
 
@@ -278,7 +278,7 @@ impl Registry {
             tracing::warn!(upload = %id, error = %e, "could not remove a discarded upload");
         }
         if let Err(e) = self.meta.delete_upload(id).await {
-            tracing::warn!(upload = %id, error = %e, "could not remove a discarded upload record");
+            tracing::warn!(upload = %id, error = %metadata::error_chain(&e), "could not remove a discarded upload record");
         }
         self.uploads.remove(id);
     }
@@ -339,7 +339,7 @@ impl Registry {
                 self.events_committed(n);
                 Ok(Some(size))
             }
-            Err(MetaError::BlobNotStored(_)) => Ok(None),
+            Err(MetaError::NotFound(Missing::Blob(_))) => Ok(None),
             Err(e) => Err(crate::quota::refused(repo, e)),
         }
     }
