@@ -29,7 +29,7 @@ impl Store {
     fn open(&self) -> Result<RedbMetadata, BoxError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        crate::serve::open_metadata(&dir.join("meta.redb")).map_err(|e| {
+        crate::backends::open_metadata(&dir, None).map_err(|e| {
             format!("{e}. While berth is running, manage accounts through its admin API, e.g. curl -u admin http://127.0.0.1:5000/api/v1/users").into()
         })
     }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::Args;
 use registry::{GcOptions, Registry, RegistryConfig};
-use storage::FsBlobStore;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -191,27 +190,20 @@ pub fn open_offline(
     config: RegistryConfig,
 ) -> Result<Registry, BoxError> {
     let dir = dir.unwrap_or_else(crate::config::default_data_dir);
-    if !dir.join("meta.redb").exists() {
+    if !crate::backends::exists(&dir) {
         return Err(format!(
             "{} holds no registry (no meta.redb); pass the data directory of berth serve with --data-dir",
             dir.display()
         )
         .into());
     }
-    // The database first: its lock says whether berth is running, and
-    // opening the blob store cleans interrupted writes, which must not
-    // happen under a running server.
-    let meta = crate::serve::open_metadata(&dir.join("meta.redb")).map_err(|e| {
-        let hint = if command == "gc" {
-            "A running berth collects garbage itself: see --gc-interval of berth serve".to_string()
-        } else {
-            format!("Stop berth to run berth {command}")
-        };
-        format!("{e}. {hint}")
-    })?;
-    let blobs = block_on(FsBlobStore::open(&dir))?
-        .map_err(|e| format!("cannot open blob storage in {}: {e}", dir.display()))?;
-    Ok(Registry::new(Arc::new(blobs), Arc::new(meta), config))
+    let hint = if command == "gc" {
+        ". A running berth collects garbage itself: see --gc-interval of berth serve".to_string()
+    } else {
+        format!(". Stop berth to run berth {command}")
+    };
+    let b = block_on(crate::backends::open(&dir, None, &hint))??;
+    Ok(Registry::new(b.blobs, b.meta, config))
 }
 
 /// Runs GC every `interval` until the process ends. A failed run is logged

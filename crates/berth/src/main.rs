@@ -25,6 +25,7 @@ fn no_huge_pages() {
 }
 
 mod accounts;
+mod backends;
 mod background;
 mod config;
 mod fsck;

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backends::Backends;
 use api::ops::Ops;
 use api::telemetry::Telemetry;
-use metadata::{MetadataStore, RedbMetadata};
+use metadata::IdentityStore;
 use observe::{Checks, Health, Metrics};
 use registry::events::Recorder;
 use registry::{Registry, RegistryConfig};
-use storage::{BlobStore, FsBlobStore};
 use tokio::net::TcpListener;
 
 use crate::config::{ServeArgs, ServeConfig};
@@ -57,14 +57,10 @@ fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
 async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<(), BoxError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
-    let blobs = FsBlobStore::open(&cfg.data_dir)
-        .await
-        .map_err(|e| format!("cannot open blob storage in {}: {e}", cfg.data_dir.display()))?;
-    let meta_path = cfg.data_dir.join("meta.redb");
-    // One database: the registry's metadata and, with --auth, the accounts.
-    let store = Arc::new(open_metadata(&meta_path)?.on_runtime(tokio::runtime::Handle::current()));
-    let blobs: Arc<dyn BlobStore> = Arc::new(blobs);
-    let meta: Arc<dyn MetadataStore> = store.clone();
+    // The metadata store runs its transactions on the serving runtime (see
+    // `RedbMetadata::on_runtime`).
+    let Backends { blobs, meta, identity } =
+        crate::backends::open(&cfg.data_dir, Some(tokio::runtime::Handle::current()), "").await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(cfg.health.failure_threshold));
     let mut registry = Registry::new(
@@ -111,7 +107,7 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
     let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     let auth = if cfg.auth {
-        Some(open_auth(&cfg, &external_url, store.clone()).await?)
+        Some(open_auth(&cfg, &external_url, identity).await?)
     } else {
         None
     };
@@ -231,17 +227,11 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Opens the metadata database, explaining the common failure.
-pub fn open_metadata(path: &std::path::Path) -> Result<RedbMetadata, String> {
-    RedbMetadata::open(path).map_err(|e| {
-        format!(
-            "cannot open metadata database {}: {e} (is another berth using this data directory?)",
-            path.display()
-        )
-    })
-}
-
-async fn open_auth(cfg: &ServeConfig, external_url: &str, meta: Arc<RedbMetadata>) -> Result<auth::Auth, BoxError> {
+async fn open_auth(
+    cfg: &ServeConfig,
+    external_url: &str,
+    meta: Arc<dyn IdentityStore>,
+) -> Result<auth::Auth, BoxError> {
     if external_url.contains("://0.0.0.0") || external_url.contains("://[::]") {
         return Err(format!(
             "berth listens on {} and clients cannot reach the token service there; set --external-url to the URL \
@@ -265,8 +255,7 @@ async fn open_auth(cfg: &ServeConfig, external_url: &str, meta: Arc<RedbMetadata
 
 /// With access control on and no users yet, creates `admin` from
 /// BERTH_INITIAL_ADMIN_PASSWORD, or says how to create the first admin.
-async fn bootstrap_admin(meta: &RedbMetadata, data_dir: &std::path::Path) -> Result<(), BoxError> {
-    use metadata::IdentityStore;
+async fn bootstrap_admin(meta: &dyn IdentityStore, data_dir: &std::path::Path) -> Result<(), BoxError> {
     if !meta.list_users().await.map_err(|e| e.to_string())?.is_empty() {
         return Ok(());
     }
