@@ -80,7 +80,10 @@ mod tests {
         let Err(e) = open(dir.path(), None, ". Stop berth first").await else {
             panic!("a second open of a data directory in use must fail");
         };
-        assert!(e.contains("is another berth using this data directory?). Stop berth first"), "{e}");
+        assert!(
+            e.contains("is another berth using this data directory?). Stop berth first"),
+            "{e}"
+        );
         drop(first);
         open(dir.path(), None, "").await.unwrap();
     }

@@ -315,7 +315,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn byte_fence(&self, digest: &Digest) -> Result<u64>;
 
     /// Marks the claims of `digests` done: their bytes are deleted, so bytes
-    /// written from now on are safe.
+    /// written from now on are safe. Need not be durable at once: a release
+    /// lost in a crash leaves the claim for `unreleased_claims`.
     async fn release_claims(&self, digests: &[Digest]) -> Result<()>;
 
     /// Claims never released (a collector died between its sweep and the

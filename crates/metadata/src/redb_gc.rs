@@ -103,7 +103,12 @@ pub(crate) fn check_fence(w: &WriteTransaction, digest: &Digest, fence: u64) -> 
 }
 
 pub(crate) fn release_claims(db: &Database, digests: &[Digest]) -> Result<()> {
-    let w = db.begin_write().map_err(be)?;
+    let mut w = db.begin_write().map_err(be)?;
+    // Not synced: the next synced commit (any push, the next batch) makes it
+    // durable. A crash before that forgets the release, which only keeps
+    // the claims pending (safe) until the next run redoes them; syncing here
+    // would double what every sweep batch waits for.
+    w.set_durability(redb::Durability::None).map_err(be)?;
     {
         // Released under a new number: a writer that read the fence before
         // this (while the bytes were being deleted) is still refused.

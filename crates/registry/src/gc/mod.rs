@@ -66,7 +66,7 @@ impl Default for GcOptions {
             dry_run: false,
             // Measured (docs/BENCHMARKS.md): with these, pulls' p99 while GC
             // runs stays within 10 % of an idle registry's, and GC still
-            // frees about 220 objects a second on 2 cores.
+            // frees 100 to 200 objects a second on a busy 2-core machine.
             batch: 8,
             pause: Duration::from_millis(20),
             duty: 0.1,
