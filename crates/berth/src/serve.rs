@@ -66,6 +66,7 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let blobs: Arc<dyn BlobStore> = Arc::new(blobs);
     let meta: Arc<dyn MetadataStore> = store.clone();
     let metrics = Arc::new(Metrics::new());
+    let conns = metrics.connections.clone();
     let health = Arc::new(Health::new(cfg.health.failure_threshold));
     let mut registry = Registry::new(
         blobs.clone(),
@@ -205,10 +206,50 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     };
     let limits = crate::server::Limits {
         header_read_timeout: Duration::from_secs(cfg.client_timeout),
+        write_timeout: Duration::from_secs(cfg.client_timeout),
+        max_connections: cfg
+            .max_connections
+            .unwrap_or_else(|| default_max_connections(raise_fd_limit())),
     };
-    crate::server::serve(listener, app, tls, limits, shutdown, drain).await?;
+    tracing::info!(max_connections = limits.max_connections, "connection limit");
+    crate::server::serve(listener, app, tls, limits, conns, shutdown, drain).await?;
     tracing::info!("berth stopped");
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one (as Go programs do)
+/// and returns it: every connection needs a descriptor, a blob GET two.
+fn raise_fd_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a local struct the kernel fills and reads.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim = raised;
+            }
+        }
+        lim.rlim_cur as u64
+    }
+    #[cfg(not(unix))]
+    8192
+}
+
+/// Half the descriptors left after 256 for the store, logs and peers (a
+/// blob reader holds two), at most 8192 and at least 16.
+fn default_max_connections(fd_limit: u64) -> usize {
+    (fd_limit.saturating_sub(256) / 2).clamp(16, 8192) as usize
 }
 
 async fn shutdown_signal() {

@@ -12,7 +12,8 @@ use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    DeadLetter, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result, StoreStats, UploadRecord,
+    DeadLetter, ManifestHead, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent, Result, StoreStats,
+    UploadRecord,
 };
 
 /// digest -> size of every committed blob.
@@ -283,6 +284,20 @@ impl MetadataStore for RedbMetadata {
             let r = db.begin_read().map_err(be)?;
             let t = r.open_table(MANIFESTS).map_err(be)?;
             match t.get((repo.as_str(), digest.as_str())).map_err(be)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn manifest_head(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestHead>> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(MANIFESTS).map_err(be)?;
+            match t.get((repo.as_str(), digest.as_str())).map_err(be)? {
+                // The other fields are skipped by the parser, not copied.
                 Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
                 None => Ok(None),
             }
