@@ -240,7 +240,9 @@ fn raise_fd_limit() -> u64 {
                 lim = raised;
             }
         }
-        lim.rlim_cur as u64
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
+        let cur = lim.rlim_cur as u64;
+        cur
     }
     #[cfg(not(unix))]
     8192
@@ -325,4 +327,15 @@ async fn bootstrap_admin(meta: &RedbMetadata, data_dir: &std::path::Path) -> Res
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_connection_cap_leaves_descriptors_to_spare() {
+        use super::default_max_connections as cap;
+        assert_eq!(cap(1024), 384);
+        assert_eq!(cap(1 << 20), 8192);
+        assert_eq!(cap(100), 16);
+    }
 }

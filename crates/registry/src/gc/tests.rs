@@ -193,7 +193,9 @@ async fn nothing_within_the_grace_window_is_collected() {
 
 /// Sleeps until the wall clock is `frac` of the way into a second.
 async fn until_offset(frac: f64) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     let into = now.subsec_nanos() as f64 / 1e9;
     let wait = (frac - into).rem_euclid(1.0);
     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
@@ -215,7 +217,10 @@ async fn the_grace_window_is_never_short_whatever_the_offset_in_the_second() {
         let d = upload(&e.reg, &a, format!("loose {i}").as_bytes()).await;
         tokio::time::sleep(Duration::from_millis(900)).await;
         e.reg.gc(&graced).await.unwrap();
-        assert!(stored(&e.blobs).await.contains(&d), "uploaded at +{offset} s, collected 0.9 s later");
+        assert!(
+            stored(&e.blobs).await.contains(&d),
+            "uploaded at +{offset} s, collected 0.9 s later"
+        );
     }
     // The window is not stretched for ever: 2 s after the last upload
     // (a second of storage granularity) everything goes.
