@@ -86,11 +86,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_TOKEN_TTL", value_name = "SECS")]
     pub token_ttl: Option<u64>,
 
-    /// Seconds a client may take to send its request head, or stay silent
-    /// in the middle of a request body, before the request fails.
-    /// [default: 30]
+    /// Seconds a client may take to send its request head, stay silent in
+    /// the middle of a request body, or read nothing of a response, before
+    /// the request fails or the connection is closed. [default: 30]
     #[arg(long, env = "BERTH_CLIENT_TIMEOUT", value_name = "SECS")]
     pub client_timeout: Option<u64>,
+
+    /// Client connections served at once; beyond it a new connection gets
+    /// 503 (TLS: is closed), logged and counted in
+    /// berth_connections_refused. [default: 8192, or fewer when the open
+    /// file limit is lower: half of what it leaves after 256]
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
 
     /// TLS certificate chain (PEM). With --tls-key, berth serves HTTPS
     /// (HTTP/2 and HTTP/1.1); SIGHUP reloads both files.
@@ -201,6 +208,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_timeout: Option<u64>,
+    max_connections: Option<usize>,
     log_format: Option<LogFormat>,
     access_log: Option<bool>,
     metrics_listen: Option<SocketAddr>,
@@ -253,6 +261,8 @@ pub struct ServeConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_timeout: u64,
+    /// `None`: derived from the open file limit at start.
+    pub max_connections: Option<usize>,
     pub log_format: LogFormat,
     pub access_log: bool,
     pub metrics_listen: Option<SocketAddr>,
@@ -370,6 +380,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| data_dir.join("token.key")),
             data_dir,
             client_timeout: self.client_timeout.or(file.client_timeout).unwrap_or(30),
+            max_connections: self.max_connections.or(file.max_connections),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             auth: self.auth.or(file.auth).unwrap_or(false),

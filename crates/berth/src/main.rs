@@ -33,6 +33,7 @@ mod gc;
 mod logging;
 mod serve;
 mod server;
+mod write_deadline;
 mod zero_copy;
 
 #[derive(Parser)]

@@ -62,6 +62,7 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let Backends { blobs, meta, identity } =
         crate::backends::open(&cfg.data_dir, Some(tokio::runtime::Handle::current()), "").await?;
     let metrics = Arc::new(Metrics::new());
+    let conns = metrics.connections.clone();
     let health = Arc::new(Health::new(cfg.health.failure_threshold));
     let mut registry = Registry::new(
         blobs.clone(),
@@ -201,10 +202,52 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     };
     let limits = crate::server::Limits {
         header_read_timeout: Duration::from_secs(cfg.client_timeout),
+        write_timeout: Duration::from_secs(cfg.client_timeout),
+        max_connections: cfg
+            .max_connections
+            .unwrap_or_else(|| default_max_connections(raise_fd_limit())),
     };
-    crate::server::serve(listener, app, tls, limits, shutdown, drain).await?;
+    tracing::info!(max_connections = limits.max_connections, "connection limit");
+    crate::server::serve(listener, app, tls, limits, conns, shutdown, drain).await?;
     tracing::info!("berth stopped");
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one (as Go programs do)
+/// and returns it: every connection needs a descriptor, a blob GET two.
+fn raise_fd_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a local struct the kernel fills and reads.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim = raised;
+            }
+        }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
+        let cur = lim.rlim_cur as u64;
+        cur
+    }
+    #[cfg(not(unix))]
+    8192
+}
+
+/// Half the descriptors left after 256 for the store, logs and peers (a
+/// blob reader holds two), at most 8192 and at least 16.
+fn default_max_connections(fd_limit: u64) -> usize {
+    (fd_limit.saturating_sub(256) / 2).clamp(16, 8192) as usize
 }
 
 async fn shutdown_signal() {
@@ -273,4 +316,15 @@ async fn bootstrap_admin(meta: &dyn IdentityStore, data_dir: &std::path::Path) -
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_connection_cap_leaves_descriptors_to_spare() {
+        use super::default_max_connections as cap;
+        assert_eq!(cap(1024), 384);
+        assert_eq!(cap(1 << 20), 8192);
+        assert_eq!(cap(100), 16);
+    }
 }

@@ -1,6 +1,12 @@
 //! The HTTP server: accepts connections (plain or TLS), serves HTTP/1.1 and
 //! HTTP/2 with hyper, bounds what a client can make the server hold
-//! (header size, header read time), and drains connections on shutdown.
+//! (header size, header read time, write progress, open connections), and
+//! drains connections on shutdown.
+//!
+//! Beyond `max_connections` a new connection is answered `503` (plain
+//! HTTP) or closed (TLS) at once, logged and counted: a few thousand idle
+//! or slow sockets cannot exhaust descriptors, and the accept loop backs off
+//! when the process is out of them anyway.
 //!
 //! TLS certificates are reloaded on SIGHUP without dropping connections:
 //! each new handshake uses the configuration current at accept time.
@@ -16,9 +22,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use observe::metrics::ConnectionMetrics;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
 use tower::ServiceExt;
+
+use crate::write_deadline::WriteDeadline;
 
 /// Largest request head (request line plus headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -28,6 +38,35 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub struct Limits {
     /// Time to complete the TLS handshake and send the request head.
     pub header_read_timeout: Duration,
+    /// A connection whose writes make no progress this long is closed.
+    pub write_timeout: Duration,
+    /// Connections served at once; more are refused at accept.
+    pub max_connections: usize,
+}
+
+/// What a connection beyond the cap gets, on plain HTTP.
+fn busy_response() -> Vec<u8> {
+    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"too many open connections; retry in a second"}]}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Longest rest of the accept loop after accept errors in a row.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Holds a connection's place under the cap, and counts it open.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: ConnectionMetrics,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.metrics.closed();
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,6 +108,7 @@ pub async fn serve(
     app: Router,
     tls: Option<TlsFiles>,
     limits: Limits,
+    conns: ConnectionMetrics,
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), BoxError> {
@@ -88,22 +128,55 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        // A client that stops reading stops answering pings, also when
+        // flow control, not a full socket, keeps the server from writing.
+        .keep_alive_interval(Some(limits.write_timeout))
+        .keep_alive_timeout(limits.write_timeout);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let busy = busy_response();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut backoff = Duration::ZERO;
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::ZERO;
+                    a
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: back off
+                    // (doubling, up to a second), keep serving.
+                    if backoff.is_zero() {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                    tokio::time::sleep(backoff).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            conns.refused();
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_refusal_log = Some(std::time::Instant::now());
+                tracing::warn!(client = %peer, max = limits.max_connections,
+                    "refusing a connection: --max-connections are open (counted in berth_connections_refused)");
+            }
+            if tls_config.is_none() {
+                // Best effort, without waiting: the socket is new and empty.
+                let _ = tcp.try_write(&busy);
+            }
+            continue;
+        };
+        conns.opened();
+        let admitted = Admitted {
+            _permit: permit,
+            metrics: conns.clone(),
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
@@ -118,20 +191,23 @@ pub async fn serve(
         let builder = builder.clone();
         match &tls_config {
             None => {
+                let io = WriteDeadline::new(crate::zero_copy::PlainStream(tcp), limits.write_timeout, conns.clone());
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(crate::zero_copy::PlainStream(tcp)), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(io), svc)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(admitted);
                 });
             }
             Some(current) => {
                 let cfg = current.read().unwrap_or_else(|e| e.into_inner()).clone();
                 let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                 let watcher = graceful.watcher();
+                let io = WriteDeadline::new(tcp, limits.write_timeout, conns.clone());
                 tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
@@ -143,6 +219,7 @@ pub async fn serve(
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .into_owned();
                     let _ = watcher.watch(conn).await;
+                    drop(admitted);
                 });
             }
         }

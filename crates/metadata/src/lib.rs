@@ -137,6 +137,13 @@ pub struct ManifestRecord {
     pub cached_from: Option<String>,
 }
 
+/// The part of a `ManifestRecord` a manifest GET or HEAD needs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ManifestHead {
+    pub media_type: String,
+    pub size: u64,
+}
+
 /// A manifest to store, with what must already be present for it.
 #[derive(Debug, Clone)]
 pub struct NewManifest {
@@ -230,6 +237,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn put_manifest(&self, repo: &RepoName, m: NewManifest) -> Result<()>;
 
     async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>>;
+
+    /// What serving a manifest needs, without the annotations and
+    /// references its record may carry: a GET of a 4 MiB manifest must not
+    /// decode 4 MiB of annotations per request.
+    async fn manifest_head(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestHead>>;
 
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>>;
 

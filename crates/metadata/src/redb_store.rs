@@ -12,8 +12,8 @@ use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::{
-    Admission, Conflict, DeadLetter, Events, ManifestRecord, MetaError, MetadataStore, NewManifest, OutboxEvent,
-    Result, StoreStats, UploadRecord,
+    Admission, Conflict, DeadLetter, Events, ManifestHead, ManifestRecord, MetaError, MetadataStore, NewManifest,
+    OutboxEvent, Result, StoreStats, UploadRecord,
 };
 
 /// digest -> size of every committed blob.
@@ -94,6 +94,23 @@ impl RedbMetadata {
     pub fn on_runtime(mut self, rt: tokio::runtime::Handle) -> RedbMetadata {
         self.runtime = Some(rt);
         self
+    }
+
+    /// A manifest's stored record, decoded as `T` (the whole record or a part).
+    async fn manifest_as<T>(&self, repo: &RepoName, digest: &Digest) -> Result<Option<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.run(move |db| {
+            let r = db.begin_read().map_err(be)?;
+            let t = r.open_table(MANIFESTS).map_err(be)?;
+            match t.get((repo.as_str(), digest.as_str())).map_err(be)? {
+                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     pub(crate) async fn run<T, F>(&self, f: F) -> Result<T>
@@ -366,16 +383,12 @@ impl MetadataStore for RedbMetadata {
     }
 
     async fn get_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
-        let (repo, digest) = (repo.to_string(), digest.to_string());
-        self.run(move |db| {
-            let r = db.begin_read().map_err(be)?;
-            let t = r.open_table(MANIFESTS).map_err(be)?;
-            match t.get((repo.as_str(), digest.as_str())).map_err(be)? {
-                Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(be)?)),
-                None => Ok(None),
-            }
-        })
-        .await
+        self.manifest_as(repo, digest).await
+    }
+
+    async fn manifest_head(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestHead>> {
+        // The fields `ManifestHead` lacks are skipped by the parser, not copied.
+        self.manifest_as(repo, digest).await
     }
 
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {

@@ -107,6 +107,14 @@ pub async fn manifests_tags_and_repos(store: &dyn MetadataStore) {
         store.get_manifest(&r, &m1).await.unwrap(),
         Some(record(&[&layer], None))
     );
+    let full = record(&[&layer], None);
+    assert_eq!(
+        store.manifest_head(&r, &m1).await.unwrap(),
+        Some(crate::ManifestHead {
+            media_type: full.media_type,
+            size: full.size
+        })
+    );
     // Moving a tag.
     store
         .put_manifest(&r, new_manifest(&m2, &[&layer], &["latest"], None))

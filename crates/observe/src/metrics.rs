@@ -310,6 +310,53 @@ pub struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     pub recorder: Arc<EventRecorderCounters>,
     pub proxy: crate::proxy_metrics::ProxyMetrics,
+    pub connections: ConnectionMetrics,
+}
+
+/// What the server's accept loop and connection streams count.
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Gauge,
+    refused: Counter,
+    write_timeouts: Counter,
+}
+
+impl ConnectionMetrics {
+    fn register(r: &mut Registry) -> ConnectionMetrics {
+        let c = ConnectionMetrics::default();
+        r.register("berth_connections_open", "Client connections open now", c.open.clone());
+        r.register(
+            "berth_connections_refused",
+            "Client connections closed at accept because --max-connections were open",
+            c.refused.clone(),
+        );
+        r.register(
+            "berth_connection_write_timeouts",
+            "Client connections closed because the client read nothing for --client-timeout",
+            c.write_timeouts.clone(),
+        );
+        c
+    }
+
+    pub fn opened(&self) {
+        self.open.inc();
+    }
+
+    pub fn closed(&self) {
+        self.open.dec();
+    }
+
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    pub fn write_timed_out(&self) {
+        self.write_timeouts.inc();
+    }
+
+    pub fn write_timeouts(&self) -> u64 {
+        self.write_timeouts.get()
+    }
 }
 
 /// Creates one counter per route kind, registered as one family.
@@ -464,6 +511,7 @@ impl Metrics {
         );
         r.register_collector(Box::new(ProcessCollector));
         let proxy = crate::proxy_metrics::ProxyMetrics::register(&mut r);
+        let connections = ConnectionMetrics::register(&mut r);
         Metrics {
             registry: r,
             requests,
@@ -486,6 +534,7 @@ impl Metrics {
             deliveries,
             recorder,
             proxy,
+            connections,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod events;
 pub mod fsck;
 pub mod gc;
 pub mod immutable;
+mod in_flight;
 pub mod listing;
 pub mod manifests;
 pub mod proxied;
@@ -77,6 +78,8 @@ pub struct Registry {
     config: RegistryConfig,
     uploads: uploads::Sessions,
     cache: cache::ManifestCache,
+    /// Uncached manifest bodies being sent: one buffer per manifest.
+    in_flight: in_flight::InFlight,
     /// First catalog pages (see `listing`).
     catalog_cache: listing::CatalogCache,
     events: Option<events::Recorder>,
@@ -90,6 +93,7 @@ impl Registry {
             blobs,
             meta,
             cache: cache::ManifestCache::new(config.manifest_cache_bytes),
+            in_flight: in_flight::InFlight::default(),
             catalog_cache: listing::CatalogCache::default(),
             config,
             uploads: uploads::Sessions::default(),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use metadata::{Conflict, ManifestRecord, MetaError, Missing, NewManifest};
+use metadata::{Conflict, ManifestHead, ManifestRecord, MetaError, Missing, NewManifest};
 use oci::{Digest, ErrorCode, Manifest, Reference, RepoName, Tag};
 
 use crate::cache::{self, Cached};
@@ -298,7 +298,7 @@ impl Registry {
         }
     }
 
-    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, ManifestRecord)> {
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, ManifestHead)> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(t) => self
@@ -309,7 +309,7 @@ impl Registry {
         };
         let record = self
             .meta
-            .get_manifest(repo, &digest)
+            .manifest_head(repo, &digest)
             .await?
             .ok_or_else(|| manifest_unknown(reference))?;
         Ok((digest, record))
@@ -358,17 +358,15 @@ impl Registry {
                 bytes: None,
             });
         }
-        let mut out = Vec::with_capacity(record.size as usize);
-        let mut stream = self.blobs.get(&digest, None).await.map_err(|e| {
-            tracing::error!(%repo, %digest, error = %e, "manifest is recorded but its bytes are unreadable; run `berth fsck`");
-            manifest_unknown(reference)
-        })?;
-        while let Some(chunk) = stream.next().await {
-            out.extend_from_slice(&chunk.map_err(storage::StorageError::from)?);
-        }
+        // One read, and one buffer, for every request in flight.
+        let bytes = self
+            .in_flight
+            .slot(repo, &digest)
+            .get_or_load(|| self.read_manifest(repo, reference, &digest, record.size))
+            .await?;
         let m = Arc::new(Cached {
             media_type: record.media_type,
-            bytes: Bytes::from(out),
+            bytes,
         });
         let tag = match reference {
             Reference::Tag(t) => Some(t),
@@ -376,6 +374,18 @@ impl Registry {
         };
         self.cache.insert(generation, repo, tag, &digest, m.clone());
         Ok(served(digest, &m, with_body))
+    }
+
+    async fn read_manifest(&self, repo: &RepoName, reference: &Reference, digest: &Digest, size: u64) -> Result<Bytes> {
+        let mut out = Vec::with_capacity(size as usize);
+        let mut stream = self.blobs.get(digest, None).await.map_err(|e| {
+            tracing::error!(%repo, %digest, error = %e, "manifest is recorded but its bytes are unreadable; run `berth fsck`");
+            manifest_unknown(reference)
+        })?;
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.map_err(storage::StorageError::from)?);
+        }
+        Ok(Bytes::from(out))
     }
 
     /// Deletes by digest (the manifest and every tag pointing at it) or by

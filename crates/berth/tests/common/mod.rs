@@ -50,7 +50,10 @@ impl Server {
 
     /// Starts berth and waits for the address it reports.
     fn spawn(&mut self, listen: &str) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        // BERTH_TEST_BIN runs a test against another build (say, main's),
+        // to check that a new test fails there.
+        let bin = std::env::var("BERTH_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_berth").into());
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("--listen")
             .arg(listen)

@@ -131,7 +131,7 @@ impl Registry {
             ..GcReport::default()
         };
         let start = now();
-        let cutoff = start.saturating_sub(opts.grace.as_secs());
+        let cutoff = grace_cutoff(opts.grace);
 
         self.finish_claims().await?;
 
@@ -191,7 +191,7 @@ impl Registry {
     /// grace window has passed (a push may be about to reference them).
     pub async fn gc_blobs(&self, only: &HashSet<Digest>, opts: &GcOptions) -> Result<GcReport> {
         let mut report = GcReport::default();
-        let cutoff = now().saturating_sub(opts.grace.as_secs());
+        let cutoff = grace_cutoff(opts.grace);
         self.sweep_blobs(Some(only), opts, cutoff, &mut report).await?;
         Ok(report)
     }
@@ -312,6 +312,21 @@ const FENCE_POLL: Duration = Duration::from_millis(10);
 /// How long a released claim is remembered: longer than any push takes
 /// from reading the byte fence to its metadata commit.
 const CLAIM_MEMORY: Duration = Duration::from_secs(3600);
+
+/// The latest touch time (whole seconds, as stored) that may be removed:
+/// a touch stored as `t` happened in `[t, t + 1)`, so only `t + 1 <= now -
+/// grace` is surely older than `grace`. Comparing `t` with `now - grace`
+/// in whole seconds left a grace of up to a second short.
+fn grace_cutoff(grace: Duration) -> u64 {
+    if grace.is_zero() {
+        // No window: only the sequence number protects concurrent pushes.
+        return u64::MAX;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(grace).as_secs().saturating_sub(1)
+}
 
 /// How long to rest after a batch that took `work`.
 fn rest_after(opts: &GcOptions, work: Duration) -> Duration {

@@ -191,6 +191,44 @@ async fn nothing_within_the_grace_window_is_collected() {
     assert!(stored(&e.blobs).await.is_empty());
 }
 
+/// Sleeps until the wall clock is `frac` of the way into a second.
+async fn until_offset(frac: f64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into = now.subsec_nanos() as f64 / 1e9;
+    let wait = (frac - into).rem_euclid(1.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+}
+
+#[tokio::test]
+async fn the_grace_window_is_never_short_whatever_the_offset_in_the_second() {
+    let e = env().await;
+    let a = repo("p/a");
+    let graced = GcOptions {
+        grace: Duration::from_secs(1),
+        ..now_opts()
+    };
+    // A loose blob uploaded at each offset, and GC run 0.9 s later (within
+    // the 1 s grace): it stays (the earlier ones, older than the grace by
+    // then, may go). Whole seconds used to let it go.
+    for (i, offset) in [0.05, 0.5, 0.9].into_iter().enumerate() {
+        until_offset(offset).await;
+        let d = upload(&e.reg, &a, format!("loose {i}").as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        e.reg.gc(&graced).await.unwrap();
+        assert!(
+            stored(&e.blobs).await.contains(&d),
+            "uploaded at +{offset} s, collected 0.9 s later"
+        );
+    }
+    // The window is not stretched for ever: 2 s after the last upload
+    // (a second of storage granularity) everything goes.
+    tokio::time::sleep(Duration::from_millis(1150)).await;
+    assert!(e.reg.gc(&graced).await.unwrap().blobs >= 1);
+    assert!(stored(&e.blobs).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_mount_restarts_the_grace_window() {
     let e = env().await;
