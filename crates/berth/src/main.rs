@@ -30,6 +30,7 @@ mod config;
 mod fsck;
 mod gc;
 mod logging;
+mod secrets;
 mod serve;
 mod server;
 mod zero_copy;
