@@ -130,8 +130,12 @@ async fn guard<'a>(
 /// required (`curl -d` sends a form type), and a bad body gets the API's
 /// JSON error.
 fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::Invalid, format!("the request body is not the JSON expected: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Invalid,
+            format!("the request body is not the JSON expected: {e}"),
+        )
+    })
 }
 
 fn ok(v: serde_json::Value) -> AdminResult {

@@ -60,7 +60,9 @@ impl Limiter {
             since: now,
             locked_until: None,
         });
-        let expired = e.locked_until.map_or(now.duration_since(e.since) >= self.window, |u| u <= now);
+        let expired = e
+            .locked_until
+            .map_or(now.duration_since(e.since) >= self.window, |u| u <= now);
         if expired {
             *e = Entry {
                 failures: 0,

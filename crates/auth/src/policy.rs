@@ -48,7 +48,10 @@ pub enum Principal {
         system_admin: bool,
         generation: u64,
     },
-    Robot { name: String, grants: Vec<RobotGrant> },
+    Robot {
+        name: String,
+        grants: Vec<RobotGrant>,
+    },
 }
 
 impl Principal {

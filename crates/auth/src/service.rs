@@ -130,7 +130,11 @@ impl Auth {
     /// stranger guessing a password locks out only themselves.
     pub async fn login(&self, name: &str, secret: &str, client: &str) -> Result<Principal, AuthError> {
         let (pair_key, client_key) = (format!("{name}\0{client}"), client.to_string());
-        if let Some(left) = self.pairs.locked(&pair_key).or_else(|| self.clients.locked(&client_key)) {
+        if let Some(left) = self
+            .pairs
+            .locked(&pair_key)
+            .or_else(|| self.clients.locked(&client_key))
+        {
             self.audit
                 .record(name, "login_failed", name, client, "denied", "locked out");
             return Err(AuthError::TooManyRequests {

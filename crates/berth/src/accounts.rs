@@ -47,7 +47,8 @@ impl Store {
         };
         let line = serde_json::to_string(&rec).unwrap_or_default();
         let path = self.dir().join("audit.log");
-        let written = audit::open_append(&path).and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+        let written = audit::open_append(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
         if let Err(e) = written {
             eprintln!("berth: warning: cannot write the audit log {}: {e}", path.display());
         }

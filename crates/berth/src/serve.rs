@@ -115,7 +115,11 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
     let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     let auth = if cfg.auth {
-        Some(open_auth(&cfg, &external_url, store.clone()).await?.with_counters(metrics.auth.clone()))
+        Some(
+            open_auth(&cfg, &external_url, store.clone())
+                .await?
+                .with_counters(metrics.auth.clone()),
+        )
     } else {
         None
     };

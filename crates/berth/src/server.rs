@@ -45,7 +45,13 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read TLS certificate {}: {e}{}", files.cert.display(), pem_hint(&files.cert, false)))?;
+        .map_err(|e| {
+            format!(
+                "cannot read TLS certificate {}: {e}{}",
+                files.cert.display(),
+                pem_hint(&files.cert, false)
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!(
             "no certificate in {}{}",
@@ -53,8 +59,13 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
             pem_hint(&files.cert, false)
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("cannot read TLS key {}: {e}{}", files.key.display(), pem_hint(&files.key, true)))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!(
+            "cannot read TLS key {}: {e}{}",
+            files.key.display(),
+            pem_hint(&files.key, true)
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -70,7 +81,9 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
 /// the command that converts it: berth reads PEM only, and keys
 /// unencrypted.
 fn pem_hint(path: &std::path::Path, key: bool) -> String {
-    let Ok(bytes) = std::fs::read(path) else { return String::new() };
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
     let (expected, convert) = if key {
         (
             "an unencrypted PEM key (BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
