@@ -112,10 +112,6 @@ impl Auth {
         self
     }
 
-    pub fn counters(&self) -> &AuthCounters {
-        &self.counters
-    }
-
     pub fn config(&self) -> &AuthConfig {
         &self.config
     }
