@@ -742,7 +742,7 @@ test_auth() {
 
     step "docker: anonymous push is refused"
     fails_with "anonymous docker push" docker push "$img"
-    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private: log in to push it' "anonymous push: message"
+    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private or does not exist: log in to push it' "anonymous push: message"
 
     step "docker login as dev1 (developer), push, rmi, pull"
     x docker login "$AREG" -u dev1 --password-stdin <<<"$dev_pw" >"$TEST_DIR/login.out" 2>&1 || {
@@ -773,7 +773,7 @@ test_auth() {
     step "docker: anonymous pull of the private project is refused"
     x docker rmi "$img" >&2
     fails_with "anonymous docker pull" docker pull "$img"
-    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private: log in to pull it' "anonymous pull: message names the private project"
+    assert_contains "$FAIL_OUT" 'unauthorized: project "team" is private or does not exist: log in to pull it' "anonymous pull: message names the private project"
 
     step "docker login as guest1 (guest): pull works, push is denied"
     x docker login "$AREG" -u guest1 --password-stdin <<<"$guest_pw" >"$TEST_DIR/login.out" 2>&1 || {
@@ -816,7 +816,7 @@ test_auth() {
     done
     echo "ok: config and layer blobs identical after the round trip" >&2
     fails_with "anonymous skopeo inspect of the private repo" sko inspect --raw --tls-verify=false --no-creds "docker://$sk:v1"
-    assert_contains "$FAIL_OUT" 'unauthorized: project \"team\" is private: log in to pull it' "anonymous inspect: message (quotes escaped by logrus)"
+    assert_contains "$FAIL_OUT" 'unauthorized: project \"team\" is private or does not exist: log in to pull it' "anonymous inspect: message (quotes escaped by logrus)"
     sko logout --authfile "$REGISTRY_AUTH_FILE" "$AREG" >&2
     assert_eq "null" "$(jq -c --arg r "$AREG" '.auths[$r]' "$REGISTRY_AUTH_FILE")" "skopeo logout removed the credentials"
 
@@ -837,7 +837,7 @@ test_auth() {
         "$(jq -c '[.config.digest, .layers[].digest]' "$TEST_DIR/served.json")" "podman push: same config and layers"
     pod logout --authfile "$REGISTRY_AUTH_FILE" "$AREG" >&2
     fails_with "podman pull after logout" pod pull --tls-verify=false --authfile "$REGISTRY_AUTH_FILE" "$AREG/team/podman/app:v1"
-    assert_contains "$FAIL_OUT" 'is private: log in to pull it' "podman anonymous pull: message"
+    assert_contains "$FAIL_OUT" 'is private or does not exist: log in to pull it' "podman anonymous pull: message"
 
     # ---- containerd ------------------------------------------------------
     containerd_start "$TEST_DIR/containerd"

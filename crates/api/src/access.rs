@@ -70,7 +70,11 @@ pub fn auth_error(auth: &Auth, e: AuthError, scope: Option<&str>) -> ApiError {
     match e {
         AuthError::Unauthorized(m) => unauthorized(auth, m, scope, false),
         AuthError::Denied(m) => ApiError::new(ErrorCode::Denied, m),
-        AuthError::TooManyRequests(m) => ApiError::new(ErrorCode::TooManyRequests, m),
+        AuthError::TooManyRequests { message, retry_after } => ApiError::new(ErrorCode::TooManyRequests, message)
+            .with_header(
+                header::RETRY_AFTER,
+                HeaderValue::from(auth::service::retry_secs(retry_after)),
+            ),
         AuthError::Internal(m) => ApiError::new(ErrorCode::Internal, m),
     }
 }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use auth::admin::{self, AdminError};
 use auth::audit::{self, AuditQuery};
 use auth::{Auth, Principal};
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +18,7 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use metadata::Role;
 use oci::ErrorCode;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -122,6 +125,19 @@ async fn guard<'a>(
     Ok(Ctx { auth, who, client })
 }
 
+/// Reads a JSON request body, after `guard` so that nothing about the
+/// body is answered to an unauthenticated caller. The Content-Type is not
+/// required (`curl -d` sends a form type), and a bad body gets the API's
+/// JSON error.
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Invalid,
+            format!("the request body is not the JSON expected: {e}"),
+        )
+    })
+}
+
 fn ok(v: serde_json::Value) -> AdminResult {
     Ok(Json(v).into_response())
 }
@@ -157,9 +173,10 @@ async fn create_user(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Json(u): Json<NewUser>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let u: NewUser = json_body(&body)?;
     let v = admin::create_user(ctx.auth.store().as_ref(), &u.name, &u.password, u.system_admin)
         .await
         .map_err(admin_error)?;
@@ -192,9 +209,10 @@ async fn set_password(
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
     Path(name): Path<String>,
-    Json(p): Json<NewPassword>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let p: NewPassword = json_body(&body)?;
     admin::set_password(ctx.auth.store().as_ref(), &name, &p.password)
         .await
         .map_err(admin_error)?;
@@ -225,9 +243,10 @@ async fn create_project(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Json(p): Json<NewProject>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let p: NewProject = json_body(&body)?;
     let v = admin::create_project(ctx.auth.store().as_ref(), &p.name, p.public)
         .await
         .map_err(admin_error)?;
@@ -272,9 +291,10 @@ async fn patch_project(
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
     Path(name): Path<String>,
-    Json(p): Json<ProjectPatch>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let p: ProjectPatch = json_body(&body)?;
     let v = admin::set_public(ctx.auth.store().as_ref(), &name, p.public)
         .await
         .map_err(admin_error)?;
@@ -323,9 +343,10 @@ async fn set_member(
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
     Path((name, user)): Path<(String, String)>,
-    Json(m): Json<Membership>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::ProjectAdmin(&name)).await?;
+    let m: Membership = json_body(&body)?;
     let role = Role::parse(&m.role).ok_or_else(|| {
         admin_error(AdminError::Invalid(format!(
             "unknown role {:?}: use guest, developer, maintainer or admin",
@@ -380,9 +401,10 @@ async fn create_robot(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Json(r): Json<NewRobot>,
+    body: Bytes,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let r: NewRobot = json_body(&body)?;
     let grants = r
         .grants
         .iter()
@@ -436,9 +458,11 @@ async fn query_audit(
     State(app): State<Arc<App>>,
     h: HeaderMap,
     a: Option<Extension<ConnectInfo<SocketAddr>>>,
-    axum::extract::Query(p): axum::extract::Query<AuditParams>,
+    params: Result<axum::extract::Query<AuditParams>, QueryRejection>,
 ) -> AdminResult {
     let ctx = guard(&app, &h, a, Need::SystemAdmin).await?;
+    let axum::extract::Query(p) =
+        params.map_err(|e| ApiError::new(ErrorCode::Invalid, format!("invalid audit query: {}", e.body_text())))?;
     let Some(path) = ctx.auth.audit.path() else {
         return ok(json!([]));
     };

@@ -84,6 +84,8 @@ pub async fn create_user(store: &dyn IdentityStore, name: &str, pw: &str, system
         password_hash: password::hash(pw).map_err(backend)?,
         system_admin,
         created: now(),
+        // Not 0: a token of an earlier account of this name stays void.
+        generation: next_generation(0),
     };
     store.put_user(&user).await.map_err(backend)?;
     Ok(view_user(user))
@@ -99,13 +101,27 @@ fn view_user(u: User) -> UserView {
 
 pub async fn set_password(store: &dyn IdentityStore, name: &str, pw: &str) -> Result<()> {
     check_password(pw)?;
-    let mut u = store
-        .get_user(name)
-        .await
-        .map_err(backend)?
-        .ok_or_else(|| AdminError::NotFound(format!("no user {name:?}")))?;
-    u.password_hash = password::hash(pw).map_err(backend)?;
-    store.put_user(&u).await.map_err(backend)
+    let hash = password::hash(pw).map_err(backend)?;
+    let change = Box::new(move |u: &mut User| {
+        u.password_hash = hash;
+        u.generation = next_generation(u.generation);
+    });
+    if store.update_user(name, change).await.map_err(backend)? {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!("no user {name:?}")))
+    }
+}
+
+/// A generation after `old` and after any handed out before (it follows
+/// the clock in microseconds), so that a user deleted and created again
+/// does not revive the old account's tokens.
+fn next_generation(old: u64) -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    micros.max(old + 1)
 }
 
 pub async fn delete_user(store: &dyn IdentityStore, name: &str) -> Result<()> {
@@ -167,13 +183,25 @@ pub async fn list_projects(store: &dyn IdentityStore) -> Result<Vec<Project>> {
     store.list_projects().await.map_err(backend)
 }
 
-/// Sets a member's role (`None` removes them).
+/// Sets a member's role (`None` removes them). A demotion or removal ends
+/// the user's tokens, whose grants were decided under the old role.
 pub async fn set_member(store: &dyn IdentityStore, project: &str, user: &str, role: Option<Role>) -> Result<()> {
     get_project(store, project).await?;
     if role.is_some() && store.get_user(user).await.map_err(backend)?.is_none() {
         return Err(AdminError::NotFound(format!("no user {user:?}; create it first")));
     }
-    store.set_member(project, user, role).await.map_err(backend)
+    let old = store.get_role(project, user).await.map_err(backend)?;
+    store.set_member(project, user, role).await.map_err(backend)?;
+    let demoted = match (old, role) {
+        (Some(o), Some(n)) => n < o,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if demoted {
+        let bump = Box::new(|u: &mut User| u.generation = next_generation(u.generation));
+        store.update_user(user, bump).await.map_err(backend)?;
+    }
+    Ok(())
 }
 
 pub async fn list_members(store: &dyn IdentityStore, project: &str) -> Result<Vec<(String, Role)>> {

@@ -36,7 +36,7 @@ pub struct AuditLog {
 impl AuditLog {
     /// Appends to `path`. Must be called within a tokio runtime.
     pub fn open(path: PathBuf) -> std::io::Result<AuditLog> {
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = open_append(&path)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<AuditRecord>();
         let log_path = path.clone();
         tokio::task::spawn_blocking(move || {
@@ -85,6 +85,16 @@ impl AuditLog {
             });
         }
     }
+}
+
+/// Opens the log for appending, creating it readable by its owner only
+/// (whatever the umask): it names every account and client address.
+pub fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)
 }
 
 /// Query filters for `berth audit`; empty fields match everything.

@@ -41,8 +41,17 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Anonymous,
-    User { name: String, system_admin: bool },
-    Robot { name: String, grants: Vec<RobotGrant> },
+    /// `generation`: the account's, when it authenticated (see
+    /// `metadata::User::generation`).
+    User {
+        name: String,
+        system_admin: bool,
+        generation: u64,
+    },
+    Robot {
+        name: String,
+        grants: Vec<RobotGrant>,
+    },
 }
 
 impl Principal {
@@ -71,6 +80,9 @@ pub fn decide(
     if who.is_system_admin() {
         return Ok(());
     }
+    if *who == Principal::Anonymous {
+        return anonymous(project_name, project, action);
+    }
     let Some(project) = project else {
         return Err(format!(
             "project {project_name:?} does not exist; an administrator must create it (berth project create {project_name})"
@@ -80,10 +92,7 @@ pub fn decide(
         return Ok(());
     }
     match who {
-        Principal::Anonymous => Err(format!(
-            "project {project_name:?} is private: log in to {} it",
-            action.as_str()
-        )),
+        Principal::Anonymous => anonymous(project_name, Some(project), action),
         Principal::User { name, .. } => {
             let need = action.min_role();
             match role {
@@ -117,6 +126,23 @@ pub fn decide(
     }
 }
 
+/// What the anonymous may do. They learn nothing about what exists: a
+/// missing project and a private one get the same answer.
+fn anonymous(project_name: &str, project: Option<&Project>, action: Action) -> Result<(), String> {
+    match project {
+        Some(p) if p.public && action == Action::Pull => Ok(()),
+        Some(p) if p.public => Err(format!(
+            "{} needs a login: authenticate (e.g. docker login) to {} in project {project_name:?}",
+            action.as_str(),
+            action.as_str()
+        )),
+        _ => Err(format!(
+            "project {project_name:?} is private or does not exist: log in to {} it",
+            action.as_str()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +159,7 @@ mod tests {
         Principal::User {
             name: name.into(),
             system_admin: false,
+            generation: 0,
         }
     }
 
@@ -158,10 +185,16 @@ mod tests {
         let anon = Principal::Anonymous;
         assert!(decide(&anon, "team", Some(&project(true)), None, Action::Pull).is_ok());
         assert!(decide(&anon, "team", Some(&project(true)), None, Action::Push).is_err());
-        assert!(decide(&anon, "team", Some(&project(false)), None, Action::Pull).is_err());
+        let private = decide(&anon, "team", Some(&project(false)), None, Action::Pull).unwrap_err();
+        let missing = decide(&anon, "team", None, None, Action::Pull).unwrap_err();
+        assert_eq!(private, missing, "the anonymous cannot tell private from missing");
+        assert!(decide(&anon, "team", Some(&project(true)), None, Action::Push)
+            .unwrap_err()
+            .contains("push needs a login"));
         let root = Principal::User {
             name: "root".into(),
             system_admin: true,
+            generation: 0,
         };
         assert!(decide(&root, "new", None, None, Action::Delete).is_ok());
         assert!(decide(&user("u"), "new", None, None, Action::Pull)

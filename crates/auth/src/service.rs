@@ -2,10 +2,12 @@
 //! against the identity store, and token issuance.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use metadata::{IdentityStore, Project};
+use observe::metrics::AuthCounters;
 use sha2::Digest as _;
 
 use crate::audit::AuditLog;
@@ -26,8 +28,12 @@ pub struct AuthConfig {
     /// Lifetime of refresh tokens (docker's identity token, containerd's
     /// refresh grant).
     pub refresh_ttl: Duration,
-    /// Failed logins allowed per user and per client within the window.
+    /// Failed logins allowed for one account from one client address
+    /// within the window; then that pair is refused for the window.
     pub max_failed_logins: u32,
+    /// Failed logins allowed from one client address, whatever the
+    /// accounts; then that address is refused for the window.
+    pub max_failed_logins_per_client: u32,
     pub failed_login_window: Duration,
 }
 
@@ -39,6 +45,7 @@ impl Default for AuthConfig {
             token_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(7 * 24 * 3600),
             max_failed_logins: 10,
+            max_failed_logins_per_client: 50,
             failed_login_window: Duration::from_secs(300),
         }
     }
@@ -52,8 +59,9 @@ pub enum AuthError {
     /// Authenticated, but not allowed.
     #[error("{0}")]
     Denied(String),
-    #[error("{0}")]
-    TooManyRequests(String),
+    /// Locked out for `retry_after` (the `Retry-After` of the 429).
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: Duration },
     #[error("{0}")]
     Internal(String),
 }
@@ -71,7 +79,11 @@ pub struct Auth {
     store: Arc<dyn IdentityStore>,
     key: TokenKey,
     config: AuthConfig,
-    limiter: Limiter,
+    /// Failed logins per (account, client address).
+    pairs: Limiter,
+    /// Failed logins per client address.
+    clients: Limiter,
+    counters: Arc<AuthCounters>,
     /// user -> (sha256 of the password, when verified).
     verified: Mutex<HashMap<String, ([u8; 32], Instant)>>,
     pub audit: AuditLog,
@@ -79,15 +91,25 @@ pub struct Auth {
 
 impl Auth {
     pub fn new(store: Arc<dyn IdentityStore>, key: TokenKey, config: AuthConfig, audit: AuditLog) -> Auth {
-        let limiter = Limiter::new(config.max_failed_logins, config.failed_login_window);
+        let pairs = Limiter::new(config.max_failed_logins, config.failed_login_window);
+        let clients = Limiter::new(config.max_failed_logins_per_client, config.failed_login_window);
         Auth {
             store,
             key,
             config,
-            limiter,
+            pairs,
+            clients,
+            counters: Arc::default(),
             verified: Mutex::new(HashMap::new()),
             audit,
         }
+    }
+
+    /// Counts into `counters` (the exported metrics) instead of a private
+    /// set.
+    pub fn with_counters(mut self, counters: Arc<AuthCounters>) -> Auth {
+        self.counters = counters;
+        self
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -98,54 +120,64 @@ impl Auth {
         &self.store
     }
 
-    /// Checks a user name (or `robot$name`) and password or secret.
+    /// Checks a user name (or `robot$name`) and password or secret from
+    /// `client` (the TCP peer's address). Failures are counted per
+    /// (account, client) and per client, never per account alone: a
+    /// stranger guessing a password locks out only themselves.
     pub async fn login(&self, name: &str, secret: &str, client: &str) -> Result<Principal, AuthError> {
-        let (user_key, client_key) = (format!("user:{name}"), format!("client:{client}"));
-        if self.limiter.blocked(&user_key) || self.limiter.blocked(&client_key) {
+        let (pair_key, client_key) = (format!("{name}\0{client}"), client.to_string());
+        if let Some(left) = self
+            .pairs
+            .locked(&pair_key)
+            .or_else(|| self.clients.locked(&client_key))
+        {
             self.audit
-                .record(name, "login_failed", name, client, "denied", "rate limited");
-            return Err(AuthError::TooManyRequests(
-                "too many failed logins; wait a few minutes before trying again".into(),
-            ));
+                .record(name, "login_failed", name, client, "denied", "locked out");
+            return Err(AuthError::TooManyRequests {
+                message: format!(
+                    "too many failed logins from {client}; try again in {} s",
+                    retry_secs(left)
+                ),
+                retry_after: left,
+            });
         }
         match self.check_secret(name, secret).await? {
             Some(p) => {
-                self.limiter.record_success(&user_key);
+                self.pairs.record_success(&pair_key);
                 Ok(p)
             }
             None => {
-                self.limiter.record_failure(&user_key);
-                self.limiter.record_failure(&client_key);
                 self.audit
                     .record(name, "login_failed", name, client, "denied", "bad credentials");
+                if let Some(d) = self.pairs.record_failure(&pair_key) {
+                    self.lockout(name, client, self.pairs.max_failures(), &format!("account {name:?}"), d);
+                }
+                if let Some(d) = self.clients.record_failure(&client_key) {
+                    self.lockout(name, client, self.clients.max_failures(), "every account", d);
+                }
                 Err(AuthError::Unauthorized("invalid username or password".into()))
             }
         }
     }
 
+    /// Records a lockout that just began, with its source.
+    fn lockout(&self, name: &str, client: &str, failures: u32, what: &str, d: Duration) {
+        self.counters.lockouts.fetch_add(1, Ordering::Relaxed);
+        let detail = format!(
+            "{failures} failed logins from {client}: {what} refused from {client} for {} s",
+            d.as_secs()
+        );
+        tracing::warn!(account = name, client, "login lockout: {detail}");
+        self.audit.record(name, "login_locked", name, client, "denied", &detail);
+    }
+
     async fn check_secret(&self, name: &str, secret: &str) -> Result<Option<Principal>, AuthError> {
         let fingerprint: [u8; 32] = sha2::Sha256::digest(secret.as_bytes()).into();
-        let (hash, principal) = if name.starts_with("robot$") {
-            let Some(r) = self.store.get_robot(name).await.map_err(internal)? else {
-                return Ok(None);
-            };
-            if r.revoked || r.expires_at.is_some_and(|e| e <= now()) {
-                return Ok(None);
-            }
-            let p = Principal::Robot {
-                name: r.name,
-                grants: r.grants,
-            };
-            (r.secret_hash, p)
-        } else {
-            let Some(u) = self.store.get_user(name).await.map_err(internal)? else {
-                return Ok(None);
-            };
-            let p = Principal::User {
-                name: u.name,
-                system_admin: u.system_admin,
-            };
-            (u.password_hash, p)
+        let Some((hash, principal)) = self.account(name).await? else {
+            // The same argon2 work as for a real account, so the time taken
+            // does not tell which names exist.
+            self.verify(secret, DUMMY_HASH.clone()).await?;
+            return Ok(None);
         };
         let cached = {
             let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,12 +187,7 @@ impl Auth {
         if cached {
             return Ok(Some(principal));
         }
-        // argon2 is deliberately slow: keep it off the async workers.
-        let secret = secret.to_string();
-        let ok = tokio::task::spawn_blocking(move || password::verify(&secret, &hash))
-            .await
-            .map_err(internal)?;
-        if !ok {
+        if !self.verify(secret, hash).await? {
             return Ok(None);
         }
         let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -171,6 +198,43 @@ impl Auth {
         Ok(Some(principal))
     }
 
+    /// A usable account's stored hash and principal; `None` for a missing,
+    /// revoked or expired one.
+    async fn account(&self, name: &str) -> Result<Option<(String, Principal)>, AuthError> {
+        if name.starts_with("robot$") {
+            let Some(r) = self.store.get_robot(name).await.map_err(internal)? else {
+                return Ok(None);
+            };
+            if r.revoked || r.expires_at.is_some_and(|e| e <= now()) {
+                return Ok(None);
+            }
+            let p = Principal::Robot {
+                name: r.name,
+                grants: r.grants,
+            };
+            Ok(Some((r.secret_hash, p)))
+        } else {
+            let Some(u) = self.store.get_user(name).await.map_err(internal)? else {
+                return Ok(None);
+            };
+            let p = Principal::User {
+                name: u.name,
+                system_admin: u.system_admin,
+                generation: u.generation,
+            };
+            Ok(Some((u.password_hash, p)))
+        }
+    }
+
+    /// Runs argon2, off the async workers (it is deliberately slow).
+    async fn verify(&self, secret: &str, hash: String) -> Result<bool, AuthError> {
+        self.counters.password_verifications.fetch_add(1, Ordering::Relaxed);
+        let secret = secret.to_string();
+        tokio::task::spawn_blocking(move || password::verify(&secret, &hash))
+            .await
+            .map_err(internal)
+    }
+
     /// Forgets cached credentials of `name` (after a password change or a
     /// revocation).
     pub fn forget(&self, name: &str) {
@@ -178,8 +242,10 @@ impl Auth {
     }
 
     /// The principal a token speaks for, re-checked against the store so a
-    /// deleted user or revoked robot loses access at once.
-    async fn principal_of(&self, sub: &str) -> Result<Principal, AuthError> {
+    /// deleted user, a changed password or a revoked robot ends the token at
+    /// once.
+    async fn principal_of(&self, claims: &Claims) -> Result<Principal, AuthError> {
+        let sub = &claims.sub;
         let gone = || AuthError::Unauthorized(format!("account {sub:?} no longer exists or was revoked; log in again"));
         if sub.starts_with("robot$") {
             let r = self.store.get_robot(sub).await.map_err(internal)?.ok_or_else(gone)?;
@@ -194,9 +260,15 @@ impl Auth {
             Ok(Principal::Anonymous)
         } else {
             let u = self.store.get_user(sub).await.map_err(internal)?.ok_or_else(gone)?;
+            if u.generation != claims.gen {
+                return Err(AuthError::Unauthorized(format!(
+                    "the password or permissions of {sub:?} changed after this token was issued; log in again"
+                )));
+            }
             Ok(Principal::User {
                 name: u.name,
                 system_admin: u.system_admin,
+                generation: u.generation,
             })
         }
     }
@@ -212,7 +284,7 @@ impl Auth {
                 "a refresh token cannot be used as an access token".into(),
             ));
         }
-        let p = self.principal_of(&claims.sub).await?;
+        let p = self.principal_of(&claims).await?;
         Ok((p, claims))
     }
 
@@ -225,7 +297,7 @@ impl Auth {
         if claims.kind != "refresh" {
             return Err(AuthError::Unauthorized("not a refresh token".into()));
         }
-        self.principal_of(&claims.sub).await
+        self.principal_of(&claims).await
     }
 
     /// Decides whether `who` may do `action` on repository `repo`.
@@ -304,6 +376,10 @@ impl Auth {
             jti: uuid::Uuid::new_v4().to_string(),
             access,
             kind: kind.into(),
+            gen: match who {
+                Principal::User { generation, .. } => *generation,
+                _ => 0,
+            },
         }
     }
 
@@ -333,6 +409,18 @@ impl Auth {
         v
     }
 }
+
+/// A `Retry-After` in whole seconds, never 0.
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A valid argon2id hash of a random secret nobody knows: what an unknown
+/// account's password is checked against.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    let secret = password::random_secret().unwrap_or_else(|_| "no randomness: still never matches".into());
+    password::hash(&secret).unwrap_or_default()
+});
 
 fn token_error(e: TokenError) -> AuthError {
     AuthError::Unauthorized(format!("invalid token: {e}"))

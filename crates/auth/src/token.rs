@@ -33,6 +33,11 @@ pub struct Claims {
     /// "access" or "refresh".
     #[serde(default = "access_kind")]
     pub kind: String,
+    /// The account's generation when issued (`metadata::User::generation`);
+    /// the token is void once the account's differs. Absent (0) in tokens
+    /// of robots and of accounts never changed.
+    #[serde(default)]
+    pub gen: u64,
 }
 
 fn access_kind() -> String {
@@ -216,6 +221,7 @@ mod tests {
                 actions: vec!["pull".into()],
             }],
             kind: "access".into(),
+            gen: 3,
         }
     }
 

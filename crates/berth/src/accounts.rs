@@ -28,7 +28,6 @@ impl Store {
 
     fn open(&self) -> Result<RedbMetadata, BoxError> {
         let dir = self.dir();
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         crate::backends::open_metadata(&dir, None).map_err(|e| {
             format!("{e}. While berth is running, manage accounts through its admin API, e.g. curl -u admin http://127.0.0.1:5000/api/v1/users").into()
         })
@@ -47,10 +46,7 @@ impl Store {
         };
         let line = serde_json::to_string(&rec).unwrap_or_default();
         let path = self.dir().join("audit.log");
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let written = audit::open_append(&path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
         if let Err(e) = written {
             eprintln!("berth: warning: cannot write the audit log {}: {e}", path.display());

@@ -32,7 +32,9 @@ pub fn exists(data_dir: &Path) -> bool {
 /// else). `runtime`: where its transactions run (see
 /// `RedbMetadata::on_runtime`); `None` for the caller's.
 pub fn open_metadata(data_dir: &Path, runtime: Option<tokio::runtime::Handle>) -> Result<RedbMetadata, String> {
+    crate::secrets::create_private_dir(data_dir)?;
     let path = data_dir.join(METADATA_FILE);
+    crate::secrets::prepare_private_file(&path, "the metadata database (it holds password hashes)")?;
     let store = RedbMetadata::open(&path).map_err(|e| {
         format!(
             "cannot open metadata database {}: {} (is another berth using this data directory?)",

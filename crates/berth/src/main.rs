@@ -31,6 +31,7 @@ mod config;
 mod fsck;
 mod gc;
 mod logging;
+mod secrets;
 mod serve;
 mod server;
 mod write_deadline;

@@ -55,8 +55,6 @@ fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
 /// `maintenance` runs retention, GC and cache eviction at low priority (see
 /// `background`).
 async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<(), BoxError> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", cfg.data_dir.display()))?;
     // The metadata store runs its transactions on the serving runtime (see
     // `RedbMetadata::on_runtime`).
     let Backends { blobs, meta, identity } =
@@ -101,14 +99,23 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
         metrics.clone(),
     ));
 
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another program uses this address: choose another with --listen ADDR or BERTH_LISTEN=ADDR, e.g. --listen 127.0.0.1:5001"
+        } else {
+            ""
+        };
+        format!("cannot listen on {}: {e}{hint}", cfg.listen)
+    })?;
     let addr: SocketAddr = listener.local_addr()?;
     let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
     let external_url = cfg.external_url.clone().unwrap_or_else(|| format!("{scheme}://{addr}"));
     let auth = if cfg.auth {
-        Some(open_auth(&cfg, &external_url, identity).await?)
+        Some(
+            open_auth(&cfg, &external_url, identity)
+                .await?
+                .with_counters(metrics.auth.clone()),
+        )
     } else {
         None
     };
@@ -173,6 +180,10 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
         (None, None) => None,
         _ => return Err("TLS needs both --tls-cert and --tls-key".into()),
     };
+    // Bad certificate files stop berth before it announces anything.
+    if let Some(files) = &tls {
+        crate::server::load_tls(files)?;
+    }
     tracing::info!(
         listen = %addr,
         tls = tls.is_some(),
@@ -284,7 +295,10 @@ async fn open_auth(
         .into());
     }
     let key = auth::token::TokenKey::load_or_create(&cfg.token_key)?;
-    let audit = auth::audit::AuditLog::open(cfg.data_dir.join("audit.log"))
+    crate::secrets::warn_if_exposed(&cfg.token_key, "the token signing key");
+    let audit_path = cfg.data_dir.join("audit.log");
+    crate::secrets::warn_if_exposed(&audit_path, "the audit log");
+    let audit = auth::audit::AuditLog::open(audit_path)
         .map_err(|e| format!("cannot open the audit log in {}: {e}", cfg.data_dir.display()))?;
     let config = auth::AuthConfig {
         realm: format!("{external_url}/token"),

@@ -84,12 +84,27 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read TLS certificate {}: {e}", files.cert.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot read TLS certificate {}: {e}{}",
+                files.cert.display(),
+                pem_hint(&files.cert, false)
+            )
+        })?;
     if certs.is_empty() {
-        return Err(format!("no certificate in {}", files.cert.display()));
+        return Err(format!(
+            "no certificate in {}{}",
+            files.cert.display(),
+            pem_hint(&files.cert, false)
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("cannot read TLS key {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!(
+            "cannot read TLS key {}: {e}{}",
+            files.key.display(),
+            pem_hint(&files.key, true)
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -99,6 +114,32 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
         .map_err(|e| format!("TLS certificate and key do not fit together: {e}"))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// What is wrong with a certificate or key file that did not parse, and
+/// the command that converts it: berth reads PEM only, and keys
+/// unencrypted.
+fn pem_hint(path: &std::path::Path, key: bool) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let (expected, convert) = if key {
+        (
+            "an unencrypted PEM key (BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
+            "openssl pkey",
+        )
+    } else {
+        ("PEM certificates (BEGIN CERTIFICATE)", "openssl x509")
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let p = path.display();
+    if text.contains("ENCRYPTED") {
+        format!("; the key is encrypted, and berth needs {expected}: decrypt it with `{convert} -in {p} -out key.pem`")
+    } else if !text.contains("-----BEGIN ") {
+        format!("; this is not PEM (DER?), and berth needs {expected}: convert it with `{convert} -inform DER -in {p} -out {}.pem`", if key { "key" } else { "cert" })
+    } else {
+        format!("; berth needs {expected}")
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits up to

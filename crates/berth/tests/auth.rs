@@ -664,3 +664,313 @@ fn cli_manages_accounts_offline() {
     let (ok, out) = berth(&["project", "member", "team", "ghost", "guest"], "");
     assert!(!ok && out.contains("no user"), "{out}");
 }
+
+/// A client whose connections come from `ip` (any 127.0.0.0/8 address is
+/// local), so one test can be two client addresses.
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// Polls the audit log through the admin API until `pred` holds for the
+/// records of `action` (a background task writes the file), within bounds.
+async fn audited(c: &reqwest::Client, s: &Server, action: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(s.url(&format!("/api/v1/audit?action={action}")))
+            .header("authorization", basic("admin", ADMIN_PW))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let log: Vec<Value> = r.json().await.unwrap();
+        if pred(&log) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stranger_cannot_lock_the_admin_out() {
+    let s = start(&[]);
+    let stranger = client_from("127.0.0.2");
+    for i in 0..10 {
+        let r = token(&stranger, &s, Some(("admin", "wrong")), &[]).await;
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    // The stranger is refused, on every way in, and told when to retry.
+    let r = token(&stranger, &s, Some(("admin", ADMIN_PW)), &[]).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").parse().expect("Retry-After in seconds");
+    assert!((1..=300).contains(&retry), "Retry-After {retry}");
+    assert_eq!(error_code(r).await, (429, "TOOMANYREQUESTS".into()));
+    let r = stranger
+        .get(s.url("/v2/"))
+        .header("authorization", basic("admin", ADMIN_PW))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(!header(&r, "retry-after").is_empty());
+    // The real admin, from another address, is not.
+    let admin = client_from("127.0.0.1");
+    let r = token(&admin, &s, Some(("admin", ADMIN_PW)), &[]).await;
+    assert_eq!(r.status(), 200);
+    let r = admin
+        .get(s.url("/v2/"))
+        .header("authorization", basic("admin", ADMIN_PW))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = admin
+        .get(s.url("/api/v1/users"))
+        .header("authorization", basic("admin", ADMIN_PW))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The lockout is audited with its source.
+    let log = audited(&admin, &s, "login_locked", |l| !l.is_empty()).await;
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["client"], "127.0.0.2");
+    assert_eq!(log[0]["resource"], "admin");
+    assert!(log[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("10 failed logins from 127.0.0.2"));
+    let m = metrics_text(&admin, &s).await;
+    assert!(m.contains("berth_login_lockouts_total 1"), "{m}");
+}
+
+async fn metrics_text(c: &reqwest::Client, s: &Server) -> String {
+    c.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+async fn verifications(c: &reqwest::Client, s: &Server) -> u64 {
+    let m = metrics_text(c, s).await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("berth_password_verifications_total "))
+        .expect("berth_password_verifications_total exported")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn unknown_users_cost_the_same_password_check() {
+    let s = start(&[]);
+    let c = client();
+    setup(&c, &s).await;
+    for (user, what) in [
+        ("alice", "existing user"),
+        ("nobody", "unknown user"),
+        ("robot$ghost", "unknown robot"),
+    ] {
+        let before = verifications(&c, &s).await;
+        let r = token(&c, &s, Some((user, "wrong-password")), &[]).await;
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            verifications(&c, &s).await - before,
+            1,
+            "a failed login of an {what} runs one password verification"
+        );
+    }
+}
+
+/// A refresh grant with `refresh`; returns the status.
+async fn refresh_status(c: &reqwest::Client, s: &Server, refresh: &str) -> u16 {
+    c.post(s.url("/token"))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("service", "berth"),
+            ("scope", "repository:team/app:pull"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn refresh_token(c: &reqwest::Client, s: &Server, user: &str, pw: &str) -> String {
+    let r = c
+        .get(s.url("/token?service=berth&offline_token=true&client_id=docker"))
+        .header("authorization", basic(user, pw))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "login {user}");
+    let v: Value = r.json().await.unwrap();
+    v["refresh_token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn refresh_tokens_end_with_the_password_removal_demotion_and_revocation() {
+    use reqwest::Method;
+    let s = start(&[]);
+    let c = client();
+    setup(&c, &s).await;
+    // A password change.
+    let alice = refresh_token(&c, &s, "alice", "alice-password").await;
+    let alice_access = token_for(&c, &s, "alice", &["repository:team/app:pull"]).await;
+    assert_eq!(refresh_status(&c, &s, &alice).await, 200);
+    let r = admin_call(
+        &c,
+        &s,
+        Method::PUT,
+        "/api/v1/users/alice/password",
+        json!({"password": "alice-new-pw"}),
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        refresh_status(&c, &s, &alice).await,
+        401,
+        "refresh token issued before the change"
+    );
+    let r = c
+        .get(s.url("/v2/team/app/tags/list"))
+        .header("authorization", bearer(&alice_access))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "access token issued before the change");
+    let fresh = refresh_token(&c, &s, "alice", "alice-new-pw").await;
+    assert_eq!(
+        refresh_status(&c, &s, &fresh).await,
+        200,
+        "a token issued after the change works"
+    );
+    // A demotion (maintainer to guest).
+    let carol = refresh_token(&c, &s, "carol", "carol-password").await;
+    let r = admin_call(
+        &c,
+        &s,
+        Method::PUT,
+        "/api/v1/projects/team/members/carol",
+        json!({"role": "guest"}),
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(refresh_status(&c, &s, &carol).await, 401, "demoted");
+    // A removal, even when the name is taken again.
+    let dave = refresh_token(&c, &s, "dave", "dave-password").await;
+    let r = admin_call(&c, &s, Method::DELETE, "/api/v1/users/dave", json!({})).await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(refresh_status(&c, &s, &dave).await, 401, "removed");
+    let r = admin_call(
+        &c,
+        &s,
+        Method::POST,
+        "/api/v1/users",
+        json!({"name": "dave", "password": "dave-password"}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        refresh_status(&c, &s, &dave).await,
+        401,
+        "a new account of the same name"
+    );
+    // A robot's revocation.
+    let r = admin_call(
+        &c,
+        &s,
+        Method::POST,
+        "/api/v1/robots",
+        json!({"name": "ci", "grants": ["team:pull"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let secret = r.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_string();
+    let robot = refresh_token(&c, &s, "robot$ci", &secret).await;
+    assert_eq!(refresh_status(&c, &s, &robot).await, 200);
+    let r = admin_call(&c, &s, Method::POST, "/api/v1/robots/ci/revoke", json!({})).await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(refresh_status(&c, &s, &robot).await, 401, "revoked");
+}
+
+#[tokio::test]
+async fn secrets_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // This test runs in its own process under nextest; the child inherits it.
+    unsafe { libc::umask(0o022) };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut s = start(&[]);
+    let c = client();
+    // Something in the audit log, so it exists.
+    token(&c, &s, Some(("admin", "wrong")), &[]).await;
+    audited(&c, &s, "login_failed", |l| !l.is_empty()).await;
+    assert_eq!(mode(s.data()), 0o700, "data directory");
+    for f in ["meta.redb", "audit.log", "token.key"] {
+        assert_eq!(mode(&s.data().join(f)), 0o600, "{f}");
+    }
+    // A key left readable by others is reported, with the fix.
+    let key = s.data().join("token.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(s.terminate());
+    s.restart();
+    let log = s.log_text();
+    assert!(
+        log.contains("the token signing key is readable by other local users")
+            && log.contains(&format!("chmod 600 {}", key.display())),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn the_anonymous_learn_nothing_and_the_admin_api_checks_credentials_first() {
+    let s = start(&[]);
+    let c = client();
+    setup(&c, &s).await;
+    // A private project and a missing one look the same to the anonymous.
+    let private = c.get(s.url("/v2/other/app/tags/list")).send().await.unwrap();
+    let missing = c.get(s.url("/v2/nothing/app/tags/list")).send().await.unwrap();
+    assert_eq!(
+        (private.status(), missing.status()),
+        (reqwest::StatusCode::UNAUTHORIZED, reqwest::StatusCode::UNAUTHORIZED)
+    );
+    let (p, m): (Value, Value) = (private.json().await.unwrap(), missing.json().await.unwrap());
+    assert_eq!(
+        p["errors"][0]["message"].as_str().unwrap().replace("other", "X"),
+        m["errors"][0]["message"].as_str().unwrap().replace("nothing", "X")
+    );
+    // Pushing to a public project needs a login, and says so.
+    let r = c.post(s.url("/v2/pub/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("push needs a login"),
+        "{v}"
+    );
+    // The admin API: credentials before the body.
+    let r = c.post(s.url("/api/v1/users")).body("not json").send().await.unwrap();
+    assert_eq!(error_code(r).await, (401, "UNAUTHORIZED".into()));
+    // JSON without a Content-Type (curl -d) is accepted.
+    let r = c
+        .post(s.url("/api/v1/users"))
+        .header("authorization", basic("admin", ADMIN_PW))
+        .body(r#"{"name": "erin", "password": "erin-password"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // A bad body is a JSON error.
+    let r = c
+        .post(s.url("/api/v1/users"))
+        .header("authorization", basic("admin", ADMIN_PW))
+        .body(r#"{"name": 3}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, "INVALID".into()));
+}

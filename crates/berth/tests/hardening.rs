@@ -92,6 +92,66 @@ fn tls_with_http2_and_reload_on_sighup() {
     assert!(s.log_text().contains("reloaded the TLS certificate"));
 }
 
+/// Runs `berth serve` expecting it to fail at startup; returns its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(args)
+        .env("BERTH_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "berth started: {err}");
+    err
+}
+
+#[test]
+fn bad_tls_files_fail_before_serving_and_say_what_is_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    make_cert(dir.path(), "a");
+    let cert = dir.path().join("a.crt");
+    let (der, encrypted) = (dir.path().join("a.der"), dir.path().join("a.enc"));
+    for (out, extra) in [
+        (&der, &["-outform", "DER"][..]),
+        (&encrypted, &["-aes256", "-passout", "pass:secret"][..]),
+    ] {
+        let ok = Command::new("openssl")
+            .arg("pkey")
+            .arg("-in")
+            .arg(dir.path().join("a.key"))
+            .args(extra)
+            .arg("-out")
+            .arg(out)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    for (key, says) in [(&der, "not PEM (DER?)"), (&encrypted, "the key is encrypted")] {
+        let err = serve_fails(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ]);
+        assert!(!err.contains("berth is serving"), "{err}");
+        assert!(err.contains(says) && err.contains("openssl pkey"), "{err}");
+    }
+}
+
+#[test]
+fn an_address_in_use_says_how_to_choose_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = serve_fails(&["--listen", &addr]);
+    assert!(err.contains("--listen") && err.contains("BERTH_LISTEN"), "{err}");
+}
+
 #[test]
 fn slow_headers_are_cut_off() {
     let s = Server::start_with(&["--client-timeout", "1"]);

@@ -51,6 +51,11 @@ pub struct User {
     #[serde(default)]
     pub system_admin: bool,
     pub created: u64,
+    /// Changes whenever the account's credentials or standing change
+    /// (password, demotion, re-creation under the same name); tokens carry
+    /// the value they were issued under and die when it no longer matches.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,11 +90,17 @@ pub struct Robot {
     pub created: u64,
 }
 
+/// An edit of a user record, applied inside the store's transaction.
+pub type UserChange = Box<dyn FnOnce(&mut User) + Send + 'static>;
+
 #[async_trait]
 pub trait IdentityStore: Send + Sync + 'static {
     /// Creates or replaces a user.
     async fn put_user(&self, user: &User) -> Result<()>;
     async fn get_user(&self, name: &str) -> Result<Option<User>>;
+    /// Changes a user in one transaction (no lost update against a
+    /// concurrent change). Returns whether the user existed.
+    async fn update_user(&self, name: &str, change: UserChange) -> Result<bool>;
     /// Deletes a user and their memberships. Returns whether they existed.
     async fn delete_user(&self, name: &str) -> Result<bool>;
     async fn list_users(&self) -> Result<Vec<User>>;

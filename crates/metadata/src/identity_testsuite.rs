@@ -8,6 +8,7 @@ fn user(name: &str, admin: bool) -> User {
         password_hash: format!("hash-of-{name}"),
         system_admin: admin,
         created: 1,
+        generation: 0,
     }
 }
 
@@ -27,6 +28,13 @@ pub async fn users(store: &dyn IdentityStore) {
     a.password_hash = "new".into();
     store.put_user(&a).await.unwrap();
     assert_eq!(store.get_user("alice").await.unwrap().unwrap().password_hash, "new");
+    assert!(store
+        .update_user("alice", Box::new(|u: &mut User| u.generation += 7))
+        .await
+        .unwrap());
+    let a = store.get_user("alice").await.unwrap().unwrap();
+    assert_eq!((a.generation, a.password_hash.as_str()), (7, "new"));
+    assert!(!store.update_user("nobody", Box::new(|_: &mut User| {})).await.unwrap());
     let names: Vec<String> = store.list_users().await.unwrap().into_iter().map(|u| u.name).collect();
     assert!(names.contains(&"alice".to_string()) && names.contains(&"root".to_string()));
     assert!(store.delete_user("root").await.unwrap());

@@ -26,7 +26,7 @@ pub mod redb_store;
 pub mod testsuite;
 
 pub use gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
-pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User};
+pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User, UserChange};
 pub use redb_store::RedbMetadata;
 
 /// What a metadata call can fail with. Callers decide by the variant; the

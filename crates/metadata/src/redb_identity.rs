@@ -5,7 +5,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::identity::{IdentityStore, Project, Robot, Role, User};
+use crate::identity::{IdentityStore, Project, Robot, Role, User, UserChange};
 use crate::redb_store::{be, RedbMetadata};
 use crate::Result;
 
@@ -122,6 +122,25 @@ impl IdentityStore for RedbMetadata {
 
     async fn get_user(&self, name: &str) -> Result<Option<User>> {
         self.get_json(USERS, name).await
+    }
+
+    async fn update_user(&self, name: &str, change: UserChange) -> Result<bool> {
+        let name = name.to_string();
+        self.run(move |db| {
+            let w = db.begin_write().map_err(be)?;
+            {
+                let mut t = w.open_table(USERS).map_err(be)?;
+                let current = t.get(name.as_str()).map_err(be)?.map(|v| v.value().to_vec());
+                let Some(json) = current else { return Ok(false) };
+                let mut user: User = serde_json::from_slice(&json).map_err(be)?;
+                change(&mut user);
+                let json = serde_json::to_vec(&user).map_err(be)?;
+                t.insert(name.as_str(), json.as_slice()).map_err(be)?;
+            }
+            w.commit().map_err(be)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete_user(&self, name: &str) -> Result<bool> {

@@ -261,6 +261,41 @@ pub struct EventRecorderCounters {
 #[derive(Debug)]
 struct RecorderCollector(Arc<EventRecorderCounters>);
 
+/// Access-control counters, kept by `auth` as plain atomics.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Password or robot-secret verifications (argon2 runs), including the
+    /// one against a dummy hash for unknown accounts.
+    pub password_verifications: AtomicU64,
+    /// Times an (account, address) pair or an address was locked out after
+    /// too many failed logins.
+    pub lockouts: AtomicU64,
+}
+
+#[derive(Debug)]
+struct AuthCollector(Arc<AuthCounters>);
+
+impl Collector for AuthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, v) in [
+            (
+                "berth_password_verifications",
+                "Password and robot-secret verifications (argon2), unknown accounts included",
+                &self.0.password_verifications,
+            ),
+            (
+                "berth_login_lockouts",
+                "Lockouts of an (account, client address) pair or a client address after failed logins",
+                &self.0.lockouts,
+            ),
+        ] {
+            let counter = ConstCounter::new(v.load(Ordering::Relaxed));
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for RecorderCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let c = &self.0;
@@ -309,6 +344,7 @@ pub struct Metrics {
     events_pending: Family<EndpointLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     pub recorder: Arc<EventRecorderCounters>,
+    pub auth: Arc<AuthCounters>,
     pub proxy: crate::proxy_metrics::ProxyMetrics,
     pub connections: ConnectionMetrics,
 }
@@ -502,6 +538,8 @@ impl Metrics {
         );
         let recorder = Arc::new(EventRecorderCounters::default());
         r.register_collector(Box::new(RecorderCollector(recorder.clone())));
+        let auth = Arc::new(AuthCounters::default());
+        r.register_collector(Box::new(AuthCollector(auth.clone())));
         r.register(
             "berth_build",
             "The running berth version",
@@ -533,6 +571,7 @@ impl Metrics {
             events_pending,
             deliveries,
             recorder,
+            auth,
             proxy,
             connections,
         }
