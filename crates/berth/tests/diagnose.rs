@@ -68,7 +68,8 @@ fn resolve_override_and_https_expected_on_plain_http() {
 
 #[tokio::test]
 async fn repository_absent_tag_absent_and_a_good_pull() {
-    let s = Server::start();
+    // The shared test machine's disk may be past the default watermark.
+    let s = Server::start_with(&["--disk-watermark", "100"]);
     let c = client();
     for t in ["v1.2.0", "v1.2.1", "latest"] {
         push_image(&c, &s, "team/app", t, 7).await;
@@ -87,4 +88,82 @@ async fn repository_absent_tag_absent_and_a_good_pull() {
     let (code, v) = diagnose(&["--plain-http", "--deep", &format!("{}/team/app:v1.2.1", s.addr)]);
     assert_eq!(code, 0, "{v}");
     assert!(v["root_cause"].is_null(), "{v}");
+}
+
+/// A CA and a leaf for `names` signed by it; `expired` backdates the leaf.
+/// Returns (ca pem, leaf pem, leaf key pem).
+fn certs(names: &[&str], expired: bool) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "diagnose test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    if expired {
+        leaf.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(2002, 1, 1);
+    }
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// berth serving TLS with `leaf`; the CA written to a file for --ca-file.
+fn tls_server(dir: &std::path::Path, ca: &str, leaf: &str, key: &str) -> (Server, String, String) {
+    std::fs::write(dir.join("ca.pem"), ca).unwrap();
+    std::fs::write(dir.join("leaf.pem"), leaf).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    let s = Server::start_with(&[
+        "--tls-cert",
+        dir.join("leaf.pem").to_str().unwrap(),
+        "--tls-key",
+        dir.join("key.pem").to_str().unwrap(),
+    ]);
+    let port = s.addr.rsplit(':').next().unwrap().to_string();
+    (s, port, dir.join("ca.pem").display().to_string())
+}
+
+#[test]
+fn tls_unknown_ca_wrong_host_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, leaf, key) = certs(&["registry.test"], false);
+    let (_s, port, ca_file) = tls_server(dir.path(), &ca, &leaf, &key);
+    let resolve = format!("registry.test:{port}:127.0.0.1");
+    let image = format!("registry.test:{port}/a:b");
+
+    // The server sends only its leaf, and the client does not know the CA.
+    let (code, v) = diagnose(&["--resolve", &resolve, &image]);
+    assert_eq!((code, failing_step(&v).as_str()), (11, "tls"), "{v}");
+    assert!(cause(&v).contains("unknown authority"), "{v}");
+
+    // Trusted CA, wrong name.
+    let other = format!("other.test:{port}:127.0.0.1");
+    let (code, v) = diagnose(&[
+        "--resolve",
+        &other,
+        "--ca-file",
+        &ca_file,
+        &format!("other.test:{port}/a:b"),
+    ]);
+    assert_eq!((code, failing_step(&v).as_str()), (11, "tls"), "{v}");
+    assert!(cause(&v).contains("wrong host name"), "{v}");
+
+    // Trusted CA, right name: TLS passes.
+    let (code, v) = diagnose(&["--resolve", &resolve, "--ca-file", &ca_file, &image]);
+    assert_eq!((code, failing_step(&v).as_str()), (13, "repository and tag"), "{v}");
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let (ca, leaf, key) = certs(&["registry.test"], true);
+    let (_s2, port, ca_file) = tls_server(dir2.path(), &ca, &leaf, &key);
+    let (code, v) = diagnose(&[
+        "--resolve",
+        &format!("registry.test:{port}:127.0.0.1"),
+        "--ca-file",
+        &ca_file,
+        &format!("registry.test:{port}/a:b"),
+    ]);
+    assert_eq!((code, failing_step(&v).as_str()), (11, "tls"), "{v}");
+    assert!(cause(&v).contains("expired"), "{v}");
 }
