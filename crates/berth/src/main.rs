@@ -28,6 +28,7 @@ mod accounts;
 mod backends;
 mod background;
 mod config;
+mod diagnose_cmd;
 mod fsck;
 mod gc;
 mod logging;
@@ -93,6 +94,9 @@ enum Command {
     Retention(gc::RetentionArgs),
     /// Storage used per project and repository, and what shared layers save.
     Du(fsck::DuArgs),
+    /// Walk the pull path of an image (DNS, TCP, TLS, auth, tag, manifest,
+    /// platform, blobs) and name the root cause of a failing pull, with the fix.
+    Diagnose(diagnose_cmd::DiagnoseArgs),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         Command::Fsck(args) => fsck::fsck(args),
         Command::Retention(args) => gc::retention(args),
         Command::Du(args) => fsck::du(args),
+        Command::Diagnose(args) => return diagnose_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

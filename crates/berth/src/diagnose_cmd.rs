@@ -1,0 +1,100 @@
+//! `berth diagnose`: the command line of the `diagnose` crate.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Exit codes: 0 the pull works; 2 bad arguments; 10 network (name resolution, \
+TCP); 11 TLS; 12 authentication or permission; 13 repository or tag not found; 14 platform missing \
+from the index; 15 content (manifest or blob missing or corrupt); 16 refused by the registry (rate \
+limit, quota, upstream down)."
+)]
+pub struct DiagnoseArgs {
+    /// The image: host[:port]/repository[:tag|@digest] (http:// or https:// first to choose).
+    pub image: String,
+    /// Credentials USER:PASS (sent only to the registry or the token realm it names).
+    #[arg(long, conflicts_with_all = ["creds_file", "docker_config"])]
+    pub creds: Option<String>,
+    /// A file holding USER:PASS.
+    #[arg(long)]
+    pub creds_file: Option<PathBuf>,
+    /// A docker config directory: its config.json `auths` entry for the host.
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
+    /// The platform wanted from an index, os/arch[/variant]. [default: this machine's]
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// One JSON document instead of the checklist.
+    #[arg(long)]
+    pub json: bool,
+    /// Limit of each network step, e.g. 10s or 500ms.
+    #[arg(long, default_value = "10s")]
+    pub timeout: String,
+    /// HOST:PORT:ADDR: use ADDR for HOST:PORT instead of DNS (as curl's --resolve).
+    #[arg(long)]
+    pub resolve: Vec<String>,
+    /// Speak plain HTTP, as a client that lists the registry as insecure.
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Extra CA certificates (PEM) to trust.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Download every blob and verify its digest.
+    #[arg(long)]
+    pub deep: bool,
+}
+
+fn options(a: &DiagnoseArgs) -> Result<diagnose::Options, String> {
+    let mut o = diagnose::Options::new(&a.image);
+    o.timeout = humantime(&a.timeout)?;
+    o.platform = a.platform.clone();
+    o.plain_http = a.plain_http;
+    o.ca_file = a.ca_file.clone();
+    o.deep = a.deep;
+    o.progress = a.deep && !a.json && std::io::stderr().is_terminal();
+    for r in &a.resolve {
+        o.resolve.push(diagnose::parse_resolve(r)?);
+    }
+    o.creds = if let Some(c) = &a.creds {
+        Some(diagnose::parse_creds(c).map_err(|e| e.to_string())?)
+    } else if let Some(f) = &a.creds_file {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        Some(diagnose::parse_creds(text.trim()).map_err(|e| e.to_string())?)
+    } else if let Some(d) = &a.docker_config {
+        let img = diagnose::Image::parse(&a.image, a.plain_http).map_err(|e| e.to_string())?;
+        Some(diagnose::docker_config(d, &img.authority()).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    Ok(o)
+}
+
+fn humantime(s: &str) -> Result<std::time::Duration, String> {
+    observe::time::parse_duration(s).map_err(|e| format!("--timeout {s:?}: {e}"))
+}
+
+pub fn run(a: DiagnoseArgs) -> ExitCode {
+    let opts = match options(&a) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("berth: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(diagnose::run(&opts));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.human());
+    }
+    ExitCode::from(report.exit_code)
+}

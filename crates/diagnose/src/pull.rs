@@ -1,0 +1,718 @@
+//! Steps 4 to 10 over HTTP: the challenge, credentials, the repository and
+//! tag, the manifest, the platform, the blobs, and the registry's own
+//! refusals. Only GET and HEAD; credentials go only to the registry (Basic)
+//! or to the realm it named (Bearer).
+
+use std::time::Instant;
+
+use base64::Engine;
+use oci::{Digest, Manifest, Reference};
+use reqwest::{header, Response, StatusCode};
+
+use crate::image::Image;
+use crate::report::{Category, Report};
+use crate::tls::Conn;
+use crate::Options;
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// The first error of an OCI error body: (code, message).
+async fn error_of(resp: Response) -> (String, String) {
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    let e = &v["errors"][0];
+    (
+        e["code"].as_str().unwrap_or("").to_string(),
+        e["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// A refusal by the registry itself (rate limit, upstream down, quota):
+/// step 10 fails with the server's reason.
+async fn refusal(r: &mut Report, t: Instant, what: &str, resp: Response) {
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (code, msg) = error_of(resp).await;
+    let (cause, fix) = if status == StatusCode::TOO_MANY_REQUESTS {
+        let when = retry
+            .map(|s| format!("retry after {s} s"))
+            .unwrap_or_else(|| "no Retry-After given".into());
+        (
+            format!("{what}: the registry is rate limiting (429 {code}: {msg}); {when}"),
+            "wait and retry (kubelet's back-off does); lower the pull rate (pull once per node, use a mirror), or raise the registry's limit".into(),
+        )
+    } else if msg.contains("upstream") {
+        (
+            format!("{what}: the registry's pull-through cache cannot reach its upstream ({status} {code}: {msg})"),
+            "check the upstream named in the message (its URL, credentials, network path from the registry); cached images still pull".into(),
+        )
+    } else {
+        (
+            format!("{what}: the registry failed ({status} {code}: {msg})"),
+            "read the registry's log for this request; check its storage and /readyz".into(),
+        )
+    };
+    r.fail(
+        "registry refusals",
+        Category::Refused,
+        t,
+        format!("{status} {code} {msg}"),
+        cause,
+        fix,
+    );
+}
+
+/// Classifies a DENIED body: the registry's own policy (quota, disk,
+/// immutability) versus a permission.
+fn is_policy(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    ["quota", "watermark", "disk", "immutable", "signature"]
+        .iter()
+        .any(|w| m.contains(w))
+}
+
+/// Nearest tags by edit distance (ties: later in the list, i.e. newer
+/// when the registry lists in push order).
+pub fn nearest(tag: &str, tags: &[String]) -> Vec<String> {
+    let mut scored: Vec<(usize, usize, &String)> = tags
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (strsim::levenshtein(tag, t), usize::MAX - i, t))
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, _, t)| t.clone()).collect()
+}
+
+fn jwt_access(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    Some(v.get("access")?.to_string())
+}
+
+pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
+    let mut b = reqwest::Client::builder()
+        .timeout(opts.timeout)
+        .resolve(&img.host, conn.addr)
+        .user_agent(concat!("berth-diagnose/", env!("CARGO_PKG_VERSION")));
+    if let Some(cfg) = conn.tls {
+        b = b.tls_backend_preconfigured(cfg);
+    }
+    let http = match b.build() {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail(
+                "/v2/ and auth challenge",
+                Category::Usage,
+                Instant::now(),
+                e.to_string(),
+                format!("cannot build an HTTP client: {e}"),
+                "report this as a berth bug".into(),
+            );
+            return;
+        }
+    };
+    if let Some(c) = &opts.creds {
+        r.secret(&c.pass);
+    }
+    let base = img.base();
+    let repo = img.repo.as_str();
+    let scope = format!("repository:{repo}:pull");
+
+    // 4. /v2/ and the challenge.
+    let t = Instant::now();
+    let resp = match http.get(format!("{base}/v2/")).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            r.fail(
+                "/v2/ and auth challenge",
+                Category::Network,
+                t,
+                e.to_string(),
+                format!("GET {base}/v2/ failed: {e}"),
+                "check that this address serves the registry API (a proxy in front may answer elsewhere)".into(),
+            );
+            return;
+        }
+    };
+    if is_refusal(&resp) {
+        refusal(r, t, "GET /v2/", resp).await;
+        return;
+    }
+    let challenge = resp
+        .headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(oci::challenge::parse)
+        .unwrap_or_default();
+    let mut authz: Option<String> = None;
+    match resp.status() {
+        StatusCode::OK => {
+            r.ok("/v2/ and auth challenge", t, "200: no authentication required".into());
+            r.ok("credentials", Instant::now(), "none needed".into());
+        }
+        StatusCode::UNAUTHORIZED => {
+            let bearer = challenge.iter().find(|c| c.is("bearer"));
+            let basic = challenge.iter().find(|c| c.is("basic"));
+            if let Some(c) = bearer {
+                let Some(realm) = c.param("realm").map(str::to_string) else {
+                    r.fail(
+                        "/v2/ and auth challenge",
+                        Category::Auth,
+                        t,
+                        format!("{c:?}"),
+                        "the Bearer challenge names no realm".into(),
+                        "fix the registry's token configuration (realm)".into(),
+                    );
+                    return;
+                };
+                let service = c.param("service").unwrap_or("").to_string();
+                r.ok(
+                    "/v2/ and auth challenge",
+                    t,
+                    format!("401 Bearer realm={realm} service={service}"),
+                );
+                // 5. A token from the realm the registry named, and only there.
+                let t = Instant::now();
+                let mut req = http
+                    .get(&realm)
+                    .query(&[("service", service.as_str()), ("scope", scope.as_str())]);
+                if let Some(c) = &opts.creds {
+                    req = req.basic_auth(&c.user, Some(&c.pass));
+                }
+                let resp = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        r.fail("credentials", Category::Network, t, e.to_string(), format!("the token realm {realm} is unreachable: {e}"), "the registry's realm URL must be reachable from the clients: check its external URL and the network path to it".into());
+                        return;
+                    }
+                };
+                if is_refusal(&resp) {
+                    refusal(r, t, "the token request", resp).await;
+                    return;
+                }
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let (code, msg) = error_of(resp).await;
+                    let who = opts
+                        .creds
+                        .as_ref()
+                        .map(|c| format!("user {:?}", c.user))
+                        .unwrap_or_else(|| "an anonymous client".into());
+                    r.fail("credentials", Category::Auth, t, format!("{status} {code}: {msg}"), format!("the realm refused {who}: {msg}"), if opts.creds.is_some() { "check the user name and password (or the robot's secret and expiry); after repeated failures wait for the lock-out to end".into() } else { "log in: docker login, or an imagePullSecret; here --creds USER:PASS".into() });
+                    return;
+                }
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                let token = v["token"]
+                    .as_str()
+                    .or(v["access_token"].as_str())
+                    .unwrap_or("")
+                    .to_string();
+                r.secret(&token);
+                let granted = jwt_access(&token).unwrap_or_else(|| "(not readable from the token)".into());
+                r.ok(
+                    "credentials",
+                    t,
+                    format!("token issued for scope {scope}; granted: {granted}"),
+                );
+                authz = Some(format!("Bearer {token}"));
+            } else if basic.is_some() {
+                r.ok("/v2/ and auth challenge", t, "401 Basic".into());
+                let t = Instant::now();
+                let Some(c) = &opts.creds else {
+                    r.fail(
+                        "credentials",
+                        Category::Auth,
+                        t,
+                        "no credentials given".into(),
+                        "the registry requires a login (Basic) and none was given".into(),
+                        "docker login, or an imagePullSecret; here --creds USER:PASS".into(),
+                    );
+                    return;
+                };
+                let resp = http
+                    .get(format!("{base}/v2/"))
+                    .basic_auth(&c.user, Some(&c.pass))
+                    .send()
+                    .await;
+                match resp {
+                    Ok(resp) if resp.status().is_success() => {
+                        r.ok("credentials", t, format!("user {:?} accepted", c.user));
+                        let raw = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.pass));
+                        r.secret(&raw);
+                        authz = Some(format!("Basic {raw}"));
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let (code, msg) = error_of(resp).await;
+                        r.fail(
+                            "credentials",
+                            Category::Auth,
+                            t,
+                            format!("{status} {code}: {msg}"),
+                            format!(
+                                "the registry refused user {:?}: wrong user name or password ({status})",
+                                c.user
+                            ),
+                            "check the credentials (docker login again; update the imagePullSecret)".into(),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        r.fail(
+                            "credentials",
+                            Category::Network,
+                            t,
+                            e.to_string(),
+                            format!("GET /v2/ with credentials failed: {e}"),
+                            "retry; check the network path".into(),
+                        );
+                        return;
+                    }
+                }
+            } else {
+                r.fail(
+                    "/v2/ and auth challenge",
+                    Category::Auth,
+                    t,
+                    format!("{challenge:?}"),
+                    "401 without a Bearer or Basic challenge".into(),
+                    "the registry (or a proxy in front of it) must send WWW-Authenticate".into(),
+                );
+                return;
+            }
+        }
+        s => {
+            let (code, msg) = error_of(resp).await;
+            r.fail(
+                "/v2/ and auth challenge",
+                Category::NotFound,
+                t,
+                format!("{s} {code} {msg}"),
+                format!("{base}/v2/ answered {s}: this is not a registry API endpoint"),
+                "check the host and port (a web server or proxy answers there, not the registry)".into(),
+            );
+            return;
+        }
+    }
+    let get = |url: String, accept: bool| {
+        let mut q = http.get(url);
+        if accept {
+            q = q.header(header::ACCEPT, ACCEPT);
+        }
+        if let Some(a) = &authz {
+            q = q.header(header::AUTHORIZATION, a);
+        }
+        q
+    };
+
+    // 6. The repository and the tag.
+    let t = Instant::now();
+    let reference = img.reference.to_string();
+    let resp = match get(format!("{base}/v2/{repo}/manifests/{reference}"), true)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            r.fail(
+                "repository and tag",
+                Category::Network,
+                t,
+                e.to_string(),
+                format!("GET the manifest failed: {e}"),
+                "retry; check the network path".into(),
+            );
+            return;
+        }
+    };
+    if is_refusal(&resp) {
+        refusal(r, t, "the manifest GET", resp).await;
+        return;
+    }
+    let status = resp.status();
+    if !status.is_success() {
+        let insufficient = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(|h| h.contains("insufficient_scope"))
+            .unwrap_or(false);
+        let (code, msg) = error_of(resp).await;
+        let detail = format!("{status} {code}: {msg}");
+        match status {
+            StatusCode::NOT_FOUND => {
+                let tags = get(format!("{base}/v2/{repo}/tags/list"), false).send().await;
+                let tags: Option<Vec<String>> = match tags {
+                    Ok(t) if t.status().is_success() => t.json::<serde_json::Value>().await.ok().map(|v| {
+                        v["tags"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                            .unwrap_or_default()
+                    }),
+                    _ => None,
+                };
+                match tags {
+                    Some(tags) if !tags.is_empty() || code == "MANIFEST_UNKNOWN" => {
+                        let near = nearest(&reference, &tags);
+                        r.fail("repository and tag", Category::NotFound, t, detail, format!("repository {repo} exists, tag {reference} does not; nearest tags: {}", if near.is_empty() { "(none: the repository has no tags)".into() } else { near.join(", ") }), format!("fix the tag where it is generated (the pipeline that wrote {reference} into the deployment) or push it; {} tags exist", tags.len()));
+                    }
+                    _ => {
+                        r.fail(
+                            "repository and tag",
+                            Category::NotFound,
+                            t,
+                            detail,
+                            format!(
+                                "repository {repo} does not exist on {} (or this caller may not list it)",
+                                img.authority()
+                            ),
+                            "check the repository path (project/name) in the image reference, or push the image".into(),
+                        );
+                    }
+                }
+            }
+            StatusCode::FORBIDDEN if is_policy(&msg) => {
+                r.fail(
+                    "registry refusals",
+                    Category::Refused,
+                    t,
+                    detail,
+                    format!("the registry refused by policy: {msg}"),
+                    "see the registry's policy named in the message (quota, disk, immutability)".into(),
+                );
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                let cause = if insufficient {
+                    format!("insufficient scope: the token does not grant {scope}: {msg}")
+                } else {
+                    format!("permission denied: {msg}")
+                };
+                r.fail("repository and tag", Category::Auth, t, detail, cause, "grant the account pull on this repository (berth: a project role of guest or higher, or a robot grant with pull), or use an account that has it".into());
+            }
+            _ => {
+                r.fail(
+                    "repository and tag",
+                    Category::NotFound,
+                    t,
+                    detail.clone(),
+                    format!("the manifest GET answered {detail}"),
+                    "read the registry's log for this request".into(),
+                );
+            }
+        }
+        return;
+    }
+    let ctype = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let header_digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = resp.bytes().await.unwrap_or_default();
+    r.ok(
+        "repository and tag",
+        t,
+        format!("{repo}:{reference} found ({} bytes)", bytes.len()),
+    );
+
+    // 7. The manifest.
+    let t = Instant::now();
+    let Some(mut manifest) = check_manifest(r, t, &bytes, ctype.as_deref(), header_digest.as_deref(), &img.reference)
+    else {
+        return;
+    };
+
+    // 8. The platform.
+    let t = Instant::now();
+    if manifest.is_index() {
+        let want = opts.platform.clone().unwrap_or_else(this_platform);
+        let plat = |d: &oci::Descriptor| {
+            let p = d.platform.as_ref()?;
+            let mut s = format!("{}/{}", p["os"].as_str()?, p["architecture"].as_str()?);
+            if let Some(v) = p["variant"].as_str() {
+                s.push('/');
+                s.push_str(v);
+            }
+            Some(s)
+        };
+        let present: Vec<String> = manifest.manifests.iter().filter_map(plat).collect();
+        let found = manifest
+            .manifests
+            .iter()
+            .find(|d| plat(d).is_some_and(|p| p == want || p.starts_with(&format!("{want}/"))));
+        let Some(d) = found.cloned() else {
+            r.fail("platform", Category::Platform, t, format!("present: {}", present.join(", ")), format!("the index has no manifest for {want}; platforms present: {}", present.join(", ")), format!("build and push the image for {want} (docker buildx build --platform {want},...), or run on one of the platforms present"));
+            return;
+        };
+        let resp = match get(format!("{base}/v2/{repo}/manifests/{}", d.digest), true)
+            .send()
+            .await
+        {
+            Ok(x) if x.status().is_success() => x,
+            Ok(x) => {
+                let s = x.status();
+                r.fail(
+                    "platform",
+                    Category::Content,
+                    t,
+                    format!("{s}"),
+                    format!(
+                        "the index refers to {} for {want}, and the registry answered {s} for it",
+                        d.digest
+                    ),
+                    "push the platform's manifest again (the index is incomplete)".into(),
+                );
+                return;
+            }
+            Err(e) => {
+                r.fail(
+                    "platform",
+                    Category::Network,
+                    t,
+                    e.to_string(),
+                    format!("GET the {want} manifest failed: {e}"),
+                    "retry; check the network path".into(),
+                );
+                return;
+            }
+        };
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let Some(child) = check_manifest(r, t, &bytes, ct.as_deref(), None, &Reference::Digest(d.digest.clone()))
+        else {
+            return;
+        };
+        r.ok(
+            "platform",
+            t,
+            format!("{want} -> {} (present: {})", d.digest, present.join(", ")),
+        );
+        manifest = child;
+    } else {
+        r.ok("platform", t, "single-platform manifest".into());
+    }
+
+    // 9. Every blob.
+    let t = Instant::now();
+    let blobs: Vec<oci::Descriptor> = manifest
+        .required_blobs()
+        .filter(|d| d.urls.is_none())
+        .cloned()
+        .collect();
+    let bar = (opts.deep && opts.progress).then(|| {
+        let total = blobs.iter().map(|d| d.size).sum();
+        indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    });
+    for (i, d) in blobs.iter().enumerate() {
+        let what = if Some(&d.digest) == manifest.config.as_ref().map(|c| &c.digest) {
+            "config".to_string()
+        } else {
+            format!("layer {i}")
+        };
+        let url = format!("{base}/v2/{repo}/blobs/{}", d.digest);
+        let resp = if opts.deep {
+            get(url, false).send().await
+        } else {
+            http.head(url)
+                .header(header::AUTHORIZATION, authz.clone().unwrap_or_default())
+                .send()
+                .await
+        };
+        let resp = match resp {
+            Ok(x) => x,
+            Err(e) => {
+                r.fail(
+                    "blobs",
+                    Category::Network,
+                    t,
+                    e.to_string(),
+                    format!("{what} {}: {e}", d.digest),
+                    "retry; check the network path to the registry and its storage".into(),
+                );
+                return;
+            }
+        };
+        if is_refusal(&resp) {
+            refusal(r, t, &format!("{what} {}", d.digest), resp).await;
+            return;
+        }
+        let status = resp.status();
+        if !status.is_success() {
+            r.fail("blobs", Category::Content, t, format!("{what} {}: {status}", d.digest), format!("{what} {} is missing from the registry's storage ({status}): the manifest refers to a blob the registry cannot serve", d.digest), "push the image again (it uploads the missing blob); then check the registry's storage (berth fsck; distribution: its storage driver)".into());
+            return;
+        }
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if size.is_some_and(|s| s != d.size) {
+            r.fail(
+                "blobs",
+                Category::Content,
+                t,
+                format!("{what}: Content-Length {size:?}, descriptor {}", d.size),
+                format!(
+                    "{what} {} is {} bytes in storage, the manifest says {}",
+                    d.digest,
+                    size.unwrap_or(0),
+                    d.size
+                ),
+                "push the image again; check the registry's storage".into(),
+            );
+            return;
+        }
+        if opts.deep {
+            let mut h = d.digest.algorithm().hasher();
+            let mut n = 0u64;
+            let mut resp = resp;
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(c)) => {
+                        n += c.len() as u64;
+                        h.update(&c);
+                        if let Some(b) = &bar {
+                            b.inc(c.len() as u64);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        r.fail(
+                            "blobs",
+                            Category::Network,
+                            t,
+                            e.to_string(),
+                            format!("{what} {}: the download broke off after {n} bytes: {e}", d.digest),
+                            "retry; check proxies and timeouts on the path".into(),
+                        );
+                        return;
+                    }
+                }
+            }
+            let got: Digest = h.finish();
+            if got != d.digest || n != d.size {
+                r.fail("blobs", Category::Content, t, format!("{what}: got {got}, {n} bytes"), format!("{what} {}: the bytes the registry serves do not match the digest (they hash to {got}, {n} bytes): storage is corrupt", d.digest), "push the image again; run the registry's storage check (berth fsck) and check its disk".into());
+                return;
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let total: u64 = blobs.iter().map(|d| d.size).sum();
+    r.ok(
+        "blobs",
+        t,
+        format!(
+            "{} blobs, {total} bytes, {}",
+            blobs.len(),
+            if opts.deep {
+                "every digest verified"
+            } else {
+                "HEAD: present, sizes match (--deep verifies the bytes)"
+            }
+        ),
+    );
+    r.ok("registry refusals", Instant::now(), "none".into());
+}
+
+/// A rate limit or a server-side failure, reported as step 10.
+fn is_refusal(resp: &Response) -> bool {
+    resp.status() == StatusCode::TOO_MANY_REQUESTS || resp.status().is_server_error()
+}
+
+fn this_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        a => a,
+    };
+    format!("{}/{arch}", std::env::consts::OS)
+}
+
+fn check_manifest(
+    r: &mut Report,
+    t: Instant,
+    bytes: &[u8],
+    ctype: Option<&str>,
+    header: Option<&str>,
+    reference: &Reference,
+) -> Option<Manifest> {
+    let got = Digest::sha256(bytes);
+    let expect = match reference {
+        Reference::Digest(d) => Some(d.to_string()),
+        Reference::Tag(_) => header.map(str::to_string),
+    };
+    if let Some(e) = expect.filter(|e| *e != got.to_string()) {
+        r.fail(
+            "manifest",
+            Category::Content,
+            t,
+            format!("expected {e}, bytes hash to {got}"),
+            format!("the manifest's digest does not match: expected {e}, the bytes hash to {got}"),
+            "push the image again; a proxy that rewrites responses breaks this".into(),
+        );
+        return None;
+    }
+    match Manifest::parse(bytes, ctype) {
+        Ok(m) if oci::media::is_manifest(&m.media_type) => {
+            r.ok("manifest", t, format!("{} {got}", m.media_type));
+            Some(m)
+        }
+        Ok(m) => {
+            r.fail(
+                "manifest",
+                Category::Content,
+                t,
+                m.media_type.clone(),
+                format!(
+                    "manifest media type {} is not one docker, containerd or podman pull",
+                    m.media_type
+                ),
+                "push an OCI image manifest or index, or a Docker schema2 manifest".into(),
+            );
+            None
+        }
+        Err(e) => {
+            r.fail(
+                "manifest",
+                Category::Content,
+                t,
+                e.to_string(),
+                format!("the manifest does not parse: {e}"),
+                "push the image again with a current client".into(),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nearest_tags() {
+        let tags: Vec<String> = ["v1.0.0", "v1.2.0", "v1.2.1", "latest", "main"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(super::nearest("v1.2.2", &tags), ["v1.2.1", "v1.2.0", "v1.0.0"]);
+    }
+}
