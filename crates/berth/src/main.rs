@@ -32,6 +32,7 @@ mod gc;
 mod logging;
 mod serve;
 mod server;
+mod watch;
 mod zero_copy;
 
 #[derive(Parser)]
@@ -90,6 +91,9 @@ enum Command {
     Retention(gc::RetentionArgs),
     /// Storage used per project and repository, and what shared layers save.
     Du(fsck::DuArgs),
+    /// The deployment guard: deploy services on the Docker Engine by
+    /// digest, gate them on Running and health, roll back, pause, review.
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Fsck(args) => fsck::fsck(args),
         Command::Retention(args) => gc::retention(args),
         Command::Du(args) => fsck::du(args),
+        Command::Watch(args) => watch::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

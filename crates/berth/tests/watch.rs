@@ -1,0 +1,427 @@
+//! `berth watch` against the real Docker Engine: test images built offline
+//! (`docker import` of Debian's busybox-static with the scripts in
+//! tests/watch_image/, faults chosen by environment), pushed to a real
+//! berth on loopback, deployed by the real binary. Every container, image
+//! and file is named `watch-...` and removed at the end.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::Server;
+
+/// A registry, the test image's root file system, and what to clean up.
+struct Fixture {
+    server: Server,
+    dir: tempfile::TempDir,
+    repo: String,
+    history: PathBuf,
+    images: Vec<String>,
+    services: Vec<String>,
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The Docker tests are skipped, with a notice, only where `docker info`
+/// fails (as the real-client tests are).
+fn docker_available() -> bool {
+    let ok = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("NOTICE: `docker info` fails; the berth watch tests against the Docker Engine are skipped");
+    }
+    ok
+}
+
+impl Fixture {
+    fn new(test: &str) -> Fixture {
+        let server = Server::start();
+        let dir = tempfile::Builder::new().prefix("watch-").tempdir().unwrap();
+        let root = dir.path().join("root");
+        for d in ["bin", "www/cgi-bin", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox-static is installed (scripts/install-test-deps.sh)");
+        std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        for tool in ["sh", "date", "cat"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/watch_image");
+        std::fs::copy(src.join("entry.sh"), root.join("entry.sh")).unwrap();
+        std::fs::copy(src.join("healthz"), root.join("www/cgi-bin/healthz")).unwrap();
+        std::fs::copy(src.join("app"), root.join("www/cgi-bin/app")).unwrap();
+        sh(Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(dir.path().join("rootfs.tar"))
+            .arg("."));
+        let repo = format!("{}/watch-{test}", server.addr);
+        let history = dir.path().join("watch-history.redb");
+        Fixture {
+            server,
+            dir,
+            repo,
+            history,
+            images: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Builds `REPO:TAG` reporting version `tag` with extra `ENV`s, pushes
+    /// it to berth, and returns its reference.
+    fn image(&mut self, tag: &str, env: &[&str]) -> String {
+        let reference = format!("{}:{tag}", self.repo);
+        let mut cmd = Command::new("docker");
+        cmd.arg("import")
+            .arg("--change")
+            .arg(r#"ENTRYPOINT ["/bin/sh", "/entry.sh"]"#)
+            .arg("--change")
+            .arg(format!("ENV VERSION={tag}"));
+        for e in env {
+            cmd.arg("--change").arg(format!("ENV {e}"));
+        }
+        sh(cmd.arg(self.dir.path().join("rootfs.tar")).arg(&reference));
+        sh(Command::new("docker").arg("push").arg("-q").arg(&reference));
+        // Deployed by digest, so the local tag is not what runs.
+        sh(Command::new("docker").arg("rmi").arg(&reference));
+        self.images.push(reference.clone());
+        reference
+    }
+
+    /// A deployment description for `name` in a file.
+    fn spec(&mut self, name: &str, image: &str, extra: &str) -> PathBuf {
+        let service = format!("watch-{name}");
+        self.services.push(service.clone());
+        let text = format!(
+            r#"name = "{service}"
+image = "{image}"
+ports = [{{ container = 80 }}]
+{extra}
+
+[health]
+port = 80
+path = "/cgi-bin/healthz"
+interval = "500ms"
+timeout = "1s"
+threshold = 3
+
+[rollout]
+start_timeout = "5s"
+verify = "3s"
+failure_limit = 3
+"#
+        );
+        let path = self.dir.path().join(format!("{service}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn watch(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("watch")
+            .arg("--history")
+            .arg(&self.history)
+            .args(args)
+            .output()
+            .expect("run berth watch")
+    }
+
+    /// `berth watch deploy`: (succeeded, stdout, stderr).
+    fn deploy(&self, file: &Path, image: Option<&str>) -> (bool, String, String) {
+        let mut args = vec!["deploy", file.to_str().unwrap()];
+        if let Some(i) = image {
+            args.extend(["--image", i]);
+        }
+        let out = self.watch(&args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The running containers of `service`: (name, image as created).
+    fn running(&self, service: &str) -> Vec<(String, String)> {
+        let out =
+            sh(Command::new("docker").args(["ps", "-q", "--filter", &format!("label=berth.watch.service={service}")]));
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let out = sh(Command::new("docker")
+            .args(["inspect", "--format", "{{.Name}} {{.Config.Image}}"])
+            .args(&ids));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.trim_start_matches('/').to_string(), b.to_string()))
+            })
+            .collect()
+    }
+
+    /// What the running instance of `service` answers on its health port.
+    fn health_of(&self, service: &str) -> String {
+        let (name, _) = self.running(service).pop().expect("an instance runs");
+        let out = sh(Command::new("docker").args(["port", &name, "80"]));
+        let addr = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_string();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            reqwest::get(format!("http://{addr}/cgi-bin/healthz"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn digest_of(&self, reference: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (repo, tag) = reference.rsplit_once(':').unwrap();
+        let name = repo.split_once('/').unwrap().1;
+        rt.block_on(async {
+            let r = reqwest::Client::new()
+                .head(self.server.url(&format!("/v2/{name}/manifests/{tag}")))
+                .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
+                .send()
+                .await
+                .unwrap();
+            r.headers()["docker-content-digest"].to_str().unwrap().to_string()
+        })
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for s in &self.services {
+            let out = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=berth.watch.service={s}")])
+                .output();
+            if let Ok(out) = out {
+                for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
+            }
+        }
+        // Pulled by digest: remove every image of the test's repository.
+        let out = Command::new("docker")
+            .args(["images", "-q", "--no-trunc", &self.repo])
+            .output();
+        let mut ids: Vec<String> = out
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            let _ = Command::new("docker").args(["rmi", "-f", &id]).output();
+        }
+        for i in &self.images {
+            let _ = Command::new("docker").args(["rmi", "-f", i]).output();
+        }
+    }
+}
+
+/// Deploy by digest, a failed health check after the switch rolled back to
+/// the previous release by digest (the old version serves again), a manual
+/// rollback, and the history and review.
+#[test]
+fn watch_deploys_by_digest_and_rolls_back_on_failed_health() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("roll");
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &[]);
+    // Healthy at the gate, failing one second after it starts.
+    let v3 = f.image("v3", &["UNHEALTHY_AFTER=1"]);
+    let file = f.spec("roll", &v1, "");
+
+    let (ok, out, err) = f.deploy(&file, None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("-> success"), "{out}");
+    let d1 = f.digest_of(&v1);
+    assert!(
+        out.contains(&format!("pulling {}@{d1}", f.repo)),
+        "deployed by digest: {out}"
+    );
+
+    let (ok, out, err) = f.deploy(&file, Some(&v2));
+    assert!(ok, "{out}{err}");
+    let d2 = f.digest_of(&v2);
+    let running = f.running("watch-roll");
+    assert_eq!(running.len(), 1, "the old version was stopped: {running:?}");
+    assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+    assert!(f.health_of("watch-roll").contains(r#""image_version":"v2""#));
+
+    let (ok, out, _) = f.deploy(&file, Some(&v3));
+    assert!(!ok, "a rolled back deployment exits non-zero");
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(out.contains("health check failed (3/3)"), "{out}");
+    assert!(out.contains(&format!("rolling back to v2 ({d2})")), "{out}");
+    let running = f.running("watch-roll");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+    assert!(
+        f.health_of("watch-roll").contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
+
+    let out = f.watch(&["rollback", "watch-roll"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("rollback from v2 to v1"), "{text}");
+    assert_eq!(f.running("watch-roll")[0].1, format!("{}@{d1}", f.repo));
+    assert!(f.health_of("watch-roll").contains(r#""image_version":"v1""#));
+
+    let status = String::from_utf8_lossy(&f.watch(&["status"]).stdout).into_owned();
+    assert!(status.contains(&format!("watch-roll: active v1 ({d1})")), "{status}");
+    let history = String::from_utf8_lossy(&f.watch(&["history", "watch-roll"]).stdout).into_owned();
+    for line in ["#1 deploy", "#2 deploy", "#3 deploy", "#4 rollback", "cause: unhealthy"] {
+        assert!(history.contains(line), "{line} in {history}");
+    }
+    let report = String::from_utf8_lossy(&f.watch(&["report", "--since", "30d"]).stdout).into_owned();
+    assert!(report.contains("deployments in the last 30 days: 3"), "{report}");
+    assert!(report.contains("rolled_back  1"), "{report}");
+    assert!(report.contains("unhealthy"), "{report}");
+}
+
+/// Each failure class from the real Engine, with its evidence; three
+/// consecutive failures pause the service, the fourth deployment is
+/// refused with why and how to resume, and `resume` lifts it.
+#[test]
+fn watch_classifies_failures_and_pauses_after_three() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("fail");
+    let good = f.image("v1", &[]);
+    let exits = f.image("v2", &["FAULT=exit"]);
+    let wrong = f.image("v3", &["REPORT_VERSION=v1"]);
+    let never = f.image("v4", &["FAULT=unhealthy"]);
+    let file = f.spec("fail", &good, "");
+    let (ok, out, err) = f.deploy(&file, None);
+    assert!(ok, "{out}{err}");
+
+    let (ok, out, _) = f.deploy(&file, Some(&exits));
+    assert!(!ok);
+    assert!(out.contains("cause: exited: state exited, exit code 3"), "{out}");
+    assert!(
+        out.contains("fault: exiting at once"),
+        "the container's output is the evidence: {out}"
+    );
+
+    let (ok, out, _) = f.deploy(&file, Some(&format!("{}:no-such-tag", f.repo)));
+    assert!(!ok);
+    assert!(out.contains("cause: tag_not_found"), "{out}");
+    assert!(out.contains("root cause: registry"), "{out}");
+
+    let (ok, out, _) = f.deploy(&file, Some(&wrong));
+    assert!(!ok);
+    assert!(out.contains("cause: wrong_version"), "{out}");
+    assert!(
+        out.contains(r#"reports image_version "v1" where "v3" was deployed"#),
+        "{out}"
+    );
+    // Failed deployments leave the good version serving.
+    assert!(f.health_of("watch-fail").contains(r#""image_version":"v1""#));
+
+    let (ok, out, err) = f.deploy(&file, Some(&good));
+    assert!(!ok, "the 4th deployment is refused: {out}");
+    assert!(err.contains("is paused since"), "{err}");
+    assert!(err.contains("after 3 consecutive failed deployments"), "{err}");
+    assert!(err.contains("berth watch resume watch-fail"), "{err}");
+    let status = String::from_utf8_lossy(&f.watch(&["status"]).stdout).into_owned();
+    assert!(status.contains("PAUSED since"), "{status}");
+    assert!(f.watch(&["resume", "watch-fail"]).status.success());
+
+    // Not healthy within the start timeout: a `timeout` result.
+    let (ok, out, _) = f.deploy(&file, Some(&never));
+    assert!(!ok);
+    assert!(out.contains("-> timeout"), "{out}");
+    assert!(
+        out.contains("cause: start_timeout: not Running and healthy within 5s"),
+        "{out}"
+    );
+    assert!(out.contains("HTTP 503"), "the last check is the evidence: {out}");
+
+    // More CPUs than the host has.
+    let cpus = f.spec("fail-cpu", &good, "cpus = 512.0");
+    let (ok, out, _) = f.deploy(&cpus, None);
+    assert!(!ok);
+    assert!(out.contains("cause: resources: Range of CPUs"), "{out}");
+
+    // A fixed host port another process holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let fixed = f.dir.path().join("watch-fail-port.toml");
+    let text = std::fs::read_to_string(f.spec("fail-port", &good, ""))
+        .unwrap()
+        .replace("{ container = 80 }", &format!("{{ container = 80, host = {port} }}"));
+    std::fs::write(&fixed, text).unwrap();
+    let (ok, out, _) = f.deploy(&fixed, None);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("cause: port_conflict: host port 127.0.0.1:{port} is in use")),
+        "{out}"
+    );
+    drop(taken);
+
+    // A registry that does not answer.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("127.0.0.1:{}/watch-fail:v1", closed.local_addr().unwrap().port());
+    drop(closed);
+    let (ok, out, _) = f.deploy(&cpus, Some(&dead));
+    assert!(!ok);
+    assert!(out.contains("cause: registry_unreachable"), "{out}");
+    assert!(out.contains("connection refused"), "{out}");
+
+    // A description that is not valid: file, line and key.
+    let bad = f.dir.path().join("watch-bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"watch-bad\"\nimage = \"x:v1\"\nreplicas = 0\n[health]\nport = 80\npath = \"/\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = f.deploy(&bad, None);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}:3: `replicas`: 0 is out of range", bad.display())),
+        "{err}"
+    );
+}

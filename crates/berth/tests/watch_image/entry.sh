@@ -1,0 +1,21 @@
+#!/bin/sh
+# The test image of `berth watch` (crates/berth/tests/watch.rs): busybox
+# httpd serving the operations guide's health JSON, with faults the test
+# chooses through the environment (baked into a tag, or set by the spec):
+#   FAULT=exit            exit at once with status 3
+#   FAULT=unhealthy       the health endpoint answers 503
+#   REPORT_VERSION=V      report image_version V instead of $VERSION
+#   UNHEALTHY_AFTER=N     healthy for N seconds, then 503
+#   ERROR_PCT=P           /app answers 500 to P % of requests
+#   LATENCY_MS=M          /app answers after M ms
+if [ "$FAULT" = exit ]; then
+    echo "fault: exiting at once" >&2
+    exit 3
+fi
+date +%s > /tmp/started
+for v in VERSION FAULT REPORT_VERSION UNHEALTHY_AFTER ERROR_PCT LATENCY_MS; do
+    eval "val=\${$v}"
+    echo "$v='$val'"
+done > /tmp/fault.env
+echo "version $VERSION serving on :80"
+exec /bin/busybox httpd -f -p 80 -h /www
