@@ -41,11 +41,74 @@ enum WatchCmd {
     Resume { name: String },
     /// Go back to the last release that passed before the active one.
     Rollback { name: String },
+    /// The long-running guard: watches every service's active release and
+    /// rolls back on failed health; exports /metrics.
+    Run {
+        /// Where /metrics is served.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        listen: std::net::SocketAddr,
+        /// A label on every series, NAME=VALUE (e.g. region=eu); repeatable.
+        #[arg(long = "label", value_parser = label)]
+        labels: Vec<(String, String)>,
+    },
     /// The monthly review: time to deploy, failures, rollbacks, causes.
     Report {
         #[arg(long, default_value = "30d", value_parser = observe::time::parse_duration)]
         since: std::time::Duration,
     },
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+/// Serves /metrics and runs the guard until SIGTERM or Ctrl-C.
+async fn serve(g: Guard, listen: std::net::SocketAddr, labels: Vec<(String, String)>) -> Result<(), BoxError> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!(
+        "berth watch: guard running; metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    let registry = Arc::new(watch::metrics::registry(g.store.clone(), labels));
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => (
+                        axum::http::StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("cannot encode the metrics: {e}\n"),
+                    ),
+                }
+            }
+        }),
+    );
+    tokio::spawn(watch::guard::run(Arc::new(g)));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await?;
+    Ok(())
 }
 
 fn guard(store: Store) -> Result<Guard, BoxError> {
@@ -119,6 +182,14 @@ pub fn run(args: WatchArgs) -> Result<(), BoxError> {
                 Some(Outcome::Success) => Ok(()),
                 _ => Err(format!("the rollback of {name} failed; see the cause above").into()),
             }
+        }
+        WatchCmd::Run { listen, labels } => {
+            let g = guard(store)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(serve(g, listen, labels))
         }
         WatchCmd::Report { since } => {
             let from = watch::store::now_ms().saturating_sub(since.as_millis() as u64);

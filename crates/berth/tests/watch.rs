@@ -425,3 +425,217 @@ fn watch_classifies_failures_and_pauses_after_three() {
         "{err}"
     );
 }
+
+/// A real Alertmanager on a free loopback port; killed on drop.
+struct Alertmanager {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Alertmanager {
+    fn start(dir: &Path) -> Alertmanager {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join("watch-alertmanager.yml");
+        std::fs::write(&config, "route:\n  receiver: none\nreceivers:\n  - name: none\n").unwrap();
+        let child = Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("watch-am-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus-alertmanager is installed (scripts/install-test-deps.sh)");
+        let am = Alertmanager {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while get(&format!("{}/-/ready", am.url)).is_none() {
+            assert!(std::time::Instant::now() < deadline, "alertmanager did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        am
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(url: &str) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(url).await.ok()?;
+        r.status().is_success().then_some(())?;
+        r.text().await.ok()
+    })
+}
+
+/// A webhook receiver: every request body, in order.
+fn webhook() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            if tx.send(String::from_utf8_lossy(&body).into_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// `berth watch run`: an instance that turns unhealthy after its
+/// deployment passed is rolled back by the guard, by digest; /metrics has
+/// the families the shipped rules use; a pull failure's alert reaches a
+/// real Alertmanager with its priority and root cause, and a CloudEvent
+/// reaches the webhook.
+#[test]
+fn watch_guard_rolls_back_exports_metrics_and_alerts() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("guard");
+    let am = Alertmanager::start(f.dir.path());
+    let (hook, events) = webhook();
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &["UNHEALTHY_AFTER=4"]);
+    let notify = format!(
+        "[notify]\nalertmanager = \"{}\"\nwebhooks = [\"{hook}\"]\nlabels = {{ region = \"eu\" }}\n",
+        am.url
+    );
+    let file = f.spec("guard", &v1, "");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("verify = \"3s\"", "verify = \"1s\"")
+        + &notify;
+    std::fs::write(&file, text).unwrap();
+    let (ok, out, err) = f.deploy(&file, None);
+    assert!(ok, "{out}{err}");
+
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0", "--label", "region=eu"])
+        .env("BERTH_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(guard.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let metrics = first.split("metrics on ").nth(1).expect(&first).trim().to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let (ok, out, err) = f.deploy(&file, Some(&v2));
+    assert!(ok, "v2 passes its verify period: {out}{err}");
+    let d1 = f.digest_of(&v1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while f.running("watch-guard").first().map(|r| r.1.clone()) != Some(format!("{}@{d1}", f.repo)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard did not roll back: {:?}",
+            f.running("watch-guard")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let history = loop {
+        let h = String::from_utf8_lossy(&f.watch(&["history", "watch-guard"]).stdout).into_owned();
+        if h.contains("#3 rollback") && h.contains("-> success") && !h.contains("-> running") {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{h}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        history.contains("guard: unhealthy: 3 consecutive failed health checks"),
+        "{history}"
+    );
+    assert!(f.health_of("watch-guard").contains(r#""image_version":"v1""#));
+
+    // A pull failure: the alert carries the root cause.
+    let (ok, _, _) = f.deploy(&file, Some(&format!("{}:v9", f.repo)));
+    assert!(!ok);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let alerts = loop {
+        let a = get(&format!(
+            "{}/api/v2/alerts?filter=alertname%3D%22BerthWatchPullFailed%22",
+            am.url
+        ))
+        .unwrap_or_default();
+        if a.contains("BerthWatchPullFailed") {
+            break a;
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert in Alertmanager: {a}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let alerts: serde_json::Value = serde_json::from_str(&alerts).unwrap();
+    let a = &alerts[0];
+    assert_eq!(a["labels"]["priority"], "P1", "{a}");
+    assert_eq!(a["labels"]["severity"], "warning", "{a}");
+    assert_eq!(a["labels"]["service"], "watch-guard", "{a}");
+    assert_eq!(a["labels"]["region"], "eu", "{a}");
+    assert_eq!(a["annotations"]["cause"], "tag_not_found", "{a}");
+    let root = a["annotations"]["root_cause"].as_str().unwrap();
+    assert!(root.contains("has no manifest for") && root.contains(":v9"), "{a}");
+    let rolled = get(&format!(
+        "{}/api/v2/alerts?filter=alertname%3D%22BerthWatchRolledBack%22",
+        am.url
+    ))
+    .unwrap();
+    assert!(rolled.contains("rolled back from v2 to v1"), "{rolled}");
+
+    let mut saw = Vec::new();
+    while let Ok(e) = events.recv_timeout(std::time::Duration::from_secs(5)) {
+        let done = e.contains("io.berth.watch.BerthWatchPullFailed");
+        saw.push(e);
+        if done {
+            break;
+        }
+    }
+    let last: serde_json::Value = serde_json::from_str(saw.last().expect("a CloudEvent")).unwrap();
+    assert_eq!(last["specversion"], "1.0");
+    assert_eq!(last["type"], "io.berth.watch.BerthWatchPullFailed");
+    assert_eq!(last["subject"], "watch-guard");
+
+    let m = get(&metrics).expect("metrics");
+    for line in [
+        r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="success"} 2"#,
+        r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="failure"} 1"#,
+        r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="timeout"} 0"#,
+        r#"berth_watch_rollbacks_total{region="eu",service="watch-guard"} 1"#,
+        r#"berth_watch_deploy_duration_seconds_count{region="eu",service="watch-guard"} 3"#,
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+    let _ = guard.kill();
+    let _ = guard.wait();
+}

@@ -14,7 +14,9 @@
 
 pub mod classify;
 pub mod engine;
+pub mod guard;
 pub mod health;
+pub mod metrics;
 pub mod notify;
 pub mod report;
 pub mod rollout;

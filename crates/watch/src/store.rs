@@ -6,6 +6,7 @@
 //! The file is opened for each transaction and closed after it, so
 //! `berth watch status` can read while `berth watch run` guards.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -107,7 +108,7 @@ impl Deployment {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceState {
     pub active: Option<Release>,
     /// Releases that passed their checks, oldest first.
@@ -116,6 +117,43 @@ pub struct ServiceState {
     pub failure_limit: u32,
     pub paused: Option<Pause>,
     pub last_failure: Option<String>,
+    /// What the metrics export, kept with the history so every berth
+    /// process exports the same numbers.
+    #[serde(default)]
+    pub counts: Counts,
+    /// When the deployment or rollback in progress started: the guard
+    /// leaves the service to it meanwhile.
+    #[serde(default)]
+    pub in_progress_since_ms: Option<u64>,
+}
+
+/// Upper bounds (seconds) of the deploy duration histogram's buckets.
+pub const DURATION_BUCKETS: [f64; 12] = [
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Finished deployments by outcome (`Outcome::as_str`).
+    pub deploys: BTreeMap<String, u64>,
+    /// Rollbacks done: after a failed deployment, by the guard, by hand.
+    pub rollbacks: u64,
+    pub pauses: u64,
+    /// Per bucket of `DURATION_BUCKETS`, then one for longer.
+    pub duration_buckets: Vec<u64>,
+    pub duration_sum: f64,
+}
+
+impl Counts {
+    fn observe(&mut self, secs: f64) {
+        self.duration_buckets.resize(DURATION_BUCKETS.len() + 1, 0);
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.duration_buckets[i] += 1;
+        self.duration_sum += secs;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +320,7 @@ impl Store {
             };
             s.put_deployment(w, &d)?;
             state.failure_limit = failure_limit;
+            state.in_progress_since_ms = Some(now);
             s.put_state(w, service, &state)?;
             Ok(d)
         })
@@ -344,6 +383,18 @@ impl Store {
             d.events.push(Event { at_ms: now, what });
             s.put_deployment(w, &d)?;
             let mut state = s.get_state(w, service)?;
+            state.in_progress_since_ms = None;
+            match d.kind {
+                Kind::Deploy => {
+                    *state.counts.deploys.entry(outcome.as_str().to_string()).or_default() += 1;
+                    state.counts.observe(now.saturating_sub(d.started_ms) as f64 / 1000.0);
+                    if outcome == Outcome::RolledBack {
+                        state.counts.rollbacks += 1;
+                    }
+                }
+                Kind::Rollback if outcome == Outcome::Success => state.counts.rollbacks += 1,
+                Kind::Rollback => {}
+            }
             if let Some(r) = passed {
                 state.passed.retain(|p| p.digest != r.digest);
                 state.passed.push(r.clone());
@@ -359,6 +410,7 @@ impl Store {
                     state.consecutive_failures += 1;
                     state.last_failure = failure.map(|f| f.cause.to_string()).or(Some(outcome.as_str().into()));
                     if state.consecutive_failures >= state.failure_limit.max(1) && state.paused.is_none() {
+                        state.counts.pauses += 1;
                         state.paused = Some(Pause {
                             since_ms: now,
                             reason: format!(
@@ -379,6 +431,7 @@ impl Store {
         self.write(|s, w| {
             let mut state = s.get_state(w, service)?;
             if state.paused.is_none() {
+                state.counts.pauses += 1;
                 state.paused = Some(Pause {
                     since_ms: now_ms(),
                     reason: reason.to_string(),
@@ -495,6 +548,11 @@ mod tests {
         s.begin("a", Kind::Deploy, "r/a:v3", "v3", 3).unwrap();
         let all = s.deployments(Some("a"), 0).unwrap();
         assert_eq!(all.iter().map(|d| d.id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
-        assert_eq!(s.state("a").unwrap().rollback_target("v2").unwrap().digest, "v1");
+        let st = s.state("a").unwrap();
+        assert_eq!(st.rollback_target("v2").unwrap().digest, "v1");
+        assert_eq!(st.counts.deploys["failure"], 3);
+        assert_eq!(st.counts.deploys["success"], 1);
+        assert_eq!(st.counts.pauses, 1);
+        assert_eq!(st.counts.duration_buckets.iter().sum::<u64>(), 4);
     }
 }
