@@ -639,3 +639,242 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     let _ = guard.kill();
     let _ = guard.wait();
 }
+
+/// nginx (Debian's nginx-light) on a free loopback port with its own
+/// prefix, proxying to the upstream berth writes; killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Nginx {
+        let dir = dir.join("watch-nginx");
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.display();
+        std::fs::write(
+            dir.join("upstream.conf"),
+            "upstream watch_canary { server 127.0.0.1:1; }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    log_format watch escape=json '{{"upstream_addr":"$upstream_addr","status":$status,"request_time":$request_time}}';
+    access_log {d}/access.log watch;
+    include {d}/upstream.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://watch_canary; }}
+    }}
+}}
+"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .args([
+                "-p",
+                &d.to_string(),
+                "-c",
+                &format!("{d}/nginx.conf"),
+                "-e",
+                &format!("{d}/error.log"),
+            ])
+            .spawn()
+            .expect("nginx (nginx-light) is installed (scripts/install-test-deps.sh)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dir.join("nginx.pid").exists() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Nginx {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// The `[router]` section for a deployment description.
+    fn router(&self) -> String {
+        let d = self.dir.display();
+        format!(
+            "[router]\nupstream = \"watch_canary\"\nconf = \"{d}/upstream.conf\"\naccess_log = \"{d}/access.log\"\nreload = [\"nginx\", \"-p\", \"{d}\", \"-c\", \"{d}/nginx.conf\", \"-e\", \"{d}/error.log\", \"-s\", \"reload\"]\n"
+        )
+    }
+
+    /// One GET of the app through nginx: the body.
+    fn get(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&self.addr) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /cgi-bin/app HTTP/1.0\r\nHost: watch\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM: the master stops its workers (SIGKILL would orphan them).
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Requests through nginx, one after another, until dropped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, addr) = (stop.clone(), addr.to_string());
+        let thread = std::thread::spawn(move || {
+            let n = Nginx::client(&addr);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                n();
+            }
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Nginx {
+    fn client(addr: &str) -> impl Fn() {
+        let addr = addr.to_string();
+        move || {
+            use std::io::{Read, Write};
+            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+                let _ = s.write_all(b"GET /cgi-bin/app HTTP/1.0\r\nHost: watch\r\n\r\n");
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Canary through real nginx: a healthy canary is promoted step by step
+/// and gets its weight's share of the traffic (within one point, measured
+/// in nginx's log); a canary with errors, or a slow one, is rolled back at
+/// its first failing window; a canary without traffic is never promoted.
+#[test]
+fn watch_canary_through_nginx() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("canary");
+    let nginx = Nginx::start(f.dir.path());
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &[]);
+    let v3 = f.image("v3", &["ERROR_PCT=30"]);
+    let v4 = f.image("v4", &["LATENCY_MS=1500"]);
+    let v5 = f.image("v5", &[]);
+    let canary = |f: &mut Fixture, file: &str, section: &str| {
+        let path = f.spec("canary", &v1, "");
+        let text = std::fs::read_to_string(&path).unwrap() + &nginx.router() + section;
+        let to = f.dir.path().join(file);
+        std::fs::write(&to, text).unwrap();
+        to
+    };
+    let steps = canary(
+        &mut f,
+        "watch-steps.toml",
+        "[canary]\nsteps = [{ weight = 5, duration = \"3s\" }, { weight = 50, duration = \"1s\" }]\ninterval = \"1s\"\nmin_requests = 5\ninconclusive_windows = 2\n",
+    );
+    let slow = canary(
+        &mut f,
+        "watch-slow.toml",
+        "[canary]\nsteps = [{ weight = 50, duration = \"2s\" }]\ninterval = \"2s\"\nmin_requests = 1\nmax_latency = \"1s\"\n",
+    );
+
+    let (ok, out, err) = f.deploy(&steps, None);
+    assert!(
+        ok,
+        "the first deployment has no stable version to compare with: {out}{err}"
+    );
+    assert!(out.contains("nginx upstream watch_canary now routes to v1"), "{out}");
+    assert!(nginx.get().contains("hello from v1"));
+
+    let load = Load::start(&nginx.addr);
+    let (ok, out, err) = f.deploy(&steps, Some(&v2));
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("step 1: 5 % of the traffic to the canary"), "{out}");
+    assert!(out.contains("step 2: 50 % of the traffic to the canary"), "{out}");
+    assert!(out.contains("v2 promoted"), "{out}");
+    // The share of each full window of step 1, from nginx's log.
+    let shares: Vec<f64> = out
+        .lines()
+        .skip_while(|l| !l.contains("step 1:"))
+        .take_while(|l| !l.contains("step 2:"))
+        .filter_map(|l| l.split(" % of the traffic)").next()?.rsplit('(').next()?.parse().ok())
+        .collect();
+    assert!(!shares.is_empty(), "{out}");
+    for s in &shares {
+        assert!((s - 5.0).abs() <= 1.0, "canary share {s} % at weight 5 %: {out}");
+    }
+    assert!(nginx.get().contains("hello from v2"), "promoted: all traffic to v2");
+
+    let (ok, out, _) = f.deploy(&steps, Some(&v3));
+    assert!(!ok);
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(out.contains("cause: canary_errors"), "{out}");
+    drop(load);
+    for _ in 0..20 {
+        assert!(nginx.get().contains("hello from v2"), "the stable version serves again");
+    }
+
+    let load = Load::start(&nginx.addr);
+    let (ok, out, _) = f.deploy(&slow, Some(&v4));
+    assert!(!ok);
+    assert!(out.contains("cause: canary_latency"), "{out}");
+    drop(load);
+
+    // No traffic: inconclusive windows, then a rollback; never promoted.
+    let (ok, out, _) = f.deploy(&steps, Some(&v5));
+    assert!(!ok);
+    assert!(out.contains("window inconclusive (2/2)"), "{out}");
+    assert!(out.contains("cause: canary_inconclusive"), "{out}");
+    assert!(!out.contains("promoted"), "{out}");
+    assert!(nginx.get().contains("hello from v2"));
+}

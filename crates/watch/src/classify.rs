@@ -38,6 +38,14 @@ pub enum Cause {
     Unhealthy,
     /// Healthy, but from another version than the one deployed.
     WrongVersion,
+    /// The canary's error rate was above the threshold in a window.
+    CanaryErrors,
+    /// The canary's latency percentile was above the threshold.
+    CanaryLatency,
+    /// The canary had too little traffic to judge, for too long.
+    CanaryInconclusive,
+    /// nginx could not be given the new upstream.
+    Router,
     /// The Engine failed in a way berth does not classify.
     Engine,
 }
@@ -59,6 +67,10 @@ impl Cause {
             Cause::StartTimeout => "start_timeout",
             Cause::Unhealthy => "unhealthy",
             Cause::WrongVersion => "wrong_version",
+            Cause::CanaryErrors => "canary_errors",
+            Cause::CanaryLatency => "canary_latency",
+            Cause::CanaryInconclusive => "canary_inconclusive",
+            Cause::Router => "router",
             Cause::Engine => "engine",
         }
     }
@@ -121,6 +133,10 @@ fn default_fix(c: Cause) -> &'static str {
         Cause::StartTimeout => "the instance did not become Running and healthy in time; check its start and health endpoint, or raise `rollout.start_timeout`",
         Cause::Unhealthy => "the health endpoint failed; read the evidence and the instance's logs",
         Cause::WrongVersion => "the image does not report the version deployed; rebuild it with the right version, or set `version`",
+        Cause::CanaryErrors => "the new version answers errors under real traffic; read its logs before deploying it again",
+        Cause::CanaryLatency => "the new version is slow under real traffic; profile it before deploying it again",
+        Cause::CanaryInconclusive => "the canary got too little traffic to judge; deploy when there is traffic, or lower `canary.min_requests`",
+        Cause::Router => "check the [router] settings: nginx must include the upstream file and accept the reload command",
         Cause::Engine => "read the Engine's message in the evidence",
     }
 }

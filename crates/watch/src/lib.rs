@@ -12,6 +12,7 @@
 //! - [`notify`]: Alertmanager alerts and CloudEvents;
 //! - [`report`]: status, history and the monthly review as text.
 
+pub mod canary;
 pub mod classify;
 pub mod engine;
 pub mod guard;

@@ -42,6 +42,8 @@ pub struct Guard {
 struct Started {
     release: Release,
     ids: Vec<String>,
+    /// The instances of other versions found at the start.
+    old: Vec<crate::engine::ContainerSummary>,
 }
 
 /// The longest pause between two looks at a starting container.
@@ -69,7 +71,12 @@ impl Guard {
         let t0 = Instant::now();
         let before = self.store.state(&spec.name)?;
         let spec_file = file.display().to_string();
-        let outcome = match self.start_version(spec, &d, t0, None, &spec_file, toml).await {
+        if let (Some(c), Some(r), Some(_)) = (&spec.canary, &spec.router, &before.active) {
+            return self
+                .deploy_canary(spec, (c, r), &d, t0, &before, (&spec_file, toml))
+                .await;
+        }
+        let outcome = match self.start_version(spec, &d, t0, None, (&spec_file, toml), true).await {
             Err(f) => Err(f),
             Ok(started) => match self.verify(spec, &started, &d, t0).await {
                 Ok(()) => Ok(started.release),
@@ -128,29 +135,7 @@ impl Guard {
                 self.store
                     .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
             }
-            Err(f) => {
-                self.restore(&before, &d, t0).await;
-                let result = if f.cause == Cause::StartTimeout {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Failure
-                };
-                let (name, priority) = match f.cause {
-                    Cause::StartTimeout => ("BerthWatchDeployTimeout", Priority::P1),
-                    c if c.is_pull() => ("BerthWatchPullFailed", Priority::P1),
-                    _ => ("BerthWatchDeployFailed", Priority::P1),
-                };
-                let summary = match f.cause {
-                    Cause::StartTimeout => format!(
-                        "{}: {} was not Running and healthy within {:?}",
-                        spec.name, spec.version, spec.rollout.start_timeout
-                    ),
-                    c => format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
-                };
-                self.alert(spec, name, priority, summary, &f).await;
-                let state = self.store.finish(&spec.name, d.id, result, Some(&f), None)?;
-                self.after_failure(spec, &state, &before).await;
-            }
+            Err(f) => return self.fail(spec, &d, t0, &before, f).await,
         }
         self.finished(&spec.name, d.id)
     }
@@ -264,7 +249,7 @@ impl Guard {
             version: r.version.clone(),
             ..spec
         };
-        self.start_version(&spec, d, t0, Some(&r.digest), &r.spec_file, &r.spec_toml)
+        self.start_version(&spec, d, t0, Some(&r.digest), (&r.spec_file, &r.spec_toml), true)
             .await
     }
 
@@ -277,8 +262,8 @@ impl Guard {
         d: &Deployment,
         t0: Instant,
         digest: Option<&str>,
-        spec_file: &str,
-        spec_toml: &str,
+        (spec_file, spec_toml): (&str, &str),
+        switch: bool,
     ) -> Result<Started, Failure> {
         let repo = spec::repository_of(&spec.image);
         let digest = match digest {
@@ -364,15 +349,257 @@ impl Guard {
             self.remove_all(&ids).await;
             return Err(f);
         }
-        // Switch: the new version is the one serving; the old goes.
-        let _ = self.store.set_active(&spec.name, &release);
-        for o in old.iter().filter(|o| !ids.contains(&o.id)) {
-            if fixed.is_empty() {
+        let old: Vec<_> = old.into_iter().filter(|o| !ids.contains(&o.id)).collect();
+        let started = Started { release, ids, old };
+        if switch {
+            self.switch(spec, &started, d, t0).await?;
+        }
+        Ok(started)
+    }
+
+    /// The new version becomes the one serving: nginx (if any) sends it
+    /// all the traffic, then the old instances go.
+    async fn switch(&self, spec: &Spec, s: &Started, d: &Deployment, t0: Instant) -> Result<(), Failure> {
+        if let Some(r) = &spec.router {
+            let servers = self
+                .addresses(&s.ids, r.port)
+                .await
+                .into_iter()
+                .map(|a| (a, 1))
+                .collect::<Vec<_>>();
+            if let Err(e) = crate::canary::route(r, &servers) {
+                self.remove_all(&s.ids).await;
+                return Err(Failure::new(Cause::Router, e));
+            }
+            self.log(
+                d,
+                t0,
+                &format!("nginx upstream {} now routes to {}", r.upstream, s.release.version),
+            );
+        }
+        let _ = self.store.set_active(&spec.name, &s.release);
+        for o in &s.old {
+            if spec.ports.iter().all(|p| p.host.is_none()) {
                 self.log(d, t0, &format!("switched; stopping {}", o.name));
             }
             let _ = self.engine.remove(&o.id).await;
         }
-        Ok(Started { release, ids })
+        Ok(())
+    }
+
+    /// `127.0.0.1:HOSTPORT` of each instance's container port `port`.
+    async fn addresses(&self, ids: &[String], port: u16) -> Vec<String> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Ok(st) = self.engine.inspect(id).await {
+                if let Some(p) = st.ports.get(&port) {
+                    out.push(format!("127.0.0.1:{p}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// A canary: the new version beside the stable one, nginx giving it
+    /// each step's share, each window analysed; promoted after the last
+    /// step, rolled back on the first failing window, and on too long
+    /// without traffic rolled back or paused, as configured.
+    async fn deploy_canary(
+        &self,
+        spec: &Spec,
+        (c, router): (&crate::spec::Canary, &crate::spec::Router),
+        d: &Deployment,
+        t0: Instant,
+        before: &ServiceState,
+        (spec_file, toml): (&str, &str),
+    ) -> Result<Deployment, WatchError> {
+        let started = match self.start_version(spec, d, t0, None, (spec_file, toml), false).await {
+            Ok(s) => s,
+            Err(f) => return self.fail(spec, d, t0, before, f).await,
+        };
+        let stable: Vec<String> = started
+            .old
+            .iter()
+            .filter(|o| o.state == "running")
+            .map(|o| o.id.clone())
+            .collect();
+        let stable_addrs = self.addresses(&stable, router.port).await;
+        let canary_addrs = self.addresses(&started.ids, router.port).await;
+        let verdict = self.analyse(c, router, &stable_addrs, &canary_addrs, d, t0).await;
+        match verdict {
+            Ok(()) => {
+                self.log(
+                    d,
+                    t0,
+                    &format!("canary {} passed every step; promoting", started.release.version),
+                );
+                if let Err(f) = self.switch(spec, &started, d, t0).await {
+                    return self.fail(spec, d, t0, before, f).await;
+                }
+                self.log(
+                    d,
+                    t0,
+                    &format!("{} promoted; deployment succeeded", started.release.version),
+                );
+                self.store
+                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&started.release))?;
+            }
+            Err(f) => {
+                let servers: Vec<(String, u32)> = stable_addrs.iter().map(|a| (a.clone(), 1)).collect();
+                if let Err(e) = crate::canary::route(router, &servers) {
+                    self.log(
+                        d,
+                        t0,
+                        &format!("cannot route the traffic back to the stable version: {e}"),
+                    );
+                }
+                self.remove_all(&started.ids).await;
+                self.log(
+                    d,
+                    t0,
+                    &format!(
+                        "canary rolled back: all traffic to the stable version, {} removed",
+                        started.release.version
+                    ),
+                );
+                let pause =
+                    f.cause == Cause::CanaryInconclusive && c.on_inconclusive == crate::spec::OnInconclusive::Pause;
+                self.alert(
+                    spec,
+                    "BerthWatchCanaryFailed",
+                    Priority::P1,
+                    format!("{}: canary of {} rolled back: {}", spec.name, spec.version, f.cause),
+                    &f,
+                )
+                .await;
+                let state = self
+                    .store
+                    .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)?;
+                if pause {
+                    self.store.pause(
+                        &spec.name,
+                        &format!("canary of {} inconclusive: no traffic", spec.version),
+                    )?;
+                }
+                let state = if pause { self.store.state(&spec.name)? } else { state };
+                self.after_failure(spec, &state, before).await;
+            }
+        }
+        self.finished(&spec.name, d.id)
+    }
+
+    /// Ends a deployment that failed: the old version restored if nothing
+    /// serves, the alert sent, the failure counted (maybe pausing).
+    async fn fail(
+        &self,
+        spec: &Spec,
+        d: &Deployment,
+        t0: Instant,
+        before: &ServiceState,
+        f: Failure,
+    ) -> Result<Deployment, WatchError> {
+        self.restore(before, d, t0).await;
+        let result = if f.cause == Cause::StartTimeout {
+            Outcome::Timeout
+        } else {
+            Outcome::Failure
+        };
+        let (name, summary) = match f.cause {
+            Cause::StartTimeout => (
+                "BerthWatchDeployTimeout",
+                format!(
+                    "{}: {} was not Running and healthy within {:?}",
+                    spec.name, spec.version, spec.rollout.start_timeout
+                ),
+            ),
+            c if c.is_pull() => (
+                "BerthWatchPullFailed",
+                format!("{}: pulling {} failed: {c}", spec.name, spec.image),
+            ),
+            c => (
+                "BerthWatchDeployFailed",
+                format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
+            ),
+        };
+        self.alert(spec, name, Priority::P1, summary, &f).await;
+        let state = self.store.finish(&spec.name, d.id, result, Some(&f), None)?;
+        self.after_failure(spec, &state, before).await;
+        self.finished(&spec.name, d.id)
+    }
+
+    /// Runs the steps; Ok when every window of every step passed.
+    async fn analyse(
+        &self,
+        c: &crate::spec::Canary,
+        router: &crate::spec::Router,
+        stable: &[String],
+        canary: &[String],
+        d: &Deployment,
+        t0: Instant,
+    ) -> Result<(), Failure> {
+        use crate::canary::{judge, read_window, route, Verdict};
+        let canary_set: std::collections::HashSet<String> = canary.iter().cloned().collect();
+        let stable_set: std::collections::HashSet<String> = stable.iter().cloned().collect();
+        let mut inconclusive = 0;
+        for (n, step) in c.steps.iter().enumerate() {
+            // Integer weights that give the canary exactly its percent.
+            let mut servers: Vec<(String, u32)> = Vec::new();
+            for a in stable {
+                servers.push((a.clone(), (100 - step.weight) * canary.len() as u32));
+            }
+            for a in canary {
+                servers.push((a.clone(), step.weight * stable.len() as u32));
+            }
+            route(router, &servers).map_err(|e| Failure::new(Cause::Router, e))?;
+            self.log(
+                d,
+                t0,
+                &format!(
+                    "step {}: {} % of the traffic to the canary for {:?}",
+                    n + 1,
+                    step.weight,
+                    step.duration
+                ),
+            );
+            let windows = (step.duration.as_secs_f64() / c.interval.as_secs_f64()).ceil().max(1.0) as u32;
+            let mut offset = std::fs::metadata(&router.access_log).map_or(0, |m| m.len());
+            let mut passed = 0;
+            while passed < windows {
+                tokio::time::sleep(c.interval).await;
+                let w = read_window(&router.access_log, &mut offset, &canary_set, &stable_set).map_err(|e| {
+                    Failure::new(
+                        Cause::Router,
+                        format!("cannot read {}: {e}", router.access_log.display()),
+                    )
+                })?;
+                match judge(c, &w) {
+                    Verdict::Pass(s) => {
+                        passed += 1;
+                        inconclusive = 0;
+                        self.log(d, t0, &format!("window passed ({passed}/{windows}): {s}"));
+                    }
+                    Verdict::Fail(cause, s) => {
+                        self.log(d, t0, &format!("window failed: {s}"));
+                        return Err(Failure::new(cause, s));
+                    }
+                    Verdict::Inconclusive(s) => {
+                        inconclusive += 1;
+                        self.log(
+                            d,
+                            t0,
+                            &format!("window inconclusive ({inconclusive}/{}): {s}", c.inconclusive_windows),
+                        );
+                        if inconclusive >= c.inconclusive_windows {
+                            return Err(Failure::new(
+                                Cause::CanaryInconclusive,
+                                format!("{inconclusive} windows in a row without enough canary traffic; last: {s}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// After a failed deployment: if nothing of the service runs any more

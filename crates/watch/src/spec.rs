@@ -27,6 +27,56 @@ pub struct Spec {
     pub health: Health,
     pub rollout: Rollout,
     pub notify: Notify,
+    pub router: Option<Router>,
+    pub canary: Option<Canary>,
+}
+
+/// nginx in front of the service: berth writes the upstream block and
+/// reloads nginx at every switch, and sets the weights of a canary.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// The upstream's name (`proxy_pass http://NAME`).
+    pub upstream: String,
+    /// The container port nginx sends the traffic to.
+    pub port: u16,
+    /// The file berth writes the upstream block to (nginx includes it).
+    pub conf: PathBuf,
+    /// The command that makes nginx read it again.
+    pub reload: Vec<String>,
+    /// nginx's access log in JSON (`upstream_addr`, `status`,
+    /// `request_time`), where the canary analysis reads the traffic.
+    pub access_log: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub steps: Vec<Step>,
+    /// Length of one analysis window.
+    pub interval: Duration,
+    /// The canary fails a window above this share of 5xx answers.
+    pub max_error_rate: f64,
+    /// ... or with this percentile of latency above `max_latency`.
+    pub max_latency: Duration,
+    pub percentile: f64,
+    /// Fewer canary requests in a window: inconclusive (never a pass).
+    pub min_requests: u64,
+    /// Consecutive inconclusive windows before `on_inconclusive`.
+    pub inconclusive_windows: u32,
+    pub on_inconclusive: OnInconclusive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Percent of the traffic to the canary.
+    pub weight: u32,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInconclusive {
+    Rollback,
+    Pause,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +164,38 @@ struct RawSpec {
     rollout: RawRollout,
     #[serde(default)]
     notify: RawNotify,
+    router: Option<Spanned<RawRouter>>,
+    canary: Option<Spanned<RawCanary>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    upstream: String,
+    port: Option<Spanned<i64>>,
+    conf: PathBuf,
+    reload: Vec<String>,
+    access_log: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    steps: Option<Vec<Spanned<RawStep>>>,
+    interval: Option<Spanned<String>>,
+    max_error_rate: Option<Spanned<f64>>,
+    max_latency: Option<Spanned<String>>,
+    percentile: Option<Spanned<f64>>,
+    min_requests: Option<Spanned<i64>>,
+    inconclusive_windows: Option<Spanned<i64>>,
+    on_inconclusive: Option<OnInconclusive>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    weight: Spanned<i64>,
+    duration: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +385,98 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
             .collect::<Result<_, _>>()?,
         labels: raw.notify.labels.clone(),
     };
+    let router = match &raw.router {
+        None => None,
+        Some(r) => {
+            let v = r.get_ref();
+            if v.reload.is_empty() {
+                return Err(at(
+                    r.span(),
+                    "router.reload",
+                    "give the command that reloads nginx, e.g. [\"nginx\", \"-s\", \"reload\"]".into(),
+                ));
+            }
+            if !valid_name(&v.upstream.replace('-', "_")) {
+                return Err(at(
+                    r.span(),
+                    "router.upstream",
+                    format!("{:?} is not an upstream name", v.upstream),
+                ));
+            }
+            let port = match &v.port {
+                None => ports.first().map_or(health_port, |p| p.container),
+                Some(p) => bounded(p, 1, 65535).map_err(|m| at(p.span(), "router.port", m))? as u16,
+            };
+            if !ports.iter().any(|p| p.container == port) {
+                return Err(at(r.span(), "router.port", format!("port {port} is not in `ports`")));
+            }
+            Some(Router {
+                port,
+                upstream: v.upstream.clone(),
+                conf: v.conf.clone(),
+                reload: v.reload.clone(),
+                access_log: v.access_log.clone(),
+            })
+        }
+    };
+    let canary = match &raw.canary {
+        None => None,
+        Some(c) => {
+            if router.is_none() {
+                return Err(at(
+                    c.span(),
+                    "canary",
+                    "a canary needs a [router] (nginx) to give it its share of the traffic".into(),
+                ));
+            }
+            let v = c.get_ref();
+            let mut steps = Vec::new();
+            for st in v.steps.iter().flatten() {
+                let weight =
+                    bounded(&st.get_ref().weight, 1, 99).map_err(|m| at(st.span(), "canary.steps.weight", m))? as u32;
+                let duration = duration(
+                    &Some(st.get_ref().duration.clone()),
+                    "canary.steps.duration",
+                    Duration::ZERO,
+                )?;
+                if steps.last().is_some_and(|l: &Step| l.weight >= weight) {
+                    return Err(at(
+                        st.span(),
+                        "canary.steps.weight",
+                        "weights must grow from step to step".into(),
+                    ));
+                }
+                steps.push(Step { weight, duration });
+            }
+            if steps.is_empty() {
+                steps.push(Step {
+                    weight: 5,
+                    duration: Duration::from_secs(15 * 60),
+                });
+            }
+            let fraction = |f: &Option<Spanned<f64>>, key: &str, default: f64, hi: f64| match f {
+                None => Ok(default),
+                Some(x) if *x.get_ref() >= 0.0 && *x.get_ref() <= hi => Ok(*x.get_ref()),
+                Some(x) => Err(at(x.span(), key, format!("must be between 0 and {hi}"))),
+            };
+            Some(Canary {
+                steps,
+                interval: duration(&v.interval, "canary.interval", Duration::from_secs(60))?,
+                max_error_rate: fraction(&v.max_error_rate, "canary.max_error_rate", 0.01, 1.0)?,
+                max_latency: duration(&v.max_latency, "canary.max_latency", Duration::from_secs(2))?,
+                percentile: fraction(&v.percentile, "canary.percentile", 99.0, 100.0)?,
+                min_requests: match &v.min_requests {
+                    None => 20,
+                    Some(n) => bounded(n, 1, 1_000_000).map_err(|m| at(n.span(), "canary.min_requests", m))? as u64,
+                },
+                inconclusive_windows: match &v.inconclusive_windows {
+                    None => 3,
+                    Some(n) => bounded(n, 1, 1000).map_err(|m| at(n.span(), "canary.inconclusive_windows", m))? as u32,
+                },
+                on_inconclusive: v.on_inconclusive.unwrap_or(OnInconclusive::Rollback),
+            })
+        }
+    };
     Ok(Spec {
         name: name.clone(),
         image,
@@ -316,6 +490,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         health,
         rollout,
         notify,
+        router,
+        canary,
     })
 }
 
