@@ -425,7 +425,17 @@ impl Guard {
             .collect();
         let stable_addrs = self.addresses(&stable, router.port).await;
         let canary_addrs = self.addresses(&started.ids, router.port).await;
-        let verdict = self.analyse(c, router, &stable_addrs, &canary_addrs, d, t0).await;
+        let verdict = if stable_addrs.is_empty() {
+            // Nothing to compare with, and nothing to protect: a plain switch.
+            self.log(
+                d,
+                t0,
+                "no stable instance serves: no canary, the new version takes all the traffic",
+            );
+            Ok(())
+        } else {
+            self.analyse(c, router, &stable_addrs, &canary_addrs, d, t0).await
+        };
         match verdict {
             Ok(()) => {
                 self.log(

@@ -5,14 +5,16 @@
 #   FAULT=exit            exit at once with status 3
 #   FAULT=unhealthy       the health endpoint answers 503
 #   REPORT_VERSION=V      report image_version V instead of $VERSION
-#   UNHEALTHY_AFTER=N     healthy for N seconds, then 503
+#   UNHEALTHY_AFTER=N     healthy for N seconds after the start, then 503
 #   ERROR_PCT=P           /app answers 500 to P % of requests
 #   LATENCY_MS=M          /app answers after M ms
 if [ "$FAULT" = exit ]; then
     echo "fault: exiting at once" >&2
     exit 3
 fi
-date +%s > /tmp/started
+# Centiseconds since boot: the fault's time to 10 ms, not to the second.
+read up _ < /proc/uptime
+echo "${up%.*}${up#*.}" > /tmp/started
 for v in VERSION FAULT REPORT_VERSION UNHEALTHY_AFTER ERROR_PCT LATENCY_MS; do
     eval "val=\${$v}"
     echo "$v='$val'"
