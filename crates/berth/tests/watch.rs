@@ -797,7 +797,8 @@ impl Drop for Load {
 /// Canary through real nginx: a healthy canary is promoted step by step
 /// and gets its weight's share of the traffic (within one point, measured
 /// in nginx's log); a canary with errors, or a slow one, is rolled back at
-/// its first failing window; a canary without traffic is never promoted.
+/// its first failing window, and so is one whose instance stops; a canary
+/// without traffic is never promoted.
 #[test]
 fn watch_canary_through_nginx() {
     if !docker_available() {
@@ -810,6 +811,7 @@ fn watch_canary_through_nginx() {
     let v3 = f.image("v3", &["ERROR_PCT=30"]);
     let v4 = f.image("v4", &["LATENCY_MS=1500"]);
     let v5 = f.image("v5", &[]);
+    let v6 = f.image("v6", &["EXIT_AFTER=2"]);
     let canary = |f: &mut Fixture, file: &str, section: &str| {
         let path = f.spec("canary", &v1, "");
         let text = std::fs::read_to_string(&path).unwrap() + &nginx.router() + section;
@@ -868,7 +870,17 @@ fn watch_canary_through_nginx() {
     let (ok, out, _) = f.deploy(&slow, Some(&v4));
     assert!(!ok);
     assert!(out.contains("cause: canary_latency"), "{out}");
+    // A canary instance that stops during the analysis.
+    let (ok, out, _) = f.deploy(&steps, Some(&v6));
+    assert!(!ok);
+    assert!(out.contains("canary instance stopped"), "{out}");
+    assert!(out.contains("cause: exited"), "{out}");
     drop(load);
+
+    // Three canaries failed in a row: the service is paused.
+    let (ok, _, err) = f.deploy(&steps, Some(&v5));
+    assert!(!ok && err.contains("berth watch resume watch-canary"), "{err}");
+    assert!(f.watch(&["resume", "watch-canary"]).status.success());
 
     // No traffic: inconclusive windows, then a rollback; never promoted.
     let (ok, out, _) = f.deploy(&steps, Some(&v5));

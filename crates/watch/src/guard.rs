@@ -90,13 +90,13 @@ async fn watch_service(g: Arc<Guard>, name: String) {
         )
         .await;
         let Err(f) = failed else { continue };
-        if g.store
-            .state(&name)
-            .ok()
-            .and_then(|s| s.active)
-            .is_some_and(|a| a.digest != active.digest)
-        {
-            continue; // a deployment replaced it meanwhile
+        // A deployment that started meanwhile owns the service (it may
+        // have removed these instances itself).
+        let now = g.store.state(&name).ok();
+        if now.as_ref().is_none_or(|s| {
+            s.in_progress_since_ms.is_some() || s.active.as_ref().map(|a| &a.digest) != Some(&active.digest)
+        }) {
+            continue;
         }
         let reason = format!("guard: {}: {}", f.cause, f.evidence);
         tracing::warn!(service = %name, %reason, "guard: rolling back");

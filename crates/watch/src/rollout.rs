@@ -434,7 +434,8 @@ impl Guard {
             );
             Ok(())
         } else {
-            self.analyse(c, router, &stable_addrs, &canary_addrs, d, t0).await
+            self.analyse(c, router, (&stable_addrs, &canary_addrs), &started.ids, d, t0)
+                .await
         };
         match verdict {
             Ok(()) => {
@@ -542,8 +543,8 @@ impl Guard {
         &self,
         c: &crate::spec::Canary,
         router: &crate::spec::Router,
-        stable: &[String],
-        canary: &[String],
+        (stable, canary): (&[String], &[String]),
+        canary_ids: &[String],
         d: &Deployment,
         t0: Instant,
     ) -> Result<(), Failure> {
@@ -576,6 +577,17 @@ impl Guard {
             let mut passed = 0;
             while passed < windows {
                 tokio::time::sleep(c.interval).await;
+                // A canary instance that stopped fails the canary whatever
+                // the traffic says.
+                for id in canary_ids {
+                    let st = self.engine.inspect(id).await.map_err(|e| {
+                        Failure::new(Cause::Exited, format!("a canary instance is gone: {}", e.message()))
+                    })?;
+                    if let Some(f) = self.not_running(id, &st).await {
+                        self.log(d, t0, &format!("canary instance stopped: {}", f.evidence));
+                        return Err(f);
+                    }
+                }
                 let w = read_window(&router.access_log, &mut offset, &canary_set, &stable_set).map_err(|e| {
                     Failure::new(
                         Cause::Router,
