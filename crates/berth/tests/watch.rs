@@ -808,8 +808,9 @@ fn watch_canary_through_nginx() {
     let nginx = Nginx::start(f.dir.path());
     let v1 = f.image("v1", &[]);
     let v2 = f.image("v2", &[]);
-    let v3 = f.image("v3", &["ERROR_PCT=30"]);
-    let v4 = f.image("v4", &["LATENCY_MS=1500"]);
+    // The faults: 1.5 % errors, 2.5 s latency, on the canary only.
+    let v3 = f.image("v3", &["ERROR_EVERY=67"]);
+    let v4 = f.image("v4", &["LATENCY_MS=2500"]);
     let v5 = f.image("v5", &[]);
     let v6 = f.image("v6", &["EXIT_AFTER=2"]);
     let canary = |f: &mut Fixture, file: &str, section: &str| {
@@ -824,10 +825,17 @@ fn watch_canary_through_nginx() {
         "watch-steps.toml",
         "[canary]\nsteps = [{ weight = 5, duration = \"3s\" }, { weight = 50, duration = \"1s\" }]\ninterval = \"1s\"\nmin_requests = 5\ninconclusive_windows = 2\n",
     );
+    // The guide's thresholds (1 % errors, 2 s at p99). At least 250 canary requests a window: with every 67th
+    // failing, no window of that size can be at or under 1 %.
+    let errors = canary(
+        &mut f,
+        "watch-errors.toml",
+        "[canary]\nsteps = [{ weight = 90, duration = \"4s\" }]\ninterval = \"4s\"\nmin_requests = 250\n",
+    );
     let slow = canary(
         &mut f,
         "watch-slow.toml",
-        "[canary]\nsteps = [{ weight = 50, duration = \"2s\" }]\ninterval = \"2s\"\nmin_requests = 1\nmax_latency = \"1s\"\n",
+        "[canary]\nsteps = [{ weight = 50, duration = \"3s\" }]\ninterval = \"3s\"\nmin_requests = 1\n",
     );
 
     let (ok, out, err) = f.deploy(&steps, None);
@@ -857,10 +865,16 @@ fn watch_canary_through_nginx() {
     }
     assert!(nginx.get().contains("hello from v2"), "promoted: all traffic to v2");
 
-    let (ok, out, _) = f.deploy(&steps, Some(&v3));
+    // One client at a time: the image's request counter is not locked.
+    let (ok, out, _) = f.deploy(&errors, Some(&v3));
     assert!(!ok);
     assert!(out.contains("-> rolled_back"), "{out}");
     assert!(out.contains("cause: canary_errors"), "{out}");
+    assert!(out.contains("canary error rate above 1.00 %"), "{out}");
+    assert!(
+        !out.contains("window passed"),
+        "rolled back at the first judged window: {out}"
+    );
     drop(load);
     for _ in 0..20 {
         assert!(nginx.get().contains("hello from v2"), "the stable version serves again");
@@ -870,6 +884,7 @@ fn watch_canary_through_nginx() {
     let (ok, out, _) = f.deploy(&slow, Some(&v4));
     assert!(!ok);
     assert!(out.contains("cause: canary_latency"), "{out}");
+    assert!(out.contains("canary p99 latency above 2s"), "{out}");
     // A canary instance that stops during the analysis.
     let (ok, out, _) = f.deploy(&steps, Some(&v6));
     assert!(!ok);

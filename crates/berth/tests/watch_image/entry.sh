@@ -7,7 +7,8 @@
 #   REPORT_VERSION=V      report image_version V instead of $VERSION
 #   UNHEALTHY_AFTER=N     healthy for N seconds after the start, then 503
 #   EXIT_AFTER=N          serve for N seconds, then exit with status 4
-#   ERROR_PCT=P           /app answers 500 to P % of requests
+#   ERROR_PCT=P           /app answers 500 to P % of requests (at random)
+#   ERROR_EVERY=N         /app answers 500 to exactly every Nth request
 #   LATENCY_MS=M          /app answers after M ms
 if [ "$FAULT" = exit ]; then
     echo "fault: exiting at once" >&2
@@ -16,7 +17,7 @@ fi
 # Centiseconds since boot: the fault's time to 10 ms, not to the second.
 read up _ < /proc/uptime
 echo "${up%.*}${up#*.}" > /tmp/started
-for v in VERSION FAULT REPORT_VERSION UNHEALTHY_AFTER ERROR_PCT LATENCY_MS EXIT_AFTER; do
+for v in VERSION FAULT REPORT_VERSION UNHEALTHY_AFTER ERROR_PCT ERROR_EVERY LATENCY_MS EXIT_AFTER; do
     eval "val=\${$v}"
     echo "$v='$val'"
 done > /tmp/fault.env
