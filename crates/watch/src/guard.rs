@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::rollout::{watch_instances, Guard};
 use crate::spec::{self, Spec};
-use crate::store::now_ms;
+use crate::store::{now_ms, STALE_DEPLOYMENT};
 
 /// How often the history is read for services to watch.
 const RESCAN: Duration = Duration::from_secs(1);
-/// A deployment older than this is taken to have died with its process.
-const STALE_DEPLOYMENT: Duration = Duration::from_secs(3600);
 
 /// Runs until the process ends.
 pub async fn run(g: Arc<Guard>) {

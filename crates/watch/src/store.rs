@@ -37,6 +37,8 @@ pub enum StoreError {
         failures: u32,
         last: String,
     },
+    #[error("service {service:?} has a deployment in progress since {since} (#{id}); wait for it (`berth watch history {service}`)")]
+    Busy { service: String, since: String, id: u64 },
     #[error("service {0:?} has no deployment in the history")]
     Unknown(String),
 }
@@ -185,6 +187,10 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// A deployment in progress for longer than this is taken to have died
+/// with its process: another may start.
+pub const STALE_DEPLOYMENT: Duration = Duration::from_secs(3600);
+
 /// How long to wait for another berth process's transaction to end.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
@@ -290,6 +296,24 @@ impl Store {
                     last: state.last_failure.clone().unwrap_or_else(|| p.reason.clone()),
                 });
             }
+            let now = now_ms();
+            if let Some(since) = state.in_progress_since_ms {
+                if now.saturating_sub(since) < STALE_DEPLOYMENT.as_millis() as u64 {
+                    let t = w.open_table(DEPLOYMENTS).map_err(|e| s.err(e))?;
+                    let id = t
+                        .range((service, 0)..=(service, u64::MAX))
+                        .map_err(|e| s.err(e))?
+                        .next_back()
+                        .transpose()
+                        .map_err(|e| s.err(e))?
+                        .map_or(0, |(k, _)| k.value().1);
+                    return Err(StoreError::Busy {
+                        service: service.to_string(),
+                        since: time_of(since),
+                        id,
+                    });
+                }
+            }
             let id = {
                 let t = w.open_table(DEPLOYMENTS).map_err(|e| s.err(e))?;
                 let last = t
@@ -301,7 +325,6 @@ impl Store {
                     .map(|(k, _)| k.value().1);
                 last.map_or(1, |l| l + 1)
             };
-            let now = now_ms();
             let d = Deployment {
                 id,
                 service: service.to_string(),
@@ -543,7 +566,8 @@ mod tests {
         let e = s.begin("a", Kind::Deploy, "r/a:v3", "v3", 3).unwrap_err();
         assert!(e.to_string().contains("berth watch resume a"), "{e}");
         // A manual rollback is still admitted.
-        s.begin("a", Kind::Rollback, "r/a:v1", "v1", 3).unwrap();
+        let r = s.begin("a", Kind::Rollback, "r/a:v1", "v1", 3).unwrap();
+        s.finish("a", r.id, Outcome::Success, None, None).unwrap();
         s.resume("a").unwrap();
         s.begin("a", Kind::Deploy, "r/a:v3", "v3", 3).unwrap();
         let all = s.deployments(Some("a"), 0).unwrap();
