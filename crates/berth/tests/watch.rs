@@ -832,6 +832,11 @@ fn watch_canary_through_nginx() {
         "watch-errors.toml",
         "[canary]\nsteps = [{ weight = 90, duration = \"4s\" }]\ninterval = \"4s\"\nmin_requests = 250\n",
     );
+    let hold = canary(
+        &mut f,
+        "watch-hold.toml",
+        "[canary]\nsteps = [{ weight = 5, duration = \"1s\" }]\ninterval = \"1s\"\ninconclusive_windows = 1\non_inconclusive = \"pause\"\n",
+    );
     let slow = canary(
         &mut f,
         "watch-slow.toml",
@@ -903,5 +908,16 @@ fn watch_canary_through_nginx() {
     assert!(out.contains("window inconclusive (2/2)"), "{out}");
     assert!(out.contains("cause: canary_inconclusive"), "{out}");
     assert!(!out.contains("promoted"), "{out}");
+    assert!(nginx.get().contains("hello from v2"));
+
+    // No traffic, `on_inconclusive = "pause"`: rolled back and paused.
+    let (ok, out, _) = f.deploy(&hold, Some(&v5));
+    assert!(!ok);
+    assert!(out.contains("cause: canary_inconclusive"), "{out}");
+    let status = String::from_utf8_lossy(&f.watch(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("PAUSED since") && status.contains("inconclusive"),
+        "{status}"
+    );
     assert!(nginx.get().contains("hello from v2"));
 }
