@@ -9,7 +9,7 @@
 //! stable's numbers beside them as the evidence.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -124,14 +124,19 @@ pub fn read_window(
         *offset = 0;
     }
     f.seek(SeekFrom::Start(*offset))?;
-    let mut buf = Vec::new();
-    // A window's lines; a line still being written waits for the next one.
-    f.take(len - *offset).read_to_end(&mut buf)?;
-    let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    *offset += complete as u64;
+    // Line by line: a busy window is not read into memory whole.
+    let mut r = std::io::BufReader::new(f.take(len - *offset));
     let mut w = Window::default();
-    for line in buf[..complete].split(|&b| b == b'\n') {
-        let Ok(l) = serde_json::from_slice::<Line>(line) else {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line)?;
+        // A line still being written waits for the next window.
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        *offset += n as u64;
+        let Ok(l) = serde_json::from_slice::<Line>(&line) else {
             continue;
         };
         // After a retry nginx lists every server tried; the last answered.
