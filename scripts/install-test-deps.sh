@@ -16,10 +16,12 @@ log() { printf 'install-test-deps: %s\n' "$*" >&2; }
 
 APT_PKGS=(docker-registry skopeo umoci buildah podman containerd
           jq curl ca-certificates python3 python3-venv shellcheck
-          prometheus prometheus-alertmanager apache2-utils)
+          prometheus prometheus-alertmanager apache2-utils
+          busybox-static nginx-light)
 # Commands that must exist afterwards (package -> command sanity check).
 need_cmds=(docker-registry skopeo umoci buildah podman containerd ctr jq curl python3 shellcheck
-           prometheus promtool prometheus-alertmanager amtool htpasswd)
+           prometheus promtool prometheus-alertmanager amtool htpasswd
+           busybox nginx)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -36,6 +36,7 @@ mod secrets;
 mod serve;
 mod server;
 mod write_deadline;
+mod watch;
 mod zero_copy;
 
 #[derive(Parser)]
@@ -97,6 +98,9 @@ enum Command {
     /// Walk the pull path of an image (DNS, TCP, TLS, auth, tag, manifest,
     /// platform, blobs) and name the root cause of a failing pull, with the fix.
     Diagnose(diagnose_cmd::DiagnoseArgs),
+    /// The deployment guard: deploy services on the Docker Engine by
+    /// digest, gate them on Running and health, roll back, pause, review.
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Retention(args) => gc::retention(args),
         Command::Du(args) => fsck::du(args),
         Command::Diagnose(args) => return diagnose_cmd::run(args),
+        Command::Watch(args) => watch::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
