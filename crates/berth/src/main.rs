@@ -35,8 +35,8 @@ mod logging;
 mod secrets;
 mod serve;
 mod server;
-mod write_deadline;
 mod watch;
+mod write_deadline;
 mod zero_copy;
 
 #[derive(Parser)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use watch::{Guard, Outcome, Store};
+use watch::{Diagnosis, Failure, Guard, Outcome, PullDiagnoser, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -118,10 +118,42 @@ fn guard(store: Store) -> Result<Guard, BoxError> {
     Ok(Guard {
         engine: Arc::new(watch::Docker::from_env()),
         store,
-        diagnoser: Arc::new(watch::FromEngineError),
+        diagnoser: Arc::new(WalkThePullPath),
         http,
         echo: true,
     })
+}
+
+/// A failed pull's diagnosis: `berth diagnose`'s walk of the pull path,
+/// from this host (the Engine's), for the root cause and fix it names; the
+/// Engine's own error where the walk finds nothing wrong (a transient fault,
+/// or one between the Engine and the registry only).
+struct WalkThePullPath;
+
+#[async_trait::async_trait]
+impl PullDiagnoser for WalkThePullPath {
+    async fn diagnose(&self, image: &str, failure: &Failure) -> Option<Diagnosis> {
+        let mut opts = diagnose::Options::new(image);
+        // The Engine speaks plain HTTP to loopback registries (it treats
+        // 127.0.0.0/8 as insecure), so the walk must too.
+        opts.plain_http = is_loopback_registry(image);
+        opts.timeout = std::time::Duration::from_secs(5);
+        let report = diagnose::run(&opts).await;
+        match (report.root_cause, report.fix) {
+            (Some(root_cause), Some(fix)) => Some(Diagnosis { root_cause, fix }),
+            _ => watch::FromEngineError.diagnose(image, failure).await,
+        }
+    }
+}
+
+fn is_loopback_registry(image: &str) -> bool {
+    let host = image.split('/').next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
@@ -195,6 +227,23 @@ pub fn run(args: WatchArgs) -> Result<(), BoxError> {
             let from = watch::store::now_ms().saturating_sub(since.as_millis() as u64);
             print!("{}", watch::report::review(&store.deployments(None, from)?, since));
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_registries_are_plain_http_as_the_engine_does() {
+        for (image, loopback) in [
+            ("127.0.0.1:5000/team/app:v1", true),
+            ("localhost:5000/app", true),
+            ("[::1]:5000/app:v1", true),
+            ("127.0.0.2/app", true),
+            ("registry.example.com/app:v1", false),
+            ("10.0.0.1:5000/app", false),
+        ] {
+            assert_eq!(super::is_loopback_registry(image), loopback, "{image}");
         }
     }
 }

@@ -349,7 +349,8 @@ fn watch_classifies_failures_and_pauses_after_three() {
     let (ok, out, _) = f.deploy(&file, Some(&format!("{}:no-such-tag", f.repo)));
     assert!(!ok);
     assert!(out.contains("cause: tag_not_found"), "{out}");
-    assert!(out.contains("root cause: registry"), "{out}");
+    // The root cause is berth diagnose's walk of the pull path.
+    assert!(out.contains("tag no-such-tag does not; nearest tags: v"), "{out}");
 
     let (ok, out, _) = f.deploy(&file, Some(&wrong));
     assert!(!ok);
@@ -605,7 +606,7 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     assert_eq!(a["labels"]["region"], "eu", "{a}");
     assert_eq!(a["annotations"]["cause"], "tag_not_found", "{a}");
     let root = a["annotations"]["root_cause"].as_str().unwrap();
-    assert!(root.contains("has no manifest for") && root.contains(":v9"), "{a}");
+    assert!(root.contains("exists, tag v9 does not; nearest tags: v"), "{a}");
     let rolled = get(&format!(
         "{}/api/v2/alerts?filter=alertname%3D%22BerthWatchRolledBack%22",
         am.url
