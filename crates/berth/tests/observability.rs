@@ -160,9 +160,19 @@ async fn request_ids_access_log_and_metrics() {
     assert_eq!(v["client.ip"], "127.0.0.1");
     assert!(v["event.duration"].as_u64().unwrap() > 0);
     assert!(v["@timestamp"].as_str().unwrap().ends_with('Z'));
-    assert!(s.log_text().lines().any(
-        |l| l.contains(&format!("\"trace.id\":\"{generated}\"")) && l.contains("\"http.response.status_code\":404")
-    ));
+    // Each serving worker writes its lines in batches (flushed within
+    // 100 ms), so the 404's line may come after the line above.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.log_text().lines().any(|l| {
+        l.contains(&format!("\"trace.id\":\"{generated}\"")) && l.contains("\"http.response.status_code\":404")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no access log line for the 404:\n{}",
+            s.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Every line is JSON (stderr is not a terminal here).
     for l in s.log_text().lines() {
         serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
