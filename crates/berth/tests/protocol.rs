@@ -868,3 +868,45 @@ async fn cached_manifests_follow_tag_moves_and_deletes() {
     assert_eq!(get("/v2/cache/other/manifests/v1".into()).await, (200, d4));
     assert_eq!(get("/v2/cache/app/manifests/v1".into()).await.0, 404);
 }
+
+/// A manifest PUT with `?tag=` names every tag it applied in an `OCI-Tag`
+/// header, one header line per tag (distribution spec, "Pushing Manifests").
+#[tokio::test]
+async fn manifest_put_with_tags_answers_oci_tag() {
+    let s = Server::start();
+    let c = client();
+    let md = push_image(&c, &s, "ocitag/app", "v1", 3).await;
+    let body = c
+        .get(s.url(&format!("/v2/ocitag/app/manifests/{md}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let r = c
+        .put(s.url(&format!("/v2/ocitag/app/manifests/{md}?tag=a&tag=b&tag=a")))
+        .header("content-type", OCI_MANIFEST)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let tags: Vec<&str> = r
+        .headers()
+        .get_all("oci-tag")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["a", "b"]);
+    // Without ?tag= there is no OCI-Tag.
+    let r = c
+        .put(s.url(&format!("/v2/ocitag/app/manifests/{md}")))
+        .header("content-type", OCI_MANIFEST)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("oci-tag").is_none());
+}
