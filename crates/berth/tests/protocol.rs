@@ -910,3 +910,31 @@ async fn manifest_put_with_tags_answers_oci_tag() {
     assert_eq!(r.status(), 201);
     assert!(r.headers().get("oci-tag").is_none());
 }
+
+/// A Range whose last byte comes before its first is unsatisfiable: 416
+/// with `Content-Range: bytes */<size>`, like a range past the end, never
+/// the whole blob.
+#[tokio::test]
+async fn reversed_blob_range_is_unsatisfiable() {
+    let s = Server::start();
+    let c = client();
+    let data = bytes(4, 1_000);
+    let d = push_blob(&c, &s, "r/reversed", &data).await;
+    let r = c
+        .get(s.url(&format!("/v2/r/reversed/blobs/{d}")))
+        .header("range", "bytes=500-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "content-range"), "bytes */1000");
+    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
+    // A good range on the same blob still works.
+    let r = c
+        .get(s.url(&format!("/v2/r/reversed/blobs/{d}")))
+        .header("range", "bytes=0-500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..501]);
+}
