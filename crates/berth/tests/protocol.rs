@@ -938,3 +938,60 @@ async fn reversed_blob_range_is_unsatisfiable() {
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..501]);
 }
+
+/// A closing PUT whose Content-Range does not start at the upload's offset
+/// is 416 with `Location` and `Range`, like an out-of-order PATCH; the
+/// upload is unchanged and can still be completed.
+#[tokio::test]
+async fn out_of_order_final_chunk_is_416_and_resumable() {
+    let s = Server::start();
+    let c = client();
+    let data = bytes(9, 3_000);
+    let d = sha256(&data);
+    let r = c.post(s.url("/v2/last/chunk/blobs/uploads/")).send().await.unwrap();
+    let loc = header(&r, "location");
+    let r = c
+        .patch(s.url(&loc))
+        .header("content-range", "0-999")
+        .body(data[..1_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = header(&r, "location");
+    // The last chunk claims to start at 2000, the upload holds 1000 bytes.
+    let r = c
+        .put(s.url(&format!("{loc}?digest={d}")))
+        .header("content-range", "2000-2999")
+        .body(data[2_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "location"), loc);
+    assert_eq!(header(&r, "range"), "0-999");
+    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
+    // Where to resume, and the upload still takes the right chunks.
+    let r = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-999");
+    let r = c
+        .patch(s.url(&loc))
+        .header("content-range", "1000-1999")
+        .body(data[1_000..2_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-1999");
+    let r = c
+        .put(s.url(&format!("{loc}?digest={d}")))
+        .header("content-range", "2000-2999")
+        .body(data[2_000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let got = c.get(s.url(&format!("/v2/last/chunk/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
+}
