@@ -91,14 +91,17 @@ async fn blob_get_head_and_ranges() {
         .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[9990..]);
-    let r = c
-        .get(s.url(&format!("/v2/r/blobs/blobs/{d}")))
-        .header("range", "bytes=10000-")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(header(&r, "content-range"), "bytes */10000");
-    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
+    // Unsatisfiable: past the end, or ending before it starts.
+    for range in ["bytes=10000-", "bytes=500-0"] {
+        let r = c
+            .get(s.url(&format!("/v2/r/blobs/blobs/{d}")))
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "content-range"), "bytes */10000", "{range}");
+        assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()), "{range}");
+    }
     // Another repository cannot read it: the link is per repository.
     let r = c.get(s.url(&format!("/v2/other/blobs/{d}"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".into()));
@@ -875,34 +878,6 @@ async fn cached_manifests_follow_tag_moves_and_deletes() {
     let d4 = push_image(&c, &s, "cache/other", "v1", 4).await;
     assert_eq!(get("/v2/cache/other/manifests/v1".into()).await, (200, d4));
     assert_eq!(get("/v2/cache/app/manifests/v1".into()).await.0, 404);
-}
-
-/// A Range whose last byte comes before its first is unsatisfiable: 416
-/// with `Content-Range: bytes */<size>`, like a range past the end, never
-/// the whole blob.
-#[tokio::test]
-async fn reversed_blob_range_is_unsatisfiable() {
-    let s = Server::start();
-    let c = client();
-    let data = bytes(4, 1_000);
-    let d = push_blob(&c, &s, "r/reversed", &data).await;
-    let r = c
-        .get(s.url(&format!("/v2/r/reversed/blobs/{d}")))
-        .header("range", "bytes=500-0")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(header(&r, "content-range"), "bytes */1000");
-    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
-    // A good range on the same blob still works.
-    let r = c
-        .get(s.url(&format!("/v2/r/reversed/blobs/{d}")))
-        .header("range", "bytes=0-500")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 206);
-    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..501]);
 }
 
 /// A closing PUT whose Content-Range does not start at the upload's offset
