@@ -900,14 +900,15 @@ async fn out_of_order_final_chunk_is_416_and_resumable() {
         .unwrap();
     assert_eq!(r.status(), 202);
     let loc = header(&r, "location");
-    // The last chunk claims to start at 2000, the upload holds 1000 bytes.
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .header("content-range", "2000-2999")
-        .body(data[2_000..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    // The last chunk, sent while the upload holds 1000 bytes, then again
+    // once it holds 2000.
+    let last_chunk = || {
+        c.put(s.url(&format!("{loc}?digest={d}")))
+            .header("content-range", "2000-2999")
+            .body(data[2_000..].to_vec())
+            .send()
+    };
+    let r = last_chunk().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(header(&r, "location"), loc);
     assert_eq!(header(&r, "range"), "0-999");
@@ -925,13 +926,7 @@ async fn out_of_order_final_chunk_is_416_and_resumable() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(header(&r, "range"), "0-1999");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .header("content-range", "2000-2999")
-        .body(data[2_000..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = last_chunk().await.unwrap();
     assert_eq!(r.status(), 201);
     let got = c.get(s.url(&format!("/v2/last/chunk/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
