@@ -111,7 +111,8 @@ impl Stream for IdleBody {
 /// Resolves a `Range` header against a blob of `size` bytes. Forms other
 /// than one `bytes=` range are ignored (the whole blob is served), as HTTP
 /// allows; a range starting beyond the end, or ending before it starts, is
-/// `RANGE_INVALID` (416), as the distribution spec's conformance tests ask.
+/// `RANGE_INVALID` (416) rather than the whole blob, so the client learns
+/// that its request was wrong.
 pub fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, ApiError> {
     let Some(spec) = headers
         .get(header::RANGE)
