@@ -93,18 +93,23 @@ fn upload_location(name: &RepoName, id: &UploadId) -> String {
     format!("/v2/{name}/blobs/uploads/{id}")
 }
 
-/// 202 with the headers that tell a client where an upload stands.
-fn upload_progress(status: StatusCode, name: &RepoName, id: &UploadId, size: u64) -> Response {
-    let range = if size == 0 {
+/// The `Range` of an upload holding `size` bytes (`0-0` when empty, as
+/// clients expect).
+fn upload_range(size: u64) -> String {
+    if size == 0 {
         "0-0".to_string()
     } else {
         format!("0-{}", size - 1)
-    };
+    }
+}
+
+/// 202 with the headers that tell a client where an upload stands.
+fn upload_progress(status: StatusCode, name: &RepoName, id: &UploadId, size: u64) -> Response {
     (
         status,
         [
             (header::LOCATION, hv(upload_location(name, id))),
-            (header::RANGE, hv(range)),
+            (header::RANGE, hv(upload_range(size))),
             (header::HeaderName::from_static("docker-upload-uuid"), hv(id.as_str())),
             (header::CONTENT_LENGTH, HeaderValue::from_static("0")),
         ],
@@ -182,6 +187,14 @@ pub async fn patch(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult {
+    let start = chunk_start(headers)?;
+    let size = append_chunk(ctx, name, id, owner, start, body).await?;
+    Ok(upload_progress(StatusCode::ACCEPTED, name, id, size))
+}
+
+/// The first byte of a chunk's `Content-Range`, checked against its
+/// `Content-Length`; `None` for a chunk sent without `Content-Range`.
+fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let range = chunk_range(headers)?;
     if let (Some((a, b)), Some(len)) = (range, content_length(headers)) {
         if b - a + 1 != len {
@@ -194,24 +207,37 @@ pub async fn patch(
             ));
         }
     }
-    let size = ctx
-        .reg()
-        .upload_append(
-            name,
-            id,
-            owner,
-            range.map(|(a, _)| a),
-            body_stream(body, ctx.app.body_idle_timeout),
-        )
-        .await
-        .map_err(|e| {
-            let mut err = ApiError::from(e);
-            if err.error.code == ErrorCode::RangeInvalid {
-                err = err.with_header(header::LOCATION, hv(upload_location(name, id)));
-            }
-            err
-        })?;
-    Ok(upload_progress(StatusCode::ACCEPTED, name, id, size))
+    Ok(range.map(|(a, _)| a))
+}
+
+/// Appends a chunk (PATCH, or a closing PUT's last chunk). A chunk that
+/// does not start at the upload's offset is refused with 416 and the
+/// upload's `Location` and `Range`, as a status GET would give them, so the
+/// client can resume from there; the upload is left as it was.
+async fn append_chunk(
+    ctx: &Ctx<'_>,
+    name: &RepoName,
+    id: &UploadId,
+    owner: Option<&str>,
+    start: Option<u64>,
+    body: Body,
+) -> Result<u64, ApiError> {
+    let reg = ctx.reg();
+    let appended = reg
+        .upload_append(name, id, owner, start, body_stream(body, ctx.app.body_idle_timeout))
+        .await;
+    let err = match appended {
+        Ok(size) => return Ok(size),
+        Err(e) => ApiError::from(e),
+    };
+    if err.error.code != ErrorCode::RangeInvalid {
+        return Err(err);
+    }
+    let err = err.with_header(header::LOCATION, hv(upload_location(name, id)));
+    Err(match reg.upload_status(name, id, owner).await {
+        Ok(size) => err.with_header(header::RANGE, hv(upload_range(size))),
+        Err(_) => err,
+    })
 }
 
 /// PUT `?digest=`: the optional last chunk, then verify and commit.
@@ -230,6 +256,13 @@ pub async fn finish(
             "completing an upload needs ?digest=<algorithm>:<hex> of the whole blob",
         ));
     };
+    // A last chunk with `Content-Range` is appended as a PATCH would append
+    // it, offset check included; then the upload is completed without it.
+    if let Some(start) = chunk_start(headers)? {
+        append_chunk(ctx, name, id, owner, Some(start), body).await?;
+        ctx.reg().upload_finish(name, id, owner, &d, None).await?;
+        return Ok(blob_created(name, &d));
+    }
     let has_body = content_length(headers).is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
     let last = has_body.then(|| body_stream(body, ctx.app.body_idle_timeout));
     ctx.reg().upload_finish(name, id, owner, &d, last).await?;

@@ -63,6 +63,14 @@ pub async fn put(
     let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| too_large())?;
     let tags = q.all("tag").map(|t| t.parse::<Tag>()).collect::<Result<Vec<_>, _>>()?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    // The spec asks for one `OCI-Tag` per tag applied; `manifest_put` applies
+    // all of them or fails, so the tags asked for are the tags applied.
+    let mut applied: Vec<String> = Vec::new();
+    for tag in tags.iter().map(Tag::to_string) {
+        if !applied.contains(&tag) {
+            applied.push(tag);
+        }
+    }
     let put = reg.manifest_put(name, r, content_type, bytes, tags).await?;
     ctx.audit("push", &resource(name, r), "ok", put.digest.as_str());
     let mut resp = (
@@ -77,6 +85,9 @@ pub async fn put(
         .insert("docker-content-digest", hv(put.digest.as_str()));
     if let Some(subject) = put.subject {
         resp.headers_mut().insert("oci-subject", hv(subject.as_str()));
+    }
+    for tag in applied {
+        resp.headers_mut().append("oci-tag", hv(tag));
     }
     Ok(resp)
 }

@@ -110,7 +110,9 @@ impl Stream for IdleBody {
 
 /// Resolves a `Range` header against a blob of `size` bytes. Forms other
 /// than one `bytes=` range are ignored (the whole blob is served), as HTTP
-/// allows; a range starting beyond the end is `RANGE_INVALID` (416).
+/// allows; a range starting beyond the end, or ending before it starts, is
+/// `RANGE_INVALID` (416) rather than the whole blob, so the client learns
+/// that its request was wrong.
 pub fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, ApiError> {
     let Some(spec) = headers
         .get(header::RANGE)
@@ -125,10 +127,10 @@ pub fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, 
     let Some((a, b)) = spec.trim().split_once('-') else {
         return Ok(None);
     };
-    let unsatisfiable = || {
+    let unsatisfiable = |why: &str| {
         ApiError::new(
             ErrorCode::RangeInvalid,
-            format!("range {spec:?} is outside the blob's {size} bytes"),
+            format!("range {spec:?} {why}; the blob has {size} bytes"),
         )
         .with_header(
             header::CONTENT_RANGE,
@@ -141,7 +143,7 @@ pub fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, 
                 return Ok(None);
             };
             if len == 0 || size == 0 {
-                return Err(unsatisfiable());
+                return Err(unsatisfiable("selects no bytes"));
             }
             size.saturating_sub(len)..size
         }
@@ -156,12 +158,12 @@ pub fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<Range<u64>>, 
                     return Ok(None);
                 };
                 if end < start {
-                    return Ok(None);
+                    return Err(unsatisfiable("ends before it starts"));
                 }
                 end.min(size.saturating_sub(1))
             };
             if start >= size {
-                return Err(unsatisfiable());
+                return Err(unsatisfiable("starts past the end"));
             }
             start..end + 1
         }
@@ -227,7 +229,7 @@ mod tests {
         assert_eq!(range("bytes=10-20", 10), Err(ErrorCode::RangeInvalid));
         assert_eq!(range("bytes=0-1,3-4", 10), Ok(None));
         assert_eq!(range("items=0-1", 10), Ok(None));
-        assert_eq!(range("bytes=5-2", 10), Ok(None));
+        assert_eq!(range("bytes=5-2", 10), Err(ErrorCode::RangeInvalid));
         assert_eq!(range("bytes=x-2", 10), Ok(None));
     }
 

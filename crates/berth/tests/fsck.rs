@@ -80,3 +80,26 @@ fn manifest_len(m: &str, s: &Server) -> u64 {
         .unwrap()
         .len()
 }
+
+/// A manifest whose stored bytes were overwritten is reported as corrupt,
+/// with the digest it should have and the one its bytes have, not as missing.
+#[tokio::test]
+async fn fsck_reports_corrupt_manifest_bytes_as_corrupt() {
+    let mut s = Server::start_with(&["--gc-interval", "0"]);
+    let c = client();
+    let m = push_image(&c, &s, "lib/rot", "v1", 6).await;
+    assert!(s.terminate());
+    let hex = m.trim_start_matches("sha256:");
+    let other = b"{\"not\":\"the manifest pushed, and longer than it was before the damage\"}";
+    std::fs::write(s.data().join("blobs/sha256").join(&hex[..2]).join(hex), other).unwrap();
+    let (ok, out, err) = berth(s.data(), &["fsck"]);
+    assert!(!ok, "{out}{err}");
+    let actual = sha256(other);
+    assert!(
+        out.contains(&format!(
+            "manifest {m} of lib/rot is corrupt: expected digest {m}, its bytes hash to {actual}"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("bytes are missing"), "{out}");
+}

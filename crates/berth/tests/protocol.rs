@@ -91,14 +91,17 @@ async fn blob_get_head_and_ranges() {
         .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[9990..]);
-    let r = c
-        .get(s.url(&format!("/v2/r/blobs/blobs/{d}")))
-        .header("range", "bytes=10000-")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(header(&r, "content-range"), "bytes */10000");
-    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
+    // Unsatisfiable: past the end, or ending before it starts.
+    for range in ["bytes=10000-", "bytes=500-0"] {
+        let r = c
+            .get(s.url(&format!("/v2/r/blobs/blobs/{d}")))
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "content-range"), "bytes */10000", "{range}");
+        assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()), "{range}");
+    }
     // Another repository cannot read it: the link is per repository.
     let r = c.get(s.url(&format!("/v2/other/blobs/{d}"))).send().await.unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".into()));
@@ -370,7 +373,8 @@ async fn manifests_by_tag_and_digest() {
     assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".into()));
     let r = c.head(s.url("/v2/m/app/manifests/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    // PUT by digest with several ?tag= at once.
+    // PUT by digest with several ?tag= at once (one repeated): one
+    // `OCI-Tag` line per tag applied (distribution spec, "Pushing Manifests").
     let body = c
         .get(s.url(&format!("/v2/m/app/manifests/{md}")))
         .send()
@@ -380,7 +384,7 @@ async fn manifests_by_tag_and_digest() {
         .await
         .unwrap();
     let r = c
-        .put(s.url(&format!("/v2/m/app/manifests/{md}?tag=a&tag=b")))
+        .put(s.url(&format!("/v2/m/app/manifests/{md}?tag=a&tag=b&tag=a")))
         .header("content-type", OCI_MANIFEST)
         .body(body.clone())
         .send()
@@ -388,6 +392,13 @@ async fn manifests_by_tag_and_digest() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "location"), format!("/v2/m/app/manifests/{md}"));
+    let applied: Vec<&str> = r
+        .headers()
+        .get_all("oci-tag")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(applied, ["a", "b"]);
     let tags: Value = c
         .get(s.url("/v2/m/app/tags/list"))
         .send()
@@ -867,4 +878,56 @@ async fn cached_manifests_follow_tag_moves_and_deletes() {
     let d4 = push_image(&c, &s, "cache/other", "v1", 4).await;
     assert_eq!(get("/v2/cache/other/manifests/v1".into()).await, (200, d4));
     assert_eq!(get("/v2/cache/app/manifests/v1".into()).await.0, 404);
+}
+
+/// A closing PUT whose Content-Range does not start at the upload's offset
+/// is 416 with `Location` and `Range`, like an out-of-order PATCH; the
+/// upload is unchanged and can still be completed.
+#[tokio::test]
+async fn out_of_order_final_chunk_is_416_and_resumable() {
+    let s = Server::start();
+    let c = client();
+    let data = bytes(9, 3_000);
+    let d = sha256(&data);
+    let r = c.post(s.url("/v2/last/chunk/blobs/uploads/")).send().await.unwrap();
+    let loc = header(&r, "location");
+    let r = c
+        .patch(s.url(&loc))
+        .header("content-range", "0-999")
+        .body(data[..1_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = header(&r, "location");
+    // The last chunk, sent while the upload holds 1000 bytes, then again
+    // once it holds 2000.
+    let last_chunk = || {
+        c.put(s.url(&format!("{loc}?digest={d}")))
+            .header("content-range", "2000-2999")
+            .body(data[2_000..].to_vec())
+            .send()
+    };
+    let r = last_chunk().await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "location"), loc);
+    assert_eq!(header(&r, "range"), "0-999");
+    assert_eq!(error_code(r).await, (416, "RANGE_INVALID".into()));
+    // Where to resume, and the upload still takes the right chunks.
+    let r = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-999");
+    let r = c
+        .patch(s.url(&loc))
+        .header("content-range", "1000-1999")
+        .body(data[1_000..2_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-1999");
+    let r = last_chunk().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let got = c.get(s.url(&format!("/v2/last/chunk/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
 }

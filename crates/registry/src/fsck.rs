@@ -11,7 +11,7 @@
 //! Repairs assume nothing pushes meanwhile: `berth fsck` runs on a stopped
 //! registry's data directory.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures_util::StreamExt;
 use metadata::SweepGuard;
@@ -38,6 +38,13 @@ pub enum Finding {
     },
     /// A manifest is recorded but its bytes are gone.
     ManifestBytesMissing { repo: String, digest: Digest },
+    /// A manifest is recorded but its stored bytes are not the ones pushed
+    /// (`reason` as for `BlobCorrupt`: what they hash to, or why unreadable).
+    ManifestBytesCorrupt {
+        repo: String,
+        digest: Digest,
+        reason: String,
+    },
 }
 
 impl Finding {
@@ -45,7 +52,9 @@ impl Finding {
     pub fn repairable(&self) -> bool {
         !matches!(
             self,
-            Finding::ManifestMissingBlob { .. } | Finding::ManifestBytesMissing { .. }
+            Finding::ManifestMissingBlob { .. }
+                | Finding::ManifestBytesMissing { .. }
+                | Finding::ManifestBytesCorrupt { .. }
         )
     }
 }
@@ -68,6 +77,10 @@ impl std::fmt::Display for Finding {
             Finding::ManifestBytesMissing { repo, digest } => write!(
                 f,
                 "manifest {digest} of {repo} is recorded but its bytes are missing; push it again or delete it"
+            ),
+            Finding::ManifestBytesCorrupt { repo, digest, reason } => write!(
+                f,
+                "manifest {digest} of {repo} is corrupt: expected digest {digest}, {reason}; push it again or delete it"
             ),
         }
     }
@@ -94,6 +107,8 @@ impl Registry {
         // Bytes that are present and verified.
         let mut good: HashSet<Digest> = HashSet::new();
         let mut bad: Vec<Digest> = Vec::new();
+        // Why each present but bad blob is bad, for the manifests stored in it.
+        let mut corrupt: HashMap<Digest, String> = HashMap::new();
         for (digest, size) in &stored {
             let mut hasher = digest.algorithm().hasher();
             let mut read = 0u64;
@@ -126,8 +141,9 @@ impl Registry {
                 Some(reason) => {
                     report.findings.push(Finding::BlobCorrupt {
                         digest: digest.clone(),
-                        reason,
+                        reason: reason.clone(),
                     });
+                    corrupt.insert(digest.clone(), reason);
                     bad.push(digest.clone());
                 }
                 None => {
@@ -167,7 +183,13 @@ impl Registry {
             }
         }
         for m in &snap.manifests {
-            if !good.contains(&m.digest) {
+            if let Some(reason) = corrupt.get(&m.digest) {
+                report.findings.push(Finding::ManifestBytesCorrupt {
+                    repo: m.repo.clone(),
+                    digest: m.digest.clone(),
+                    reason: reason.clone(),
+                });
+            } else if !good.contains(&m.digest) {
                 report.findings.push(Finding::ManifestBytesMissing {
                     repo: m.repo.clone(),
                     digest: m.digest.clone(),
