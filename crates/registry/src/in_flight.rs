@@ -16,12 +16,21 @@ use foldhash::HashMap;
 use oci::{Digest, RepoName};
 use tokio::sync::OnceCell;
 
-/// Dead entries are swept when the map has grown past this many.
+/// Dead entries are swept when the map has grown past this many, or past
+/// twice what the last sweep left (so sweeps stay amortised O(1) per insert
+/// however many manifests are being served at once).
 const SWEEP_AT: usize = 64;
 
 #[derive(Default)]
 pub(crate) struct InFlight {
-    slots: Mutex<HashMap<(RepoName, Digest), Weak<Slot>>>,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    map: HashMap<(RepoName, Digest), Weak<Slot>>,
+    /// The map's size at which the next sweep runs.
+    sweep_at: usize,
 }
 
 /// One manifest's bytes, read at most once while anyone holds the slot.
@@ -42,21 +51,22 @@ impl InFlight {
     pub(crate) fn slot(&self, repo: &RepoName, digest: &Digest) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let key = (repo.clone(), digest.clone());
-        if let Some(live) = slots.get(&key).and_then(Weak::upgrade) {
+        if let Some(live) = slots.map.get(&key).and_then(Weak::upgrade) {
             return live;
         }
-        if slots.len() >= SWEEP_AT {
-            slots.retain(|_, w| w.strong_count() > 0);
+        if slots.map.len() >= slots.sweep_at.max(SWEEP_AT) {
+            slots.map.retain(|_, w| w.strong_count() > 0);
+            slots.sweep_at = 2 * slots.map.len();
         }
         let slot = Arc::new(Slot::default());
-        slots.insert(key, Arc::downgrade(&slot));
+        slots.map.insert(key, Arc::downgrade(&slot));
         slot
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.values().filter(|w| w.strong_count() > 0).count()
+        slots.map.values().filter(|w| w.strong_count() > 0).count()
     }
 }
 
@@ -79,6 +89,23 @@ mod tests {
 
     fn key() -> (RepoName, Digest) {
         ("a/b".parse().unwrap(), Digest::sha256(b"m"))
+    }
+
+    #[test]
+    fn dead_entries_are_swept_and_live_ones_kept() {
+        let f = InFlight::default();
+        let repo: RepoName = "a/b".parse().unwrap();
+        let live: Vec<_> = (0..100u32)
+            .map(|i| f.slot(&repo, &Digest::sha256(&i.to_be_bytes())))
+            .collect();
+        for i in 100..10_000u32 {
+            drop(f.slot(&repo, &Digest::sha256(&i.to_be_bytes())));
+        }
+        let map_len = f.slots.lock().unwrap().map.len();
+        // 100 live slots, and dead ones up to twice that before a sweep.
+        assert!(map_len <= 2 * 100 + 1, "{map_len} entries kept");
+        assert_eq!(f.len(), 100);
+        drop(live);
     }
 
     #[tokio::test]
