@@ -3,7 +3,7 @@
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use oci::{Digest, ErrorCode, RepoName, UploadId};
+use oci::{Algorithm, Digest, ErrorCode, RepoName, UploadId};
 use registry::Registry;
 
 use crate::error::{ApiError, ApiResult};
@@ -117,6 +117,17 @@ fn upload_progress(status: StatusCode, name: &RepoName, id: &UploadId, size: u64
         .into_response()
 }
 
+/// `upload_progress` for the start and the status of an upload, which also
+/// say which hash it was started with (berth's `Digest-Algorithm` header).
+fn upload_state(status: StatusCode, name: &RepoName, id: &UploadId, p: registry::uploads::UploadProgress) -> Response {
+    let mut resp = upload_progress(status, name, id, p.size);
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("digest-algorithm"),
+        hv(p.algorithm.as_str()),
+    );
+    resp
+}
+
 /// 201 for a blob now in the repository.
 fn blob_created(name: &RepoName, d: &Digest) -> Response {
     (
@@ -138,6 +149,8 @@ fn digest_param(q: &Query) -> Result<Option<Digest>, ApiError> {
 /// (`?digest=` with the body), or the start of an upload session.
 pub async fn start(ctx: &Ctx<'_>, name: &RepoName, q: &Query, body: Body) -> ApiResult {
     let (reg, owner) = (ctx.reg(), ctx.caller.owner());
+    // `?digest-algorithm=`: the hash of a session (sha256 by default).
+    let alg: Option<Algorithm> = q.get("digest-algorithm").map(str::parse).transpose()?;
     if let Some(mount) = q.get("mount") {
         let d: Digest = mount.parse()?;
         // A `from` that is invalid, or that the caller may not pull, cannot
@@ -159,9 +172,25 @@ pub async fn start(ctx: &Ctx<'_>, name: &RepoName, q: &Query, body: Body) -> Api
             return Ok(blob_created(name, &d));
         }
     } else if let Some(d) = digest_param(q)? {
-        let id = reg.upload_start(name, owner).await?;
+        if let Some(alg) = alg.filter(|a| *a != d.algorithm()) {
+            return Err(ApiError::new(
+                ErrorCode::DigestInvalid,
+                format!(
+                    "digest-algorithm={} but the digest is {d}; give one algorithm",
+                    alg.as_str()
+                ),
+            ));
+        }
+        let id = reg.upload_start(name, owner, d.algorithm()).await?;
         let result = reg
-            .upload_finish(name, &id, owner, &d, Some(body_stream(body, ctx.app.body_idle_timeout)))
+            .upload_finish(
+                name,
+                &id,
+                owner,
+                None,
+                &d,
+                Some(body_stream(body, ctx.app.body_idle_timeout)),
+            )
             .await;
         if result.is_err() {
             let _ = reg.upload_cancel(name, &id, owner).await;
@@ -169,13 +198,15 @@ pub async fn start(ctx: &Ctx<'_>, name: &RepoName, q: &Query, body: Body) -> Api
         result?;
         return Ok(blob_created(name, &d));
     }
-    let id = reg.upload_start(name, owner).await?;
-    Ok(upload_progress(StatusCode::ACCEPTED, name, &id, 0))
+    let algorithm = alg.unwrap_or(Algorithm::Sha256);
+    let id = reg.upload_start(name, owner, algorithm).await?;
+    let started = registry::uploads::UploadProgress { size: 0, algorithm };
+    Ok(upload_state(StatusCode::ACCEPTED, name, &id, started))
 }
 
 pub async fn status(reg: &Registry, name: &RepoName, id: &UploadId, owner: Option<&str>) -> ApiResult {
-    let size = reg.upload_status(name, id, owner).await?;
-    Ok(upload_progress(StatusCode::NO_CONTENT, name, id, size))
+    let progress = reg.upload_status(name, id, owner).await?;
+    Ok(upload_state(StatusCode::NO_CONTENT, name, id, progress))
 }
 
 /// PATCH: a chunk (with `Content-Range`) or a stream (without).
@@ -210,10 +241,8 @@ fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     Ok(range.map(|(a, _)| a))
 }
 
-/// Appends a chunk (PATCH, or a closing PUT's last chunk). A chunk that
-/// does not start at the upload's offset is refused with 416 and the
-/// upload's `Location` and `Range`, as a status GET would give them, so the
-/// client can resume from there; the upload is left as it was.
+/// Appends a chunk (PATCH). A chunk that does not start at the upload's
+/// offset is refused with 416 (`resumable`); the upload is left as it was.
 async fn append_chunk(
     ctx: &Ctx<'_>,
     name: &RepoName,
@@ -223,24 +252,30 @@ async fn append_chunk(
     body: Body,
 ) -> Result<u64, ApiError> {
     let reg = ctx.reg();
-    let appended = reg
+    match reg
         .upload_append(name, id, owner, start, body_stream(body, ctx.app.body_idle_timeout))
-        .await;
-    let err = match appended {
-        Ok(size) => return Ok(size),
-        Err(e) => ApiError::from(e),
-    };
-    if err.error.code != ErrorCode::RangeInvalid {
-        return Err(err);
+        .await
+    {
+        Ok(size) => Ok(size),
+        Err(e) => Err(resumable(reg, name, id, owner, e.into()).await),
     }
-    let err = err.with_header(header::LOCATION, hv(upload_location(name, id)));
-    Err(match reg.upload_status(name, id, owner).await {
-        Ok(size) => err.with_header(header::RANGE, hv(upload_range(size))),
-        Err(_) => err,
-    })
 }
 
-/// PUT `?digest=`: the optional last chunk, then verify and commit.
+/// A 416 gets the upload's `Location` and `Range`, as a status GET would
+/// give them, so the client can resume from there.
+async fn resumable(reg: &Registry, name: &RepoName, id: &UploadId, owner: Option<&str>, err: ApiError) -> ApiError {
+    if err.error.code != ErrorCode::RangeInvalid {
+        return err;
+    }
+    let err = err.with_header(header::LOCATION, hv(upload_location(name, id)));
+    match reg.upload_status(name, id, owner).await {
+        Ok(p) => err.with_header(header::RANGE, hv(upload_range(p.size))),
+        Err(_) => err,
+    }
+}
+
+/// PUT `?digest=`: the optional last chunk (with or without
+/// `Content-Range`), then verify and commit.
 pub async fn finish(
     ctx: &Ctx<'_>,
     name: &RepoName,
@@ -256,17 +291,16 @@ pub async fn finish(
             "completing an upload needs ?digest=<algorithm>:<hex> of the whole blob",
         ));
     };
-    // A last chunk with `Content-Range` is appended as a PATCH would append
-    // it, offset check included; then the upload is completed without it.
-    if let Some(start) = chunk_start(headers)? {
-        append_chunk(ctx, name, id, owner, Some(start), body).await?;
-        ctx.reg().upload_finish(name, id, owner, &d, None).await?;
-        return Ok(blob_created(name, &d));
-    }
-    let has_body = content_length(headers).is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
+    let start = chunk_start(headers)?;
+    let has_body = start.is_some()
+        || content_length(headers).is_some_and(|n| n > 0)
+        || headers.contains_key(header::TRANSFER_ENCODING);
     let last = has_body.then(|| body_stream(body, ctx.app.body_idle_timeout));
-    ctx.reg().upload_finish(name, id, owner, &d, last).await?;
-    Ok(blob_created(name, &d))
+    let reg = ctx.reg();
+    match reg.upload_finish(name, id, owner, start, &d, last).await {
+        Ok(_) => Ok(blob_created(name, &d)),
+        Err(e) => Err(resumable(reg, name, id, owner, e.into()).await),
+    }
 }
 
 pub async fn cancel(reg: &Registry, name: &RepoName, id: &UploadId, owner: Option<&str>) -> ApiResult {

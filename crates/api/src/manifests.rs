@@ -3,10 +3,12 @@
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures_util::StreamExt;
 use oci::{ErrorCode, Reference, RepoName, Tag};
 
 use crate::error::{ApiError, ApiResult};
-use crate::request::Query;
+use crate::request::{body_stream, Query};
 use crate::{hv, Ctx};
 
 pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
@@ -57,10 +59,20 @@ pub async fn put(
             format!("manifest is larger than the {limit}-byte limit"),
         )
     };
-    // Read up to one byte past the limit. Reading (rather than refusing on
-    // Content-Length alone) lets the client finish sending and see the 413
-    // instead of a reset connection.
-    let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| too_large())?;
+    // Read up to the limit. Reading (rather than refusing on Content-Length
+    // alone) lets the client send and see the 413 instead of a reset
+    // connection. A body that is malformed, cut short or stalled is the
+    // client's error (`RegistryError::body`), like an upload's.
+    let mut stream = body_stream(body, ctx.app.body_idle_timeout);
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| registry::RegistryError::body(&e))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let bytes = bytes.freeze();
     let tags = q.all("tag").map(|t| t.parse::<Tag>()).collect::<Result<Vec<_>, _>>()?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     // The spec asks for one `OCI-Tag` per tag applied; `manifest_put` applies

@@ -931,3 +931,146 @@ async fn out_of_order_final_chunk_is_416_and_resumable() {
     let got = c.get(s.url(&format!("/v2/last/chunk/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
 }
+
+/// A manifest pushed by a sha512 digest with `?tag=` is served by that tag
+/// under the digest it was pushed as, from the store and from the hot cache;
+/// a push of the same bytes by another tag (a sha256 digest) moves only that
+/// tag.
+#[tokio::test]
+async fn sha512_manifests_by_tag_keep_their_digest() {
+    let s = Server::start();
+    let c = client();
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    let layer = bytes(51, 2000);
+    let cd = push_blob(&c, &s, "s512/app", &config).await;
+    let ld = push_blob(&c, &s, "s512/app", &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())]);
+    let d512 = sha512(&m);
+    let r = c
+        .put(s.url(&format!("/v2/s512/app/manifests/{d512}?tag=t&tag=u")))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "docker-content-digest"), d512);
+    // Twice each: the first read fills the hot cache, the second comes from it.
+    for round in 0..2 {
+        for tag in ["t", "u"] {
+            let r = c
+                .get(s.url(&format!("/v2/s512/app/manifests/{tag}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(header(&r, "docker-content-digest"), d512, "GET {tag}, round {round}");
+            assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
+            let r = c
+                .head(s.url(&format!("/v2/s512/app/manifests/{tag}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(header(&r, "docker-content-digest"), d512, "HEAD {tag}, round {round}");
+        }
+    }
+    // The same bytes by tag: a sha256 digest for that tag only.
+    let r = c
+        .put(s.url("/v2/s512/app/manifests/w"))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "docker-content-digest"), sha256(&m));
+    for (tag, want) in [("t", d512.clone()), ("u", d512.clone()), ("w", sha256(&m))] {
+        let r = c
+            .get(s.url(&format!("/v2/s512/app/manifests/{tag}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "docker-content-digest"), want, "{tag} after the sha256 push");
+        let r = c
+            .head(s.url(&format!("/v2/s512/app/manifests/{tag}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            header(&r, "docker-content-digest"),
+            want,
+            "HEAD {tag} after the sha256 push"
+        );
+    }
+    // And by either digest.
+    for d in [d512.clone(), sha256(&m)] {
+        let r = c
+            .get(s.url(&format!("/v2/s512/app/manifests/{d}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "docker-content-digest"), d);
+    }
+}
+
+/// `?digest-algorithm=` on POST picks the upload's hash; the status says
+/// which; an unknown algorithm is refused before anything is created.
+#[tokio::test]
+async fn uploads_hash_with_the_digest_algorithm_asked_for() {
+    let s = Server::start();
+    let c = client();
+    let data = bytes(52, 300_000);
+    let r = c
+        .post(s.url("/v2/alg/app/blobs/uploads/?digest-algorithm=sha512"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "digest-algorithm"), "sha512");
+    let loc = header(&r, "location");
+    for part in data.chunks(100_000) {
+        let r = c.patch(s.url(&loc)).body(part.to_vec()).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let r = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "digest-algorithm"), "sha512");
+    let d = sha512(&data);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c.put(s.url(&format!("{loc}{sep}digest={d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "docker-content-digest"), d);
+    let r = c.get(s.url(&format!("/v2/alg/app/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
+    // Without the parameter: sha256, as before.
+    let r = c.post(s.url("/v2/alg/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(header(&r, "digest-algorithm"), "sha256");
+    // A monolithic push whose digest disagrees with the algorithm asked for.
+    let r = c
+        .post(s.url(&format!(
+            "/v2/alg/app/blobs/uploads/?digest-algorithm=sha256&digest={d}"
+        )))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (400, "DIGEST_INVALID".into()));
+    // That answer came before the body was read, so the connection closed.
+    let c = client();
+    // Unknown, and malformed, algorithms.
+    for (alg, want) in [
+        ("blake3", "UNSUPPORTED"),
+        ("md5", "UNSUPPORTED"),
+        ("SHA!", "DIGEST_INVALID"),
+    ] {
+        let r = c
+            .post(s.url(&format!("/v2/alg/app/blobs/uploads/?digest-algorithm={alg}")))
+            .send()
+            .await
+            .unwrap();
+        let (status, code) = error_code(r).await;
+        assert_eq!(code, want, "{alg}");
+        assert!((400..500).contains(&status), "{alg}: {status}");
+    }
+}

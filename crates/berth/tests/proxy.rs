@@ -795,3 +795,41 @@ async fn a_corrupt_upstream_blob_never_reaches_a_client_whole_nor_the_cache() {
             >= 2.0
     );
 }
+
+/// A manifest the upstream holds under a sha512 digest is cached and served
+/// under that digest, by tag and by digest, cold and from the hot cache.
+#[tokio::test]
+async fn a_sha512_manifest_keeps_its_digest_through_the_cache() {
+    let up = Server::start();
+    let c = client();
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    let layer = bytes(53, 3000);
+    let cd = push_blob(&c, &up, "lib/s512", &config).await;
+    let ld = push_blob(&c, &up, "lib/s512", &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())]);
+    let d512 = sha512(&m);
+    let r = c
+        .put(up.url(&format!("/v2/lib/s512/manifests/{d512}?tag=t")))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let s = berth_with(&up.url(""), "", &[]);
+    for round in 0..2 {
+        let r = c.get(s.url("/v2/hub/lib/s512/manifests/t")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "round {round}");
+        assert_eq!(header(&r, "docker-content-digest"), d512, "GET by tag, round {round}");
+        assert_eq!(r.bytes().await.unwrap().to_vec(), m);
+        let r = c.head(s.url("/v2/hub/lib/s512/manifests/t")).send().await.unwrap();
+        assert_eq!(header(&r, "docker-content-digest"), d512, "HEAD by tag, round {round}");
+    }
+    let r = c
+        .get(s.url(&format!("/v2/hub/lib/s512/manifests/{d512}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), d512);
+}

@@ -177,6 +177,9 @@ pub struct UploadRecord {
     pub owner: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// The hash the client asked for (`?digest-algorithm=`); `None` is sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
 }
 
 /// Counts of what the store holds, for the storage metrics.

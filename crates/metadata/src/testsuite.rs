@@ -230,6 +230,7 @@ pub async fn uploads(store: &dyn MetadataStore) {
         repo: "up/app".into(),
         owner: Some("alice".into()),
         created: 42,
+        algorithm: Some("sha512".into()),
     };
     store.put_upload(&id, &rec).await.unwrap();
     assert_eq!(store.get_upload(&id).await.unwrap(), Some(rec));
@@ -255,6 +256,7 @@ pub async fn stats(store: &dyn MetadataStore) {
         repo: "stats/app".into(),
         owner: None,
         created: 1,
+        algorithm: None,
     };
     store.put_upload(&id, &rec).await.unwrap();
     let after = store.stats().await.unwrap();

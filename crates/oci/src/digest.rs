@@ -44,6 +44,33 @@ pub enum DigestError {
     /// Well-formed, but an algorithm berth does not implement.
     #[error("unsupported digest algorithm {0:?}: berth supports sha256 and sha512")]
     Unsupported(String),
+    /// An algorithm name alone (`?digest-algorithm=`) that breaks the
+    /// spec's grammar.
+    #[error("invalid digest algorithm {0:?}: expected sha256 or sha512")]
+    InvalidAlgorithm(String),
+}
+
+/// The spec's grammar of an algorithm: components of `[a-z0-9]+` joined by
+/// one of `+._-`.
+fn algorithm_well_formed(alg: &str) -> bool {
+    !alg.is_empty()
+        && alg
+            .split(['+', '.', '_', '-'])
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+}
+
+/// An algorithm by name, as `?digest-algorithm=` gives it.
+impl FromStr for Algorithm {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sha256" => Ok(Algorithm::Sha256),
+            "sha512" => Ok(Algorithm::Sha512),
+            _ if algorithm_well_formed(s) => Err(DigestError::Unsupported(s.to_string())),
+            _ => Err(DigestError::InvalidAlgorithm(s.to_string())),
+        }
+    }
 }
 
 /// A validated digest. The string form is stored once; `hex()` and
@@ -90,11 +117,7 @@ impl FromStr for Digest {
         let Some((alg, enc)) = s.split_once(':') else {
             return Err(DigestError::Invalid(s.to_string()));
         };
-        // The spec's grammar: algorithm-component ([a-z0-9]+) joined by [+._-].
-        let alg_ok = !alg.is_empty()
-            && alg
-                .split(['+', '.', '_', '-'])
-                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        let alg_ok = algorithm_well_formed(alg);
         let enc_ok = !enc.is_empty()
             && enc
                 .bytes()
@@ -102,11 +125,7 @@ impl FromStr for Digest {
         if !alg_ok || !enc_ok {
             return Err(DigestError::Invalid(s.to_string()));
         }
-        let algorithm = match alg {
-            "sha256" => Algorithm::Sha256,
-            "sha512" => Algorithm::Sha512,
-            _ => return Err(DigestError::Unsupported(alg.to_string())),
-        };
+        let algorithm: Algorithm = alg.parse()?;
         let hex_ok =
             enc.len() == algorithm.hex_len() && enc.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !hex_ok {
@@ -174,6 +193,23 @@ impl Hasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_algorithm_names() {
+        assert_eq!("sha512".parse::<Algorithm>(), Ok(Algorithm::Sha512));
+        assert_eq!("sha256".parse::<Algorithm>(), Ok(Algorithm::Sha256));
+        assert_eq!(
+            "blake3".parse::<Algorithm>(),
+            Err(DigestError::Unsupported("blake3".into()))
+        );
+        for bad in ["", "SHA256", "sha256:", "a..b", "-x"] {
+            assert_eq!(
+                bad.parse::<Algorithm>(),
+                Err(DigestError::InvalidAlgorithm(bad.into())),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn parses_valid_digests() {

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     RangeInvalid,
     /// Content too large, e.g. a manifest above the size limit (status 413).
     SizeTooLarge,
+    /// A request body that stopped arriving for longer than the client
+    /// timeout (status 408). The spec has no code for it: `BLOB_UPLOAD_INVALID`.
+    BodyTimeout,
     /// A path that is no registry endpoint, or an unknown admin object (404).
     NotFound,
     /// Admin API: the object already exists (409).
@@ -55,6 +58,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::SizeTooLarge => "SIZE_INVALID",
+            ErrorCode::BodyTimeout => "BLOB_UPLOAD_INVALID",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Invalid => "INVALID",
@@ -85,6 +89,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => 429,
             ErrorCode::RangeInvalid => 416,
             ErrorCode::SizeTooLarge => 413,
+            ErrorCode::BodyTimeout => 408,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
         }

@@ -147,7 +147,7 @@ async fn download(
     }
     // Room first: with storage above its watermark nothing is fetched
     // (the caller streams straight from the upstream instead).
-    let id = ctx.reg.upload_start(repo, Some(FILL_OWNER)).await?;
+    let id = ctx.reg.upload_start(repo, Some(FILL_OWNER), digest.algorithm()).await?;
     tx.send_modify(|s| s.upload = Some(id.clone()));
     let (resp, _permit) = ctx
         .client
@@ -215,7 +215,11 @@ async fn download(
         tx.send_modify(|s| s.verified = true);
     }
     // Verifies the digest, commits durably and links into the repository.
-    match ctx.reg.upload_finish(repo, &id, Some(FILL_OWNER), digest, None).await {
+    match ctx
+        .reg
+        .upload_finish(repo, &id, Some(FILL_OWNER), None, digest, None)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.code == ErrorCode::DigestInvalid => Err(FillError::Upstream(UpstreamError::Digest {
             expected: digest.to_string(),

@@ -45,7 +45,7 @@ impl From<NameError> for RegistryError {
             NameError::Tag(_) => ErrorCode::TagInvalid,
             NameError::Upload(_) => ErrorCode::BlobUploadUnknown,
             NameError::Digest(DigestError::Unsupported(_)) => ErrorCode::Unsupported,
-            NameError::Digest(DigestError::Invalid(_)) => ErrorCode::DigestInvalid,
+            NameError::Digest(DigestError::Invalid(_) | DigestError::InvalidAlgorithm(_)) => ErrorCode::DigestInvalid,
         };
         RegistryError::new(code, e.to_string())
     }
@@ -65,7 +65,33 @@ impl From<ManifestError> for RegistryError {
 
 impl From<storage::StorageError> for RegistryError {
     fn from(e: storage::StorageError) -> Self {
-        RegistryError::internal("accessing blob storage", e)
+        match e {
+            storage::StorageError::Input(e) => RegistryError::body(&e),
+            e => RegistryError::internal("accessing blob storage", e),
+        }
+    }
+}
+
+impl RegistryError {
+    /// A request body that could not be read: a malformed chunked encoding,
+    /// a body cut short, or one that stopped arriving (the idle timeout).
+    /// The client's doing, so a 4xx that says what happened, logged as such
+    /// rather than as a failure of ours.
+    pub fn body(e: &std::io::Error) -> Self {
+        let why = metadata::error_chain(e);
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            tracing::warn!(reason = %why, "a request body stopped arriving");
+            RegistryError::new(
+                ErrorCode::BodyTimeout,
+                format!("the request body stopped arriving ({why}); an upload keeps what arrived: GET its location for the offset and send the rest from there"),
+            )
+        } else {
+            tracing::info!(reason = %why, "a request body could not be read");
+            RegistryError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("the request body could not be read ({why}); an upload keeps what arrived: GET its location for the offset and send the rest from there"),
+            )
+        }
     }
 }
 

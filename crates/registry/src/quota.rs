@@ -106,9 +106,13 @@ mod tests {
         // A new 1000-byte layer does not fit.
         let other = vec![2u8; 1_000];
         let d = Digest::sha256(&other);
-        let id = e.reg.upload_start(&a, None).await.unwrap();
+        let id = e.reg.upload_start(&a, None, oci::Algorithm::Sha256).await.unwrap();
         let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from(other.clone()))]));
-        let err = e.reg.upload_finish(&a, &id, None, &d, Some(body)).await.unwrap_err();
+        let err = e
+            .reg
+            .upload_finish(&a, &id, None, None, &d, Some(body))
+            .await
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::Denied);
         assert_eq!(
             err.message,
@@ -154,9 +158,9 @@ mod tests {
             tokio::spawn(async move {
                 let data = vec![i; 1_000];
                 let d = Digest::sha256(&data);
-                let id = reg.upload_start(&a, None).await.unwrap();
+                let id = reg.upload_start(&a, None, oci::Algorithm::Sha256).await.unwrap();
                 let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from(data))]));
-                reg.upload_finish(&a, &id, None, &d, Some(body)).await
+                reg.upload_finish(&a, &id, None, None, &d, Some(body)).await
             })
         };
         let tasks: Vec<_> = (1..=4).map(push).collect();

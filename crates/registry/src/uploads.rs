@@ -1,6 +1,7 @@
 //! Blob uploads: sessions, chunks, mounts and the verified commit.
 //!
-//! Bytes are hashed (sha256) while they stream to the backend
+//! Bytes are hashed (sha256, or the algorithm the upload was started with)
+//! while they stream to the backend
 //! (`BlobStore::upload_append_hashing`, which hashes beside the write). The
 //! hash state lives in memory beside a count of the bytes it has seen. It is
 //! taken out of its slot for each append and put back only when the append
@@ -39,6 +40,24 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
+    /// The slot of a new upload, hashing with `alg` from its first byte.
+    fn start(&self, id: &UploadId, alg: Algorithm) {
+        let slot = Arc::new(Slot {
+            state: tokio::sync::Mutex::new(Some(HashState {
+                hasher: alg.hasher(),
+                hashed: 0,
+            })),
+        });
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), slot);
+    }
+
+    /// The upload's slot. One made here (the upload was started before a
+    /// restart, or on another node) hashes sha256 from byte 0: if the upload
+    /// already holds bytes, or its digest is another algorithm's, the commit
+    /// finds the state out of step and reads the upload back instead.
     fn slot(&self, id: &UploadId) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
@@ -56,6 +75,27 @@ impl Sessions {
 
     fn remove(&self, id: &UploadId) {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// What an upload holds so far, for its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadProgress {
+    pub size: u64,
+    /// The hash the upload was started with (`?digest-algorithm=`).
+    pub algorithm: Algorithm,
+}
+
+/// A chunk's `Content-Range` start must be the upload's size.
+fn check_start(start: Option<u64>, size: u64) -> Result<()> {
+    match start {
+        Some(start) if start != size => Err(RegistryError::new(
+            ErrorCode::RangeInvalid,
+            format!(
+                "chunk starts at byte {start}, but the upload has {size} bytes; send the next chunk from byte {size}"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -92,8 +132,10 @@ impl Registry {
 impl Registry {
     /// Starts an upload session in `repo`, owned by `owner` (the caller's
     /// identity, when there is access control): only the same owner can
-    /// continue, complete or cancel it.
-    pub async fn upload_start(&self, repo: &RepoName, owner: Option<&str>) -> Result<UploadId> {
+    /// continue, complete or cancel it. Its bytes are hashed with `alg` as
+    /// they arrive (`?digest-algorithm=`); a commit by another algorithm's
+    /// digest still works, by reading the upload back.
+    pub async fn upload_start(&self, repo: &RepoName, owner: Option<&str>, alg: Algorithm) -> Result<UploadId> {
         self.check_disk_watermark().await?;
         let id: UploadId = uuid::Uuid::new_v4()
             .to_string()
@@ -104,11 +146,13 @@ impl Registry {
             repo: repo.to_string(),
             owner: owner.map(str::to_string),
             created: now(),
+            algorithm: (alg != Algorithm::Sha256).then(|| alg.as_str().to_string()),
         };
         if let Err(e) = self.meta.put_upload(&id, &rec).await {
             let _ = self.blobs.upload_delete(&id).await;
             return Err(e.into());
         }
+        self.uploads.start(&id, alg);
         Ok(id)
     }
 
@@ -137,15 +181,27 @@ impl Registry {
     }
 
     /// Checks that `id` is an upload of `repo` opened by `owner`, and
-    /// returns its size. Anything else is "unknown", so ids do not leak.
-    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<u64> {
-        let size = match self.meta.get_upload(id).await? {
+    /// returns its size and algorithm. Anything else is "unknown", so ids do
+    /// not leak.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<UploadProgress> {
+        let (rec, size) = self.upload_checked(repo, id, owner).await?;
+        let algorithm = rec
+            .algorithm
+            .as_deref()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(Algorithm::Sha256);
+        Ok(UploadProgress { size, algorithm })
+    }
+
+    /// The upload's record and size, if it is `repo`'s and `owner`'s.
+    async fn upload_checked(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<(UploadRecord, u64)> {
+        let found = match self.meta.get_upload(id).await? {
             Some(rec) if rec.repo == repo.as_str() && rec.owner.as_deref() == owner => {
-                self.blobs.upload_size(id).await?
+                self.blobs.upload_size(id).await?.map(|size| (rec, size))
             }
             _ => None,
         };
-        size.ok_or_else(|| {
+        found.ok_or_else(|| {
             // Drop any in-memory slot a request for this id created.
             self.uploads.remove(id);
             upload_unknown(id)
@@ -165,15 +221,8 @@ impl Registry {
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let size = self.upload_status(repo, id, owner).await?;
-        if let Some(start) = start {
-            if start != size {
-                return Err(RegistryError::new(
-                    ErrorCode::RangeInvalid,
-                    format!("chunk starts at byte {start}, but the upload has {size} bytes; send the next chunk from byte {size}"),
-                ));
-            }
-        }
+        let (_, size) = self.upload_checked(repo, id, owner).await?;
+        check_start(start, size)?;
         match self.append(id, &mut state, size, data).await {
             Ok(n) => Ok(n),
             Err(storage::StorageError::NotFound) => Err(upload_unknown(id)),
@@ -183,18 +232,23 @@ impl Registry {
 
     /// Completes an upload: appends the last chunk, verifies the digest,
     /// commits the blob and links it into `repo`. On a digest mismatch the
-    /// upload is discarded and nothing is stored.
+    /// upload is discarded and nothing is stored. With `start` (the last
+    /// chunk's `Content-Range`), the chunk must begin at the upload's size,
+    /// checked under the same lock as the commit, so a concurrent PATCH
+    /// cannot slip between the check and the digest.
     pub async fn upload_finish(
         &self,
         repo: &RepoName,
         id: &UploadId,
         owner: Option<&str>,
+        start: Option<u64>,
         digest: &Digest,
         last_chunk: Option<ByteStream>,
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let mut size = self.upload_status(repo, id, owner).await?;
+        let (_, mut size) = self.upload_checked(repo, id, owner).await?;
+        check_start(start, size)?;
         if let Some(data) = last_chunk {
             size = match self.append(id, &mut state, size, data).await {
                 Ok(n) => n,
@@ -239,7 +293,7 @@ impl Registry {
         }
     }
 
-    /// The sha256 digest of what the upload holds now, from the streaming
+    /// The digest (by the upload's algorithm) of what it holds now, from the streaming
     /// hash, if it is in step with the stored bytes (no I/O beyond a stat).
     /// The pull-through cache uses it to release a blob's last bytes to
     /// clients before the commit has synced them.
@@ -302,7 +356,7 @@ impl Registry {
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
         let _guard = slot.state.lock().await;
-        self.upload_status(repo, id, owner).await?;
+        self.upload_checked(repo, id, owner).await?;
         self.discard(id).await;
         Ok(())
     }
@@ -353,7 +407,7 @@ mod tests {
 
     use bytes::Bytes;
     use futures_util::StreamExt;
-    use oci::{Digest, ErrorCode, Hasher, Reference, UploadId};
+    use oci::{Algorithm, Digest, ErrorCode, Hasher, Reference, UploadId};
     use storage::{BlobStore, ByteStream, FsBlobStore, StorageError};
 
     use crate::gc::tests::{env, pull, push, repo};
@@ -437,27 +491,56 @@ mod tests {
         let reg = Registry::new(blobs.clone(), e.meta.clone(), RegistryConfig::default());
         let r = repo("p/a");
         let (sent, stored) = (b"evil-bytes", b"other-data");
-        let id = reg.upload_start(&r, None).await.unwrap();
+        let id = reg.upload_start(&r, None, Algorithm::Sha256).await.unwrap();
         blobs.fail_next.store(true, Ordering::SeqCst);
         assert!(reg.upload_append(&r, &id, None, None, body(sent)).await.is_err());
-        assert_eq!(reg.upload_status(&r, &id, None).await.unwrap(), 0);
+        assert_eq!(reg.upload_status(&r, &id, None).await.unwrap().size, 0);
         assert_eq!(
             reg.upload_append(&r, &id, None, Some(0), body(stored)).await.unwrap(),
             10
         );
         let err = reg
-            .upload_finish(&r, &id, None, &Digest::sha256(sent), None)
+            .upload_finish(&r, &id, None, None, &Digest::sha256(sent), None)
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::DigestInvalid);
 
         // And an upload whose appends all succeed commits from the hash.
-        let id = reg.upload_start(&r, None).await.unwrap();
+        let id = reg.upload_start(&r, None, Algorithm::Sha256).await.unwrap();
         reg.upload_append(&r, &id, None, Some(0), body(b"abc")).await.unwrap();
-        reg.upload_finish(&r, &id, None, &Digest::sha256(b"abcdef"), Some(body(b"def")))
+        reg.upload_finish(&r, &id, None, None, &Digest::sha256(b"abcdef"), Some(body(b"def")))
             .await
             .unwrap();
         assert_eq!(blobs.stat(&Digest::sha256(b"abcdef")).await.unwrap(), Some(6));
+    }
+
+    /// A closing chunk is checked against the offset under the commit's
+    /// lock: a wrong start is refused and leaves the upload whole, so a
+    /// concurrent PATCH can never make the commit hash other bytes.
+    #[tokio::test]
+    async fn a_closing_chunk_at_the_wrong_offset_leaves_the_upload_as_it_was() {
+        let e = env().await;
+        let r = repo("p/a");
+        let id = e.reg.upload_start(&r, None, Algorithm::Sha512).await.unwrap();
+        e.reg.upload_append(&r, &id, None, Some(0), body(b"abc")).await.unwrap();
+        let d = {
+            let mut h = Algorithm::Sha512.hasher();
+            h.update(b"abcdef");
+            h.finish()
+        };
+        let err = e
+            .reg
+            .upload_finish(&r, &id, None, Some(2), &d, Some(body(b"def")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::RangeInvalid);
+        let p = e.reg.upload_status(&r, &id, None).await.unwrap();
+        assert_eq!((p.size, p.algorithm), (3, Algorithm::Sha512));
+        e.reg
+            .upload_finish(&r, &id, None, Some(3), &d, Some(body(b"def")))
+            .await
+            .unwrap();
+        assert_eq!(e.blobs.stat(&d).await.unwrap(), Some(6));
     }
 
     #[tokio::test]
@@ -474,7 +557,7 @@ mod tests {
                 ..RegistryConfig::default()
             },
         );
-        let err = full.upload_start(&r, None).await.unwrap_err();
+        let err = full.upload_start(&r, None, Algorithm::Sha256).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Denied);
         assert!(
             err.message.starts_with("storage is ") && err.message.contains("% full, at or above the 0% watermark"),
@@ -496,6 +579,6 @@ mod tests {
                 ..RegistryConfig::default()
             },
         );
-        assert!(Arc::new(off).upload_start(&r, None).await.is_ok());
+        assert!(Arc::new(off).upload_start(&r, None, Algorithm::Sha256).await.is_ok());
     }
 }

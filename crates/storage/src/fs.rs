@@ -221,7 +221,7 @@ impl Batcher {
                 Some(c) => c,
                 None if self.ended => break,
                 None => match self.data.next().await {
-                    Some(chunk) => chunk?,
+                    Some(chunk) => chunk.map_err(crate::input_error)?,
                     None => {
                         self.ended = true;
                         break;
@@ -814,10 +814,9 @@ fn not_found_as_none<T>(r: io::Result<T>) -> Result<Option<T>> {
 }
 
 fn io_to_storage(e: io::Error) -> StorageError {
-    if e.kind() == io::ErrorKind::NotFound {
-        StorageError::NotFound
-    } else {
-        StorageError::Io(e)
+    match StorageError::from(e) {
+        StorageError::Io(e) if e.kind() == io::ErrorKind::NotFound => StorageError::NotFound,
+        other => other,
     }
 }
 

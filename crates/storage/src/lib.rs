@@ -26,8 +26,40 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 pub enum StorageError {
     #[error("blob or upload not found")]
     NotFound,
+    /// The stream of data to store failed (for an upload, the client's
+    /// request body: malformed, cut short or stalled). The store is fine;
+    /// the caller decides whose fault it is.
+    #[error("the data to store did not arrive")]
+    Input(#[source] io::Error),
     #[error("storage I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+/// Marks an error of the stream a backend was given to store, so that it
+/// arrives as `StorageError::Input` however it travels through the backend
+/// (an `io::Error` converted with `?`). Every backend passes the errors of
+/// its input stream through this.
+pub fn input_error(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), InputFailed(e))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct InputFailed(io::Error);
+
+impl From<io::Error> for StorageError {
+    fn from(e: io::Error) -> Self {
+        if !e.get_ref().is_some_and(|inner| inner.is::<InputFailed>()) {
+            return StorageError::Io(e);
+        }
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<InputFailed>()) {
+            Some(Ok(marked)) => StorageError::Input(marked.0),
+            // Not reached (checked above); an I/O error rather than a panic.
+            Some(Err(other)) => StorageError::Io(io::Error::new(kind, other)),
+            None => StorageError::Io(kind.into()),
+        }
+    }
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
+use sha2::{Digest as _, Sha256, Sha512};
 
 pub struct Server {
     child: Option<Child>,
@@ -183,6 +183,14 @@ pub fn sha256(data: &[u8]) -> String {
     let out = h.finalize();
     let mut s = String::from("sha256:");
     for b in out {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+pub fn sha512(data: &[u8]) -> String {
+    let mut s = String::from("sha512:");
+    for b in Sha512::digest(data) {
         s.push_str(&format!("{b:02x}"));
     }
     s

@@ -73,9 +73,9 @@ pub(crate) fn now_opts() -> GcOptions {
 
 pub(crate) async fn upload(reg: &Registry, r: &RepoName, data: &[u8]) -> Digest {
     let d = Digest::sha256(data);
-    let id = reg.upload_start(r, None).await.unwrap();
+    let id = reg.upload_start(r, None, oci::Algorithm::Sha256).await.unwrap();
     let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::copy_from_slice(data))]));
-    reg.upload_finish(r, &id, None, &d, Some(body)).await.unwrap();
+    reg.upload_finish(r, &id, None, None, &d, Some(body)).await.unwrap();
     d
 }
 
@@ -317,12 +317,12 @@ async fn untagged_manifests_go_only_where_asked_and_referrers_keep_them() {
 async fn abandoned_uploads_go_live_ones_stay() {
     let e = env().await;
     let a = repo("p/a");
-    let id = e.reg.upload_start(&a, None).await.unwrap();
+    let id = e.reg.upload_start(&a, None, oci::Algorithm::Sha256).await.unwrap();
     let chunk: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"12345"))]));
     e.reg.upload_append(&a, &id, None, None, chunk).await.unwrap();
     // Started just now: an hour's time to live keeps it.
     assert_eq!(e.reg.gc(&now_opts()).await.unwrap().uploads, 0);
-    assert_eq!(e.reg.upload_status(&a, &id, None).await.unwrap(), 5);
+    assert_eq!(e.reg.upload_status(&a, &id, None).await.unwrap().size, 5);
     let expire_now = GcOptions {
         upload_ttl: Duration::ZERO,
         ..now_opts()
@@ -362,9 +362,13 @@ async fn claims_a_dead_run_left_refuse_pushes_until_the_next_run() {
         e.meta.sweep_blobs(std::slice::from_ref(&d), guard).await.unwrap().len(),
         1
     );
-    let id = e.reg.upload_start(&r, None).await.unwrap();
+    let id = e.reg.upload_start(&r, None, oci::Algorithm::Sha256).await.unwrap();
     let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(Bytes::from_static(b"claimed"))]));
-    let err = e.reg.upload_finish(&r, &id, None, &d, Some(body)).await.unwrap_err();
+    let err = e
+        .reg
+        .upload_finish(&r, &id, None, None, &d, Some(body))
+        .await
+        .unwrap_err();
     assert_eq!(err.code, oci::ErrorCode::Unavailable, "{err:?}");
     assert!(err.message.contains("push it again"), "{}", err.message);
     assert_eq!(e.meta.linked_blob(&r, &d).await.unwrap(), None);

@@ -63,11 +63,11 @@ async fn all(reg: &Registry, r: &RepoName, layers: &[&[u8]]) -> bool {
 /// the digest as it was written (the client pushes it again).
 async fn upload_or_retry(reg: &Registry, r: &RepoName, data: &[u8]) -> bool {
     let d = Digest::sha256(data);
-    let id = reg.upload_start(r, None).await.unwrap();
+    let id = reg.upload_start(r, None, oci::Algorithm::Sha256).await.unwrap();
     let body: storage::ByteStream = Box::pin(futures_util::stream::iter(vec![Ok(bytes::Bytes::copy_from_slice(
         data,
     ))]));
-    match reg.upload_finish(r, &id, None, &d, Some(body)).await {
+    match reg.upload_finish(r, &id, None, None, &d, Some(body)).await {
         Ok(_) => true,
         Err(e) if e.code == ErrorCode::Unavailable => false,
         Err(e) => panic!("upload of {d} to {r} failed: {e}"),
