@@ -175,7 +175,7 @@ pub(crate) struct Ctx<'a> {
     pub client: String,
     /// The response goes out over plain TCP as HTTP/1: its body bytes are
     /// only read by the kernel (no TLS, no HTTP/2 framing), so blob bodies
-    /// may be mapped file pages (`storage::BlobStore::get_for_socket`).
+    /// may be mapped file pages (`storage::SocketReads`).
     pub plain_socket: bool,
 }
 

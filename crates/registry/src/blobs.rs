@@ -71,15 +71,15 @@ impl OpenBlob {
     }
 
     /// `read`, for bytes the caller only writes to a plain socket and never
-    /// looks at (see `BlobStore::get_for_socket`).
+    /// looks at (see `storage::SocketReads`).
     pub async fn read_for_socket(self, range: Option<Range<u64>>) -> Result<ByteStream> {
         self.open(range, true).await
     }
 
     async fn open(self, range: Option<Range<u64>>, for_socket: bool) -> Result<ByteStream> {
-        let got = match for_socket {
-            true => self.blobs.get_for_socket(&self.digest, range).await,
-            false => self.blobs.get(&self.digest, range).await,
+        let got = match self.blobs.socket_reads().filter(|_| for_socket) {
+            Some(reads) => reads.get_for_socket(&self.digest, range).await,
+            None => self.blobs.get(&self.digest, range).await,
         };
         match got {
             Ok(s) => Ok(s),

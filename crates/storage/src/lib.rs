@@ -73,14 +73,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// already checked against the size by the caller).
     async fn get(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream>;
 
-    /// `get`, for bytes that only the kernel will read: the caller writes
-    /// them to a plain socket and never looks at them (no TLS, no HTTP/2
-    /// framing, no hashing). A backend may then hand out pages of the file
-    /// mapped into memory instead of copies of them: a failure to read such
-    /// a page shows as an error of the socket write, where a read by the
-    /// process itself would be a fatal signal. The default is `get`.
-    async fn get_for_socket(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream> {
-        self.get(digest, range).await
+    /// The backend's reads for plain sockets, if it has them. Only the fs
+    /// backend does (its files can be mapped and sent with `sendfile`); for
+    /// the others a caller uses `get`.
+    fn socket_reads(&self) -> Option<&dyn SocketReads> {
+        None
     }
 
     /// Stores small content in one call (manifests). The caller has verified
@@ -174,6 +171,17 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn disk_usage(&self) -> Result<Option<DiskUsage>> {
         Ok(None)
     }
+}
+
+/// An optional capability of a backend (`BlobStore::socket_reads`): `get`,
+/// for bytes that only the kernel will read. The caller writes them to a
+/// plain socket and never looks at them (no TLS, no HTTP/2 framing, no
+/// hashing), so the backend may hand out pages of a file mapped into memory
+/// instead of copies: a failure to read such a page shows as an error of the
+/// socket write, where a read by the process itself would be a fatal signal.
+#[async_trait]
+pub trait SocketReads: Send + Sync {
+    async fn get_for_socket(&self, digest: &Digest, range: Option<Range<u64>>) -> Result<ByteStream>;
 }
 
 /// Space on the volume that holds the blobs.
