@@ -100,7 +100,7 @@ impl Registry {
     /// `progress(done, total)` is called after each blob is verified.
     pub async fn fsck(&self, repair: bool, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<FsckReport> {
         let snap = self.meta.gc_snapshot().await?;
-        let stored = self.blobs.list().await?;
+        let stored = storage::list_all(self.blobs.as_ref()).await?;
         let mut report = FsckReport::default();
         let total = stored.len() as u64;
         let records: BTreeMap<&Digest, u64> = snap.blobs.iter().map(|(d, s)| (d, *s)).collect();

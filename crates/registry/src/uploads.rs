@@ -435,8 +435,8 @@ mod tests {
         async fn delete(&self, d: &Digest) -> storage::Result<()> {
             self.inner.delete(d).await
         }
-        async fn list(&self) -> storage::Result<Vec<(Digest, u64)>> {
-            self.inner.list().await
+        async fn list_page(&self, after: Option<&Digest>, limit: usize) -> storage::Result<Vec<(Digest, u64)>> {
+            self.inner.list_page(after, limit).await
         }
         async fn upload_create(&self, id: &UploadId) -> storage::Result<()> {
             self.inner.upload_create(id).await

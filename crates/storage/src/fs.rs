@@ -805,6 +805,59 @@ async fn read_stream(mut file: File, range: Option<Range<u64>>) -> Result<ByteSt
     })
 }
 
+/// The names in `dir`, sorted; none when it does not exist.
+fn sorted_names(dir: &Path) -> Result<Vec<String>> {
+    let Some(entries) = not_found_as_none(std::fs::read_dir(dir))? else {
+        return Ok(Vec::new());
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        names.push(e?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A page of `BlobStore::list_page` from `blobs/<algorithm>/<2 hex>/<hex>`.
+/// Directory and file names sort as the digests' text does, so a page
+/// starts by skipping whole directories before `after` and reads one
+/// directory of a few thousand names at most to find its place.
+fn list_page(root: &Path, after: Option<&str>, limit: usize) -> Result<Vec<(Digest, u64)>> {
+    let mut out = Vec::new();
+    let (after_alg, after_hex) = after.and_then(|a| a.split_once(':')).unzip();
+    for alg in sorted_names(root)? {
+        if after_alg.is_some_and(|a| alg.as_str() < a) {
+            continue;
+        }
+        let same_alg = after_alg == Some(alg.as_str());
+        for prefix in sorted_names(&root.join(&alg))? {
+            if same_alg && after_hex.is_some_and(|h| h.get(..2).is_some_and(|p| prefix.as_str() < p)) {
+                continue;
+            }
+            let dir = root.join(&alg).join(&prefix);
+            for file in sorted_names(&dir)? {
+                let name = format!("{alg}:{file}");
+                if after.is_some_and(|a| name.as_str() <= a) {
+                    continue;
+                }
+                // Only names a commit could have made are blobs; anything
+                // else was put there by hand and is not ours to touch.
+                let Ok(digest) = name.parse::<Digest>() else {
+                    tracing::warn!(path = %dir.join(&file).display(), "ignoring a file that is not a blob");
+                    continue;
+                };
+                if let Some(m) = not_found_as_none(std::fs::metadata(dir.join(&file)))? {
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push((digest, m.len()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn not_found_as_none<T>(r: io::Result<T>) -> Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -907,38 +960,10 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<(Digest, u64)>> {
-        let mut out = Vec::new();
-        let Some(mut algs) = not_found_as_none(fs::read_dir(self.root.join("blobs")).await)? else {
-            return Ok(out);
-        };
-        while let Some(alg) = algs.next_entry().await? {
-            let Some(mut prefixes) = not_found_as_none(fs::read_dir(alg.path()).await)? else {
-                continue;
-            };
-            while let Some(prefix) = prefixes.next_entry().await? {
-                let Some(mut files) = not_found_as_none(fs::read_dir(prefix.path()).await)? else {
-                    continue;
-                };
-                while let Some(f) = files.next_entry().await? {
-                    let name = format!(
-                        "{}:{}",
-                        alg.file_name().to_string_lossy(),
-                        f.file_name().to_string_lossy()
-                    );
-                    // Only names a commit could have made are blobs; anything
-                    // else was put there by hand and is not ours to touch.
-                    let Ok(digest) = name.parse::<Digest>() else {
-                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob");
-                        continue;
-                    };
-                    if let Some(m) = not_found_as_none(f.metadata().await)? {
-                        out.push((digest, m.len()));
-                    }
-                }
-            }
-        }
-        Ok(out)
+    async fn list_page(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<(Digest, u64)>> {
+        let root = self.root.join("blobs");
+        let after = after.map(Digest::to_string);
+        blocking(move || list_page(&root, after.as_deref(), limit)).await
     }
 
     async fn upload_create(&self, id: &UploadId) -> Result<()> {
@@ -1058,8 +1083,8 @@ mod tests {
         async fn delete(&self, d: &Digest) -> Result<()> {
             self.0.delete(d).await
         }
-        async fn list(&self) -> Result<Vec<(Digest, u64)>> {
-            self.0.list().await
+        async fn list_page(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<(Digest, u64)>> {
+            self.0.list_page(after, limit).await
         }
         async fn upload_create(&self, id: &UploadId) -> Result<()> {
             self.0.upload_create(id).await

@@ -87,9 +87,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a committed blob. Removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<()>;
 
-    /// Every committed blob with its size, in no particular order. Garbage
-    /// collection and `fsck` walk it to find bytes metadata does not know.
-    async fn list(&self) -> Result<Vec<(Digest, u64)>>;
+    /// Up to `limit` committed blobs with their sizes, in the order of
+    /// their digests' text, after `after` (exclusive); a page shorter than
+    /// `limit` is the last. Garbage collection and `fsck` walk it to find
+    /// bytes metadata does not know, a page at a time (an object store
+    /// lists this way anyway), and nothing on a push or pull path lists.
+    async fn list_page(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<(Digest, u64)>>;
 
     /// Creates an empty upload.
     async fn upload_create(&self, id: &UploadId) -> Result<()>;
@@ -170,6 +173,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// the backend cannot tell (then the guard does not apply).
     async fn disk_usage(&self) -> Result<Option<DiskUsage>> {
         Ok(None)
+    }
+}
+
+/// Blobs per page when a caller walks `list_page` to the end.
+pub const LIST_PAGE: usize = 1000;
+
+/// Every committed blob with its size, in digest order, walked a page at a
+/// time.
+pub async fn list_all(store: &dyn BlobStore) -> Result<Vec<(Digest, u64)>> {
+    let mut out: Vec<(Digest, u64)> = Vec::new();
+    loop {
+        let page = store.list_page(out.last().map(|(d, _)| d), LIST_PAGE).await?;
+        let last = page.len() < LIST_PAGE;
+        out.extend(page);
+        if last {
+            return Ok(out);
+        }
     }
 }
 

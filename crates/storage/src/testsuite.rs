@@ -34,6 +34,7 @@ pub async fn run_all(store: &dyn BlobStore) {
     failed_appends(store).await;
     missing_things(store).await;
     listing(store).await;
+    listing_pages(store).await;
     disk_usage(store).await;
 }
 
@@ -256,7 +257,7 @@ pub async fn missing_things(store: &dyn BlobStore) {
 }
 
 pub async fn listing(store: &dyn BlobStore) {
-    let before = store.list().await.unwrap();
+    let before = crate::list_all(store).await.unwrap();
     let (a, b) = (Bytes::from_static(b"list-a"), Bytes::from_static(b"list-bb"));
     let (da, db) = (Digest::sha256(&a), Digest::sha256(&b));
     store.put(&da, a).await.unwrap();
@@ -264,7 +265,7 @@ pub async fn listing(store: &dyn BlobStore) {
     // An upload in progress is not a blob.
     let id = upload_id(20);
     store.upload_create(&id).await.unwrap();
-    let mut got = store.list().await.unwrap();
+    let mut got = crate::list_all(store).await.unwrap();
     got.retain(|x| !before.contains(x));
     got.sort();
     let mut want = vec![(da.clone(), 6), (db.clone(), 7)];
@@ -273,11 +274,57 @@ pub async fn listing(store: &dyn BlobStore) {
     store.delete(&da).await.unwrap();
     store.delete(&db).await.unwrap();
     store.upload_delete(&id).await.unwrap();
-    let mut after = store.list().await.unwrap();
+    let mut after = crate::list_all(store).await.unwrap();
     let mut before = before;
     after.sort();
     before.sort();
     assert_eq!(after, before);
+}
+
+/// Pages follow the digests' order, start after the one given, and never
+/// repeat or skip a blob, across algorithms and directories.
+pub async fn listing_pages(store: &dyn BlobStore) {
+    let before = crate::list_all(store).await.unwrap();
+    let mut mine: Vec<Digest> = Vec::new();
+    for i in 0..40u32 {
+        let data = Bytes::from(format!("page-{i}"));
+        let d = if i % 4 == 0 {
+            let mut h = Algorithm::Sha512.hasher();
+            h.update(&data);
+            h.finish()
+        } else {
+            Digest::sha256(&data)
+        };
+        store.put(&d, data).await.unwrap();
+        mine.push(d);
+    }
+    let mut all: Vec<(Digest, u64)> = Vec::new();
+    loop {
+        let page = store.list_page(all.last().map(|(d, _)| d), 7).await.unwrap();
+        assert!(page.len() <= 7);
+        let n = page.len();
+        all.extend(page);
+        if n < 7 {
+            break;
+        }
+    }
+    let texts: Vec<String> = all.iter().map(|(d, _)| d.to_string()).collect();
+    let mut sorted = texts.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(texts, sorted, "pages in digest order, none repeated");
+    assert_eq!(all.len(), before.len() + mine.len());
+    for d in &mine {
+        assert!(all.iter().any(|(x, _)| x == d), "{d} listed");
+    }
+    // A page starts strictly after the digest given, even one not stored.
+    let probe = Digest::sha256(b"not stored: somewhere in the middle");
+    let page = store.list_page(Some(&probe), 1000).await.unwrap();
+    assert!(page.iter().all(|(d, _)| d.as_str() > probe.as_str()));
+    assert_eq!(store.list_page(None, 0).await.unwrap(), vec![]);
+    for d in &mine {
+        store.delete(d).await.unwrap();
+    }
 }
 
 pub async fn disk_usage(store: &dyn BlobStore) {

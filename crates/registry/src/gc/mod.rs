@@ -167,7 +167,7 @@ impl Registry {
                 .iter()
                 .map(|m| (m.repo.to_string(), m.digest.clone()))
                 .collect();
-            let stored = self.blobs.list().await?;
+            let stored = storage::list_all(self.blobs.as_ref()).await?;
             for (_, size) in mark::unreferenced_blobs(&snap, &removed, &stored, cutoff) {
                 report.blobs += 1;
                 report.blob_bytes += size;
@@ -205,7 +205,7 @@ impl Registry {
     ) -> Result<()> {
         let batch = opts.batch.max(1);
         let snap = self.meta.gc_snapshot().await?;
-        let stored = self.blobs.list().await?;
+        let stored = storage::list_all(self.blobs.as_ref()).await?;
         let guard = SweepGuard { seq: snap.seq, cutoff };
         let mut candidates = mark::unreferenced_blobs(&snap, &HashSet::new(), &stored, cutoff);
         if let Some(only) = only {

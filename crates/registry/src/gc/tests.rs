@@ -142,7 +142,12 @@ pub(crate) async fn pull(reg: &Registry, r: &RepoName, m: &Digest) -> Result<(),
 }
 
 pub(crate) async fn stored(blobs: &FsBlobStore) -> BTreeSet<Digest> {
-    blobs.list().await.unwrap().into_iter().map(|(d, _)| d).collect()
+    storage::list_all(blobs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
 }
 
 #[tokio::test]
