@@ -86,13 +86,168 @@ pub fn nearest(tag: &str, tags: &[String]) -> Vec<String> {
     scored.into_iter().take(3).map(|(_, _, t)| t.clone()).collect()
 }
 
-fn jwt_access(token: &str) -> Option<String> {
+/// The `access` claim of a JWT bearer token (Docker's token spec), when
+/// the token is one; opaque tokens say nothing about their grants.
+fn jwt_access(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
-    Some(v.get("access")?.to_string())
+    v.get("access").cloned()
+}
+
+/// Whether an `access` claim grants `action` on repository `repo`.
+fn grants(access: &serde_json::Value, repo: &str, action: &str) -> bool {
+    access.as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            e["type"] == "repository"
+                && e["name"] == repo
+                && e["actions"]
+                    .as_array()
+                    .is_some_and(|x| x.iter().any(|y| y == action || y == "*"))
+        })
+    })
+}
+
+/// The text between `start` and the next `end` in `s`.
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+/// The fix for a refused pull, from the registry's reason. berth's reasons
+/// name the project, the role the account has and the role pull needs, so
+/// the fix is the exact command; other registries get the general advice.
+pub fn permission_fix(msg: &str, user: Option<&str>) -> String {
+    let project = between(msg, "project \"", "\"");
+    let need = between(msg, "needs role ", " or higher").or_else(|| between(msg, "needs ", " or higher"));
+    match (project, need, user) {
+        (Some(p), Some(role), Some(u)) if !u.starts_with("robot$") => format!(
+            "give {u} the role {role} (or higher) in project {p}: berth project member {p} {u} {role} (with berth running: PUT /api/v1/projects/{p}/members/{u} {{\"role\": \"{role}\"}} as an administrator of {p})"
+        ),
+        (Some(p), _, Some(u)) if u.starts_with("robot$") => format!(
+            "{u} has no pull grant for project {p}, and a robot's grants are fixed when it is made: create one with it (berth robot create NAME --grant {p}:pull), then update the imagePullSecret"
+        ),
+        (Some(p), _, None) if msg.contains("private") || msg.contains("login") => format!(
+            "project {p} is private: log in with an account that has pull there (docker login, an imagePullSecret; here --creds USER:PASS), or make the project public"
+        ),
+        (Some(p), _, _) if msg.contains("does not exist") => {
+            format!("check the project in the image reference, or have an administrator create it: berth project create {p}")
+        }
+        _ => "grant the account pull on this repository (berth: a project role of guest or higher, or a robot grant PROJECT:pull), or use an account that has it".into(),
+    }
+}
+
+/// Why the registry would refuse the push of a missing tag, when it tells
+/// a reader: berth's `/readyz` ("out of disk") and, for a caller who may
+/// read it (an admin of the project), the project's quota use. Read-only
+/// GETs; other registries answer 404 and say nothing.
+async fn push_refusal(
+    get: &(dyn Fn(String, bool) -> reqwest::RequestBuilder + Sync),
+    base: &str,
+    repo: &str,
+) -> Option<(String, String)> {
+    let project = repo.split('/').next().unwrap_or(repo);
+    if let Ok(resp) = get(format!("{base}/readyz"), false).send().await {
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            let why = resp.text().await.unwrap_or_default();
+            if why.contains("disk") {
+                return Some((
+                    format!("the registry is {}: it refuses pushes, so the missing image was most likely never stored", why.trim().trim_start_matches("not ready: ")),
+                    "free space on the registry's data volume (delete old images, run garbage collection: berth gc) or grow it; then push the image again".into(),
+                ));
+            }
+        }
+    }
+    let resp = get(format!("{base}/api/v1/projects/{project}/usage"), false)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let v: serde_json::Value = resp.json().await.ok()?;
+    let (used, quota) = (v["bytes"].as_u64()?, v["quota"].as_u64()?);
+    // At 90% a new image's layers rarely fit any more.
+    if quota == 0 || used.saturating_mul(10) < quota.saturating_mul(9) {
+        return None;
+    }
+    Some((
+        format!("project {project} uses {used} of its {quota}-byte storage quota ({}%): berth refuses a push that would exceed it (DENIED: over its storage quota), so the push of this image was most likely refused", used * 100 / quota),
+        format!("raise the quota (--quota {project}=SIZE), or delete old images of {project} and run garbage collection (berth gc); then push the image again"),
+    ))
+}
+
+/// How many tags [`recent`] reads the build time of: bounded, since each
+/// costs a manifest and a config GET.
+const RECENT_PROBE: usize = 10;
+
+/// The build time of an image: the config's `created`, or an index's
+/// `org.opencontainers.image.created` annotation.
+async fn created(
+    get: &(dyn Fn(String, bool) -> reqwest::RequestBuilder + Sync),
+    base: &str,
+    repo: &str,
+    tag: &str,
+) -> Option<String> {
+    let resp = get(format!("{base}/v2/{repo}/manifests/{tag}"), true)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let m = Manifest::parse(&resp.bytes().await.ok()?, ct.as_deref()).ok()?;
+    if let Some(c) = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("org.opencontainers.image.created"))
+    {
+        return Some(c.clone());
+    }
+    let config = m.config?;
+    let resp = get(format!("{base}/v2/{repo}/blobs/{}", config.digest), false)
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() || config.size > 1 << 20 {
+        return None;
+    }
+    let v: serde_json::Value = resp.json().await.ok()?;
+    v["created"].as_str().map(str::to_string)
+}
+
+/// The most recently built of the last [`RECENT_PROBE`] tags listed
+/// (newest first, with their build times). Registries list tags in
+/// lexical order and keep no push time a client can read, so the build
+/// time in the image is the recency every registry can tell.
+async fn recent(
+    get: &(dyn Fn(String, bool) -> reqwest::RequestBuilder + Sync),
+    base: &str,
+    repo: &str,
+    tags: &[String],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in tags.iter().rev().take(RECENT_PROBE) {
+        if let Some(c) = created(get, base, repo, t).await {
+            out.push((c, t.clone()));
+        }
+    }
+    by_recency(out)
+}
+
+/// (created, tag) pairs, newest first, as (tag, created); RFC 3339 times
+/// in UTC sort as text.
+fn by_recency(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    v.into_iter().take(3).map(|(c, t)| (t, c)).collect()
 }
 
 pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
@@ -204,7 +359,31 @@ pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
                         .as_ref()
                         .map(|c| format!("user {:?}", c.user))
                         .unwrap_or_else(|| "an anonymous client".into());
-                    r.fail("credentials", Category::Auth, t, format!("{status} {code}: {msg}"), format!("the realm refused {who}: {msg}"), if opts.creds.is_some() { "check the user name and password (or the robot's secret and expiry); after repeated failures wait for the lock-out to end".into() } else { "log in: docker login, or an imagePullSecret; here --creds USER:PASS".into() });
+                    let robot = opts.creds.as_ref().is_some_and(|c| c.user.starts_with("robot$"));
+                    let (cause, fix) = if robot {
+                        (
+                            format!("the realm refused {who} ({status} {code}: {msg}): the robot's secret is wrong, or the robot expired or was revoked (a registry answers these alike, so a guesser learns nothing)"),
+                            "check the robot on the registry (berth robot list shows its expiry and whether it is revoked); if it expired or was revoked, create a new one (berth robot create NAME --grant PROJECT:pull --expires 90d) and update the imagePullSecret".to_string(),
+                        )
+                    } else if opts.creds.is_some() {
+                        (
+                            format!("the realm refused {who}: wrong user name or password ({status} {code}: {msg})"),
+                            "check the credentials (docker login again; update the imagePullSecret); after repeated failures the account is locked out for a while: wait, then retry once".to_string(),
+                        )
+                    } else {
+                        (
+                            format!("the realm refused {who}: {msg}"),
+                            "log in: docker login, or an imagePullSecret; here --creds USER:PASS".to_string(),
+                        )
+                    };
+                    r.fail(
+                        "credentials",
+                        Category::Auth,
+                        t,
+                        format!("{status} {code}: {msg}"),
+                        cause,
+                        fix,
+                    );
                     return;
                 }
                 let v: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -214,13 +393,48 @@ pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
                     .unwrap_or("")
                     .to_string();
                 r.secret(&token);
-                let granted = jwt_access(&token).unwrap_or_else(|| "(not readable from the token)".into());
+                let access = jwt_access(&token);
+                let granted = access
+                    .as_ref()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "(not readable from the token)".into());
+                let bearer = format!("Bearer {token}");
+                if access.as_ref().is_some_and(|a| !grants(a, repo, "pull")) {
+                    // The token lacks the scope asked for: the registry's
+                    // refusal of the manifest says why (the role, the grant).
+                    let why = http
+                        .get(format!("{base}/v2/{repo}/manifests/{}", img.reference))
+                        .header(header::ACCEPT, ACCEPT)
+                        .header(header::AUTHORIZATION, &bearer)
+                        .send()
+                        .await;
+                    if let Ok(resp) = why {
+                        if !resp.status().is_success() {
+                            let status = resp.status();
+                            let (code, msg) = error_of(resp).await;
+                            let who = opts
+                                .creds
+                                .as_ref()
+                                .map(|c| format!("user {:?}", c.user))
+                                .unwrap_or_else(|| "an anonymous client".into());
+                            r.fail(
+                                "credentials",
+                                Category::Auth,
+                                t,
+                                format!("asked {scope}, granted {granted}; manifest GET: {status} {code}: {msg}"),
+                                format!("insufficient scope: {who} was issued a token without pull on {repo} (asked {scope}, granted {granted}); the registry says: {msg}"),
+                                permission_fix(&msg, opts.creds.as_ref().map(|c| c.user.as_str())),
+                            );
+                            return;
+                        }
+                    }
+                }
                 r.ok(
                     "credentials",
                     t,
                     format!("token issued for scope {scope}; granted: {granted}"),
                 );
-                authz = Some(format!("Bearer {token}"));
+                authz = Some(bearer);
             } else if basic.is_some() {
                 r.ok("/v2/ and auth challenge", t, "401 Basic".into());
                 let t = Instant::now();
@@ -347,6 +561,17 @@ pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
         let detail = format!("{status} {code}: {msg}");
         match status {
             StatusCode::NOT_FOUND => {
+                if let Some((cause, fix)) = push_refusal(&get, &base, repo).await {
+                    r.fail(
+                        "registry refusals",
+                        Category::Refused,
+                        t,
+                        detail,
+                        format!("{repo}:{reference} is not on the registry, and {cause}"),
+                        fix,
+                    );
+                    return;
+                }
                 let tags = get(format!("{base}/v2/{repo}/tags/list"), false).send().await;
                 let tags: Option<Vec<String>> = match tags {
                     Ok(t) if t.status().is_success() => t.json::<serde_json::Value>().await.ok().map(|v| {
@@ -360,7 +585,14 @@ pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
                 match tags {
                     Some(tags) if !tags.is_empty() || code == "MANIFEST_UNKNOWN" => {
                         let near = nearest(&reference, &tags);
-                        r.fail("repository and tag", Category::NotFound, t, detail, format!("repository {repo} exists, tag {reference} does not; nearest tags: {}", if near.is_empty() { "(none: the repository has no tags)".into() } else { near.join(", ") }), format!("fix the tag where it is generated (the pipeline that wrote {reference} into the deployment) or push it; {} tags exist", tags.len()));
+                        let newest = recent(&get, &base, repo, &tags).await;
+                        let newest = if newest.is_empty() {
+                            String::new()
+                        } else {
+                            let list: Vec<String> = newest.iter().map(|(t, c)| format!("{t} (built {c})")).collect();
+                            format!("; most recently built: {}", list.join(", "))
+                        };
+                        r.fail("repository and tag", Category::NotFound, t, detail, format!("repository {repo} exists, tag {reference} does not; nearest tags: {}{newest}", if near.is_empty() { "(none: the repository has no tags)".into() } else { near.join(", ") }), format!("fix the tag where it is generated (the pipeline that wrote {reference} into the deployment) or push it; {} tags exist", tags.len()));
                     }
                     _ => {
                         r.fail(
@@ -393,7 +625,8 @@ pub async fn steps(r: &mut Report, img: &Image, opts: &Options, conn: Conn) {
                 } else {
                     format!("permission denied: {msg}")
                 };
-                r.fail("repository and tag", Category::Auth, t, detail, cause, "grant the account pull on this repository (berth: a project role of guest or higher, or a robot grant with pull), or use an account that has it".into());
+                let fix = permission_fix(&msg, opts.creds.as_ref().map(|c| c.user.as_str()));
+                r.fail("repository and tag", Category::Auth, t, detail, cause, fix);
             }
             _ => {
                 r.fail(
@@ -714,5 +947,38 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(super::nearest("v1.2.2", &tags), ["v1.2.1", "v1.2.0", "v1.0.0"]);
+    }
+
+    #[test]
+    fn recency_orders_newest_first() {
+        let v = |c: &str, t: &str| (c.to_string(), t.to_string());
+        let got = super::by_recency(vec![
+            v("2026-01-01T00:00:00Z", "old"),
+            v("2026-03-01T00:00:00Z", "new"),
+            v("2026-02-01T00:00:00Z", "mid"),
+            v("2025-01-01T00:00:00Z", "oldest"),
+        ]);
+        let tags: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(tags, ["new", "mid", "old"]);
+    }
+
+    #[test]
+    fn grants_and_permission_fixes() {
+        let a = serde_json::json!([{"type": "repository", "name": "team/app", "actions": ["pull"]}]);
+        assert!(super::grants(&a, "team/app", "pull"));
+        assert!(!super::grants(&a, "team/other", "pull"));
+        assert!(!super::grants(&serde_json::json!([]), "team/app", "pull"));
+        let fix = super::permission_fix(
+            "user \"bob\" is not a member of project \"other\"; pull needs role guest or higher",
+            Some("bob"),
+        );
+        assert!(fix.contains("berth project member other bob guest"), "{fix}");
+        let fix = super::permission_fix(
+            "robot \"robot$ci\" has no pull permission in project \"other\"",
+            Some("robot$ci"),
+        );
+        assert!(fix.contains("--grant other:pull"), "{fix}");
+        let fix = super::permission_fix("project \"team\" is private or does not exist: log in to pull it", None);
+        assert!(fix.contains("project team is private"), "{fix}");
     }
 }

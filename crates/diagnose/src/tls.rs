@@ -127,16 +127,47 @@ fn describe(der: &CertificateDer) -> (String, String, String, bool) {
     }
 }
 
-/// Sends a plain HTTP request; true if an HTTP response comes back.
-async fn speaks_http(stream: &mut TcpStream, img: &Image, opts: &Options) -> bool {
+/// What answered a plain HTTP request.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Http,
+    /// A TLS record (an alert): the port serves TLS.
+    Tls,
+    /// Nothing, or not HTTP.
+    Other,
+}
+
+/// Sends a plain HTTP request and looks at the first bytes of the answer.
+async fn probe_http(stream: &mut TcpStream, img: &Image, opts: &Options) -> Answer {
     let req = format!("GET /v2/ HTTP/1.0\r\nHost: {}\r\n\r\n", img.authority());
     let probe = async {
         stream.write_all(req.as_bytes()).await.ok()?;
         let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf).await.ok()?;
-        Some(&buf == b"HTTP/")
+        let mut n = 0;
+        while n < buf.len() {
+            match stream.read(&mut buf[n..]).await.ok()? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        // A TLS record: content type 21 (alert) or 22 (handshake), version 3.x.
+        Some(if &buf[..n] == b"HTTP/" {
+            Answer::Http
+        } else if n >= 2 && (buf[0] == 21 || buf[0] == 22) && buf[1] == 3 {
+            Answer::Tls
+        } else {
+            Answer::Other
+        })
     };
-    matches!(tokio::time::timeout(opts.timeout, probe).await, Ok(Some(true)))
+    tokio::time::timeout(opts.timeout, probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(Answer::Other)
+}
+
+async fn speaks_http(stream: &mut TcpStream, img: &Image, opts: &Options) -> bool {
+    probe_http(stream, img, opts).await == Answer::Http
 }
 
 const INSECURE_FIX: &str = "list the registry as insecure in each client: docker: \"insecure-registries\": [\"AUTH\"] in /etc/docker/daemon.json; containerd: /etc/containerd/certs.d/AUTH/hosts.toml with server = \"http://AUTH\"; podman/cri-o: [[registry]] location = \"AUTH\", insecure = true in /etc/containers/registries.conf; or better, serve it over TLS";
@@ -150,7 +181,8 @@ pub async fn step(
     let t = Instant::now();
     let auth = img.authority();
     if !img.https {
-        if speaks_http(&mut stream, img, opts).await {
+        let answer = probe_http(&mut stream, img, opts).await;
+        if answer == Answer::Http {
             r.warn(
                 "tls",
                 t,
@@ -165,8 +197,12 @@ pub async fn step(
             "tls",
             Category::Tls,
             t,
-            format!("{addr} did not answer a plain HTTP request"),
-            format!("{auth} does not speak plain HTTP (it is an HTTPS registry, or not a web server)"),
+            format!("{addr} did not answer a plain HTTP request ({answer:?})"),
+            if answer == Answer::Tls {
+                format!("{auth} is an HTTPS registry (it answered plain HTTP with a TLS alert), and the client was told plain HTTP")
+            } else {
+                format!("{auth} does not speak plain HTTP (it is an HTTPS registry, or not a web server)")
+            },
             format!("use https: drop --plain-http or the http:// prefix, and trust its CA (--ca-file, or the clients' certs.d/{auth}/ca.crt)"),
         );
         return None;
