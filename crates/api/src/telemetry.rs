@@ -1,6 +1,6 @@
 //! Per-request telemetry: a request id on every response and every log line
-//! of the request, the request metrics, and the access log (one line per
-//! request, at info level).
+//! of the request, with the W3C trace it belongs to (`observe::trace`), the
+//! request metrics, and the access log (one line per request, at info level).
 //!
 //! This runs for every request, so it stays cheap: the route kind comes from
 //! a scan of the path's last segments (no parsing, no allocation), metrics
@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use observe::{FailureReason, Method, Metrics, RouteKind};
+use observe::{FailureReason, Method, Metrics, RouteKind, TraceContext};
 use prometheus_client::metrics::counter::Counter;
 use tracing::Instrument;
 
@@ -118,8 +118,17 @@ async fn track(State(t): State<Telemetry>, req: Request, next: Next) -> Response
     let transfer = transfer(method, route, req.uri().query());
     let id = request_id(req.headers());
     let id_str = id.to_str().unwrap_or("");
+    // The caller's W3C trace, or a new one: in every log line of the
+    // request, and on what the request makes berth ask of others.
+    let trace = TraceContext::for_request(req.headers().get("traceparent").map(HeaderValue::as_bytes));
     // `user.name` is filled in by authentication, when it knows the user.
-    let span = tracing::info_span!("request", "trace.id" = id_str, "user.name" = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "request",
+        "trace.id" = trace.trace_hex(),
+        "span.id" = trace.span_hex(),
+        "http.request.id" = id_str,
+        "user.name" = tracing::field::Empty
+    );
     let uri = t.access_log.then(|| req.uri().clone());
     let client_ip = req
         .extensions()
@@ -127,7 +136,7 @@ async fn track(State(t): State<Telemetry>, req: Request, next: Next) -> Response
         .map(|ConnectInfo(a)| a.ip());
     let req = req.map(|b| counted(b, || t.metrics.bytes_in(route)));
 
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let mut resp = trace.scope(next.run(req).instrument(span.clone())).await;
 
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();

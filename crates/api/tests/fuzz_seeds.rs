@@ -25,6 +25,9 @@ mod route {
     use berth_api as api;
     include!("../../../fuzz/checks/route.rs");
 }
+mod traceparent {
+    include!("../../../fuzz/checks/traceparent.rs");
+}
 mod token {
     use axum::http;
     use berth_api as api;
@@ -90,11 +93,24 @@ fn token_seeds() {
     replay("token", token::check);
 }
 
+#[test]
+fn traceparent_seeds() {
+    replay("traceparent", traceparent::check);
+}
+
 /// Each target in fuzz/Cargo.toml has its replay above.
 #[test]
 fn every_fuzz_target_is_replayed() {
     let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
-    let replayed = ["challenge", "digest", "manifest", "reference", "route", "token"];
+    let replayed = [
+        "challenge",
+        "digest",
+        "manifest",
+        "reference",
+        "route",
+        "token",
+        "traceparent",
+    ];
     for line in manifest.lines() {
         if let Some(name) = line.strip_prefix("name = \"").and_then(|l| l.strip_suffix('"')) {
             assert!(

@@ -119,9 +119,11 @@ async fn request_ids_access_log_and_metrics() {
     let c = client();
     push_image(&c, &s, "obs/app", "v1", 7).await;
     // An incoming request id is honoured; otherwise berth makes one.
+    // A W3C traceparent puts the request in the caller's trace.
     let r = c
         .get(s.url("/v2/obs/app/manifests/v1"))
         .header("x-request-id", "ci-run-17.pull")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         .send()
         .await
         .unwrap();
@@ -145,7 +147,10 @@ async fn request_ids_access_log_and_metrics() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let line = loop {
         let log = s.log_text();
-        if let Some(l) = log.lines().find(|l| l.contains("\"trace.id\":\"ci-run-17.pull\"")) {
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("\"http.request.id\":\"ci-run-17.pull\""))
+        {
             break l.to_string();
         }
         assert!(Instant::now() < deadline, "no access log line:\n{log}");
@@ -154,6 +159,9 @@ async fn request_ids_access_log_and_metrics() {
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["message"], "request");
     assert_eq!(v["log.level"], "info");
+    assert_eq!(v["trace.id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    let span = v["span.id"].as_str().unwrap();
+    assert!(span.len() == 16 && span != "00f067aa0ba902b7", "{span}");
     assert_eq!(v["http.request.method"], "GET");
     assert_eq!(v["url.path"], "/v2/obs/app/manifests/v1");
     assert_eq!(v["http.response.status_code"], 200);
@@ -164,7 +172,7 @@ async fn request_ids_access_log_and_metrics() {
     // 100 ms), so the 404's line may come after the line above.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !s.log_text().lines().any(|l| {
-        l.contains(&format!("\"trace.id\":\"{generated}\"")) && l.contains("\"http.response.status_code\":404")
+        l.contains(&format!("\"http.request.id\":\"{generated}\"")) && l.contains("\"http.response.status_code\":404")
     }) {
         assert!(
             Instant::now() < deadline,

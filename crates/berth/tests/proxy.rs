@@ -833,3 +833,52 @@ async fn a_sha512_manifest_keeps_its_digest_through_the_cache() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(header(&r, "docker-content-digest"), d512);
 }
+
+/// A pull through the cache carries the client's W3C trace to the upstream
+/// (here a second berth, which logs the trace id it was given), for the
+/// manifest and for the blob fill that runs in a task of its own.
+#[tokio::test]
+async fn the_callers_trace_reaches_the_upstream() {
+    let up = Server::start();
+    let c = client();
+    let img = push_to(&c, &up.url(""), None, "lib/traced", "v1", &[bytes(54, 3000)]).await;
+    let s = berth_with(&up.url(""), "", &[]);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
+    let r = c
+        .get(s.url("/v2/hub/lib/traced/manifests/v1"))
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let layer = &img.blobs[1].0;
+    let r = c
+        .get(s.url(&format!("/v2/hub/lib/traced/blobs/{layer}")))
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), img.blobs[1].1.as_slice());
+    let upstream_lines = |path: String| {
+        up.log_text()
+            .lines()
+            .filter(|l| l.contains("\"message\":\"request\"") && l.contains(&format!("\"url.path\":\"{path}\"")))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = upstream_lines("/v2/lib/traced/manifests/v1".into());
+        let b = upstream_lines(format!("/v2/lib/traced/blobs/{layer}"));
+        let traced = |lines: &[String]| lines.iter().any(|l| l.contains(&format!("\"trace.id\":\"{trace}\"")));
+        if traced(&m) && traced(&b) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream did not see trace {trace}:\nmanifest: {m:?}\nblob: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -10,6 +10,8 @@ mod process;
 pub mod proxy_metrics;
 pub mod size;
 pub mod time;
+pub mod trace;
 
 pub use health::{Checks, Health, HealthConfig, NotReady};
 pub use metrics::{FailureReason, Method, Metrics, RouteKind};
+pub use trace::TraceContext;

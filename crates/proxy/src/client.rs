@@ -265,6 +265,7 @@ impl Client {
         if let Some(a) = auth {
             req = req.header(AUTHORIZATION, a);
         }
+        req = traced(req);
         // The response head must come within the timeout; a body then only
         // has to keep moving (the client's read timeout).
         match tokio::time::timeout(self.up.timeout, req.send()).await {
@@ -314,7 +315,7 @@ impl Client {
         if let Some(service) = &service {
             query.push(("service", service));
         }
-        let mut req = self.http.get(realm).query(&query);
+        let mut req = traced(self.http.get(realm).query(&query));
         if let Some(b) = self.basic() {
             req = req.header(AUTHORIZATION, b);
         }
@@ -389,4 +390,12 @@ async fn status_error(resp: Response) -> UpstreamError {
                 .to_string()
         });
     UpstreamError::Status { status, message }
+}
+
+/// The request, carrying the W3C trace of the client request it serves.
+fn traced(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match observe::TraceContext::current() {
+        Some(t) => req.header("traceparent", t.header()),
+        None => req,
+    }
 }

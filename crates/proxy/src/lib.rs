@@ -71,7 +71,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     running.insert(key.clone(), rx.clone());
-                    let fut = work();
+                    let fut = observe::TraceContext::carry(work());
                     let me = self.clone();
                     tokio::spawn(async move {
                         let v = fut.await;
@@ -489,12 +489,12 @@ impl Proxy {
             metrics: c.metrics.clone(),
         };
         let (c, repo, digest) = (c.clone(), repo.clone(), digest.clone());
-        tokio::spawn(async move {
+        tokio::spawn(observe::TraceContext::carry(async move {
             let _in_use = InUse::new(&c, &digest);
             fill::run(ctx, repo, up_repo, digest, tx).await;
             // After the commit: a newcomer finds the blob linked.
             c.fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-        });
+        }));
         rx
     }
 }
