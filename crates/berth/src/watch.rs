@@ -217,7 +217,10 @@ pub fn run(args: WatchArgs) -> Result<(), BoxError> {
             }
         }
         WatchCmd::Status => {
-            reconcile_interrupted(&store)?;
+            // The state is printed even if the reconciliation cannot run.
+            if let Err(e) = reconcile_interrupted(&store) {
+                eprintln!("berth watch: cannot reconcile interrupted deployments: {e}");
+            }
             print!("{}", watch::report::status(&store.services()?));
             Ok(())
         }

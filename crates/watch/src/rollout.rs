@@ -472,8 +472,15 @@ impl Guard {
                 Some(a) => (track("stable", a), track("canary", &started.release)),
                 None => (track("stable", &started.release), track("canary", &started.release)),
             };
-            self.analyse(c, router, (&stable_addrs, &canary_addrs), &tracks, &started.ids, d, t0)
-                .await
+            self.analyse(
+                (c, router),
+                (&stable_addrs, &canary_addrs),
+                &tracks,
+                &started.ids,
+                d,
+                t0,
+            )
+            .await
         };
         match verdict {
             Ok(()) => {
@@ -590,8 +597,7 @@ impl Guard {
     /// Runs the steps; Ok when every window of every step passed.
     async fn analyse(
         &self,
-        c: &crate::spec::Canary,
-        router: &crate::spec::Router,
+        (c, router): (&crate::spec::Canary, &crate::spec::Router),
         (stable, canary): (&[String], &[String]),
         tracks: &(crate::prometheus::Track, crate::prometheus::Track),
         canary_ids: &[String],
