@@ -1154,8 +1154,8 @@ latency = 'histogram_quantile({{{{quantile}}}}, sum by (le) (rate(app_request_du
 /// (after the switch: rolls back to the release that passed) or `deploy`
 /// (before it: removes the orphan instances) finds the unfinished
 /// deployment in the history, reconciles it and records it, and the
-/// service is not refused; while a deployment runs, another is refused
-/// with the pid that holds the service.
+/// service is not refused; so does `berth watch run`; while a deployment
+/// runs, another is refused with the pid that holds the service.
 #[test]
 fn watch_recovers_from_a_killed_deploy() {
     if !docker_available() {
@@ -1268,4 +1268,29 @@ fn watch_recovers_from_a_killed_deploy() {
     let running = f.running("watch-crash");
     assert_eq!(running.len(), 1, "{running:?}");
     assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+
+    // `berth watch run` reconciles one too, without any command.
+    let (mut guard, _) = start_guard(&f);
+    let mut child = kill_at(&never, "started watch-crash-5-");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let h = String::from_utf8_lossy(&f.watch(&["history", "watch-crash"]).stdout).into_owned();
+        if h.contains("#5 deploy") && !h.contains("-> running") {
+            assert!(h.contains("removing watch-crash-5-"), "{h}");
+            assert!(
+                h.contains("started watch-crash-5-"),
+                "what was printed is in the history: {h}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guard did not reconcile: {h}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let running = f.running("watch-crash");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+    let _ = guard.kill();
+    let _ = guard.wait();
 }

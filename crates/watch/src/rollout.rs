@@ -51,10 +51,12 @@ const GATE_POLL: Duration = Duration::from_millis(500);
 
 impl Guard {
     pub(crate) fn log(&self, d: &Deployment, t0: Instant, what: &str) {
-        if self.echo {
-            eprintln!("[{:>6.1}s] {} #{}: {what}", t0.elapsed().as_secs_f64(), d.service, d.id);
-        }
-        self.store.bg().event(&d.service, d.id, what);
+        // Printed once written: what the operator saw is in the history,
+        // even if the process is killed the next moment.
+        let line = self
+            .echo
+            .then(|| format!("[{:>6.1}s] {} #{}: {what}", t0.elapsed().as_secs_f64(), d.service, d.id));
+        self.store.bg().event(&d.service, d.id, what, line);
     }
 
     /// Deploys `spec` (read from `file`, whose text is `toml`).

@@ -683,12 +683,16 @@ impl Bg<'_> {
             .await
     }
 
-    /// Queued, not awaited: written in order before the next transaction.
-    pub fn event(&self, service: &str, id: u64, what: &str) {
+    /// Queued, not awaited: written in order before the next transaction;
+    /// `echo` is printed to stderr once the event is written.
+    pub fn event(&self, service: &str, id: u64, what: &str, echo: Option<String>) {
         let (service, what) = (service.to_string(), what.to_string());
         let queued = self.0.queue(Box::new(move |s| {
             if let Err(e) = s.event(&service, id, &what) {
                 tracing::warn!(error = %e, "cannot record an event in the history");
+            }
+            if let Some(line) = echo {
+                eprintln!("{line}");
             }
         }));
         if let Err(e) = queued {
@@ -835,7 +839,7 @@ mod tests {
         let d = s.bg().begin("a", Kind::Deploy, "r/a:v1", "v1", 3).await.unwrap();
         let main = std::thread::current().id();
         for i in 0..50 {
-            s.bg().event("a", d.id, &format!("event {i}"));
+            s.bg().event("a", d.id, &format!("event {i}"), None);
         }
         let on = s.run(move |_| Ok(std::thread::current().id())).await.unwrap();
         assert_ne!(on, main, "not on the runtime's thread");
