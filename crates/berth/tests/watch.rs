@@ -1081,7 +1081,7 @@ latency = 'histogram_quantile({{{{quantile}}}}, sum by (le) (rate(app_request_du
     let errors = canary(
         &mut f,
         "watch-prom-errors.toml",
-        "[canary]\nsteps = [{ weight = 90, duration = \"4s\" }]\ninterval = \"4s\"\nmin_requests = 200\ninconclusive_windows = 3\n",
+        "[canary]\nsteps = [{ weight = 90, duration = \"4s\" }]\ninterval = \"4s\"\nmin_requests = 200\ninconclusive_windows = 5\n",
     );
     let slow = canary(
         &mut f,

@@ -161,4 +161,29 @@ mod tests {
         let a = parse(r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#);
         assert_eq!(a.error.as_deref(), Some("parse error"));
     }
+
+    #[tokio::test]
+    async fn prometheus_unreachable_is_an_error_not_zero() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let p = PrometheusAnalysis {
+            url: url.clone(),
+            requests: "sum(up)".into(),
+            errors: "sum(up)".into(),
+            latency: "sum(up)".into(),
+            timeout: Duration::from_secs(2),
+        };
+        let t = Track {
+            track: "canary",
+            service: "web".into(),
+            version: "v2".into(),
+            digest: "sha256:00".into(),
+        };
+        let e = measure(&reqwest::Client::new(), &p, &t, Duration::from_secs(30), 99.0)
+            .await
+            .unwrap_err();
+        assert!(e.contains(&format!("cannot reach Prometheus at {url}")), "{e}");
+        assert!(e.contains("(query: sum(up))"), "{e}");
+    }
 }
