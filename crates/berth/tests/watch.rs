@@ -623,6 +623,8 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
         r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="failure"} 1"#,
         r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="timeout"} 0"#,
         r#"berth_watch_rollbacks_total{region="eu",service="watch-guard"} 1"#,
+        r#"berth_watch_pauses_total{region="eu",service="watch-guard"} 0"#,
+        r#"berth_watch_paused{region="eu",service="watch-guard"} 0"#,
         r#"berth_watch_deploy_duration_seconds_count{region="eu",service="watch-guard"} 3"#,
     ] {
         assert!(m.contains(line), "{line} in\n{m}");

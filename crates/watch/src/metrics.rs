@@ -148,6 +148,7 @@ mod tests {
         store.finish("web", d.id, Outcome::Timeout, None, None).unwrap();
         store.count_analysis("web", "inconclusive").unwrap();
         store.count_analysis("web", "inconclusive").unwrap();
+        store.pause("web", "by hand").unwrap();
         let reg = registry(store, vec![("region".into(), "eu".into())]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
@@ -157,7 +158,8 @@ mod tests {
             r#"berth_watch_deploys_total{region="eu",service="web",result="rolled_back"} 0"#,
             r#"berth_watch_deploy_duration_seconds_count{region="eu",service="web"} 2"#,
             r#"berth_watch_deploy_duration_seconds_bucket{le="+Inf",region="eu",service="web"} 2"#,
-            r#"berth_watch_paused{region="eu",service="web"} 0"#,
+            r#"berth_watch_paused{region="eu",service="web"} 1"#,
+            r#"berth_watch_pauses_total{region="eu",service="web"} 1"#,
             r#"berth_watch_canary_analyses_total{region="eu",service="web",result="inconclusive"} 2"#,
             r#"berth_watch_canary_analyses_total{region="eu",service="web",result="pass"} 0"#,
         ] {
