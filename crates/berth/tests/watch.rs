@@ -822,7 +822,8 @@ impl Drop for Load {
 /// and gets its weight's share of the traffic (within one point, measured
 /// in nginx's log); a canary with errors, or a slow one, is rolled back at
 /// its first failing window, and so is one whose instance stops; a canary
-/// without traffic is never promoted.
+/// without traffic is never promoted; one whose process is killed is
+/// removed from nginx by the next command.
 #[test]
 fn watch_canary_through_nginx() {
     if !docker_available() {
@@ -893,6 +894,41 @@ fn watch_canary_through_nginx() {
         assert!((s - 5.0).abs() <= 1.0, "canary share {s} % at weight 5 %: {out}");
     }
     assert!(nginx.get().contains("hello from v2"), "promoted: all traffic to v2");
+
+    // A canary whose `deploy` is killed mid-analysis: the next `status`
+    // removes it and gives nginx the stable version alone again.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("watch")
+        .arg("--history")
+        .arg(&f.history)
+        .arg("deploy")
+        .arg(&steps)
+        .args(["--image", &v5])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    for line in lines {
+        if line.unwrap().contains("step 1:") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let upstream = || std::fs::read_to_string(nginx.dir.join("upstream.conf")).unwrap();
+    assert_eq!(upstream().matches("server ").count(), 2, "{}", upstream());
+    let out = f.watch(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(upstream().matches("server ").count(), 1, "{}", upstream());
+    assert_eq!(f.running("watch-canary").len(), 1);
+    for _ in 0..20 {
+        assert!(nginx.get().contains("hello from v2"), "the stable alone serves");
+    }
 
     // One client at a time: the image's request counter is not locked.
     let (ok, out, _) = f.deploy(&errors, Some(&v3));
