@@ -79,9 +79,17 @@ async fn serve(g: Guard, listen: std::net::SocketAddr, labels: Vec<(String, Stri
         get(move || {
             let registry = registry.clone();
             async move {
-                let mut text = String::new();
-                match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                    Ok(()) => (
+                // The collector reads the history (redb): off the runtime.
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let mut text = String::new();
+                    prometheus_client::encoding::text::encode(&mut text, &registry)
+                        .map(|()| text)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match encoded {
+                    Ok(text) => (
                         axum::http::StatusCode::OK,
                         [(
                             axum::http::header::CONTENT_TYPE,
@@ -156,6 +164,30 @@ fn is_loopback_registry(image: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
 }
 
+/// A deployment in progress whose process died (nobody holds its
+/// service's lock) is reconciled before the status is printed.
+fn reconcile_interrupted(store: &Store) -> Result<(), BoxError> {
+    let interrupted: Vec<(String, watch::store::ServiceLock)> = store
+        .services()?
+        .into_iter()
+        .filter(|(_, s)| s.in_progress_since_ms.is_some())
+        .filter_map(|(name, _)| store.lock(&name).ok().map(|l| (name, l)))
+        .collect();
+    if interrupted.is_empty() {
+        return Ok(());
+    }
+    let g = guard(store.clone())?;
+    runtime()?.block_on(async {
+        for (name, _lock) in &interrupted {
+            for id in g.recover(name).await? {
+                eprintln!("berth watch: {name} #{id} was interrupted (its process died); reconciled, see `berth watch history {name}`");
+            }
+        }
+        Ok::<(), watch::WatchError>(())
+    })?;
+    Ok(())
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
@@ -185,6 +217,10 @@ pub fn run(args: WatchArgs) -> Result<(), BoxError> {
             }
         }
         WatchCmd::Status => {
+            // The state is printed even if the reconciliation cannot run.
+            if let Err(e) = reconcile_interrupted(&store) {
+                eprintln!("berth watch: cannot reconcile interrupted deployments: {e}");
+            }
             print!("{}", watch::report::status(&store.services()?));
             Ok(())
         }

@@ -65,6 +65,7 @@ impl Fixture {
         std::fs::copy(src.join("entry.sh"), root.join("entry.sh")).unwrap();
         std::fs::copy(src.join("healthz"), root.join("www/cgi-bin/healthz")).unwrap();
         std::fs::copy(src.join("app"), root.join("www/cgi-bin/app")).unwrap();
+        std::fs::copy(src.join("metrics"), root.join("www/cgi-bin/metrics")).unwrap();
         sh(Command::new("tar")
             .arg("-C")
             .arg(&root)
@@ -542,18 +543,7 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     let (ok, out, err) = f.deploy(&file, None);
     assert!(ok, "{out}{err}");
 
-    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["watch", "--history"])
-        .arg(&f.history)
-        .args(["run", "--listen", "127.0.0.1:0", "--label", "region=eu"])
-        .env("BERTH_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(guard.stderr.take().unwrap()));
-    let first = lines.next().unwrap().unwrap();
-    let metrics = first.split("metrics on ").nth(1).expect(&first).trim().to_string();
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut guard, metrics) = start_guard(&f);
 
     let (ok, out, err) = f.deploy(&file, Some(&v2));
     assert!(ok, "v2 passes its verify period: {out}{err}");
@@ -633,12 +623,45 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
         r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="failure"} 1"#,
         r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="timeout"} 0"#,
         r#"berth_watch_rollbacks_total{region="eu",service="watch-guard"} 1"#,
+        r#"berth_watch_pauses_total{region="eu",service="watch-guard"} 0"#,
+        r#"berth_watch_paused{region="eu",service="watch-guard"} 0"#,
         r#"berth_watch_deploy_duration_seconds_count{region="eu",service="watch-guard"} 3"#,
     ] {
         assert!(m.contains(line), "{line} in\n{m}");
     }
+    // Every berth_watch family the shipped rules use is exported.
+    let rules =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/berth-rules.yml"))
+            .unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("berth_watch_"))
+        .collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 4, "{used:?}");
+    for name in used {
+        assert!(m.contains(&format!("\n{name}{{")), "{name} (used by the rules) in\n{m}");
+    }
     let _ = guard.kill();
     let _ = guard.wait();
+}
+
+/// `berth watch run` on a free port: (the process, its /metrics URL).
+fn start_guard(f: &Fixture) -> (std::process::Child, String) {
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0", "--label", "region=eu"])
+        .env("BERTH_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(guard.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let metrics = first.split("metrics on ").nth(1).expect(&first).trim().to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+    (guard, metrics)
 }
 
 /// nginx (Debian's nginx-light) on a free loopback port with its own
@@ -799,7 +822,8 @@ impl Drop for Load {
 /// and gets its weight's share of the traffic (within one point, measured
 /// in nginx's log); a canary with errors, or a slow one, is rolled back at
 /// its first failing window, and so is one whose instance stops; a canary
-/// without traffic is never promoted.
+/// without traffic is never promoted; one whose process is killed is
+/// removed from nginx by the next command.
 #[test]
 fn watch_canary_through_nginx() {
     if !docker_available() {
@@ -871,6 +895,41 @@ fn watch_canary_through_nginx() {
     }
     assert!(nginx.get().contains("hello from v2"), "promoted: all traffic to v2");
 
+    // A canary whose `deploy` is killed mid-analysis: the next `status`
+    // removes it and gives nginx the stable version alone again.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("watch")
+        .arg("--history")
+        .arg(&f.history)
+        .arg("deploy")
+        .arg(&steps)
+        .args(["--image", &v5])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    for line in lines {
+        if line.unwrap().contains("step 1:") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let upstream = || std::fs::read_to_string(nginx.dir.join("upstream.conf")).unwrap();
+    assert_eq!(upstream().matches("server ").count(), 2, "{}", upstream());
+    let out = f.watch(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(upstream().matches("server ").count(), 1, "{}", upstream());
+    assert_eq!(f.running("watch-canary").len(), 1);
+    for _ in 0..20 {
+        assert!(nginx.get().contains("hello from v2"), "the stable alone serves");
+    }
+
     // One client at a time: the image's request counter is not locked.
     let (ok, out, _) = f.deploy(&errors, Some(&v3));
     assert!(!ok);
@@ -890,7 +949,10 @@ fn watch_canary_through_nginx() {
     let (ok, out, _) = f.deploy(&slow, Some(&v4));
     assert!(!ok);
     assert!(out.contains("cause: canary_latency"), "{out}");
-    assert!(out.contains("canary p99 latency above 2s"), "{out}");
+    assert!(
+        out.contains("canary p99 latency 2.") && out.contains("s above 2s"),
+        "{out}"
+    );
     // A canary instance that stops during the analysis.
     let (ok, out, _) = f.deploy(&steps, Some(&v6));
     assert!(!ok);
@@ -921,4 +983,352 @@ fn watch_canary_through_nginx() {
         "{status}"
     );
     assert!(nginx.get().contains("hello from v2"));
+}
+
+/// A real Prometheus (Debian's) on a free loopback port: it finds the
+/// service's containers through the Docker Engine (`docker_sd_configs`,
+/// by berth's labels, scraped at 127.0.0.1:HOSTPORT), scrapes the guard's
+/// /metrics, and evaluates the shipped rules. Killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, service: &str, guard: &str) -> Prometheus {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let socket = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/berth-rules.yml");
+        let guard = guard.trim_start_matches("http://").trim_end_matches("/metrics");
+        let config = dir.join("watch-prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"global: {{scrape_interval: 500ms, evaluation_interval: 1s}}
+rule_files: ["{rules}"]
+scrape_configs:
+  - job_name: berth-watch
+    static_configs: [{{targets: ["{guard}"]}}]
+  - job_name: apps
+    metrics_path: /cgi-bin/metrics
+    docker_sd_configs:
+      - host: "{socket}"
+        refresh_interval: 1s
+        filters: [{{name: label, values: ["berth.watch.service={service}"]}}]
+    relabel_configs:
+      - {{source_labels: [__meta_docker_port_private], regex: "80", action: keep}}
+      - {{source_labels: [__meta_docker_port_public], target_label: __address__, replacement: "127.0.0.1:$1"}}
+      - {{source_labels: [__meta_docker_container_label_berth_watch_service], target_label: service}}
+      - {{source_labels: [__meta_docker_container_label_berth_watch_digest], target_label: digest}}
+"#,
+                rules = rules.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("watch-prom-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("watch-prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus is installed (scripts/install-test-deps.sh)");
+        let p = Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while get(&format!("{}/-/ready", p.url)).is_none() {
+            assert!(std::time::Instant::now() < deadline, "prometheus did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        p
+    }
+
+    /// The value of an instant query with one result, if it has one.
+    fn value(&self, query: &str) -> Option<f64> {
+        let url = reqwest::Url::parse_with_params(&format!("{}/api/v1/query", self.url), [("query", query)]).ok()?;
+        let body = get(url.as_str())?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The canary analysis from a real Prometheus, with the deployment's PromQL
+/// (the app's own request counter and latency histogram, found by digest):
+/// a healthy canary is promoted; 1.5 % errors and 2.5 s latency on the
+/// canary only are each rolled back (the latency against the stable's, in
+/// relative mode); no traffic is inconclusive and never promoted. The
+/// analysis results reach Prometheus through `berth watch run`'s /metrics,
+/// and the shipped rules evaluate on them.
+#[test]
+fn watch_canary_from_prometheus() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("prom");
+    let nginx = Nginx::start(f.dir.path());
+    let (mut guard, metrics) = start_guard(&f);
+    let prom = Prometheus::start(f.dir.path(), "watch-prom", &metrics);
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &[]);
+    let v3 = f.image("v3", &["ERROR_EVERY=67"]);
+    let v4 = f.image("v4", &["LATENCY_MS=2500"]);
+    let v5 = f.image("v5", &[]);
+    let queries = format!(
+        r#"
+[canary.prometheus]
+url = "{}"
+requests = 'sum(increase(app_request_duration_seconds_count{{service="{{{{service}}}}",digest="{{{{digest}}}}"}}[{{{{interval}}}}]))'
+errors = 'sum(increase(app_requests_total{{service="{{{{service}}}}",digest="{{{{digest}}}}",code=~"5.."}}[{{{{interval}}}}]))'
+latency = 'histogram_quantile({{{{quantile}}}}, sum by (le) (rate(app_request_duration_seconds_bucket{{service="{{{{service}}}}",digest="{{{{digest}}}}"}}[{{{{interval}}}}])))'
+"#,
+        prom.url
+    );
+    let canary = |f: &mut Fixture, file: &str, section: &str| {
+        let path = f.spec("prom", &v1, "");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("failure_limit = 3", "failure_limit = 10")
+            + &nginx.router()
+            + section
+            + &queries;
+        let to = f.dir.path().join(file);
+        std::fs::write(&to, text).unwrap();
+        to
+    };
+    let steps = canary(
+        &mut f,
+        "watch-prom-steps.toml",
+        "[canary]\nsteps = [{ weight = 20, duration = \"4s\" }, { weight = 50, duration = \"2s\" }]\ninterval = \"2s\"\nmin_requests = 10\ninconclusive_windows = 3\n",
+    );
+    // Every 67th request fails: at least 200 canary requests a window give
+    // at least 2 errors (1 % is the threshold, 0.5 points over the stable
+    // the relative limit).
+    let errors = canary(
+        &mut f,
+        "watch-prom-errors.toml",
+        "[canary]\nsteps = [{ weight = 90, duration = \"4s\" }]\ninterval = \"4s\"\nmin_requests = 200\ninconclusive_windows = 5\n",
+    );
+    let slow = canary(
+        &mut f,
+        "watch-prom-slow.toml",
+        "[canary]\ncompare = \"relative\"\nsteps = [{ weight = 50, duration = \"3s\" }]\ninterval = \"3s\"\nmin_requests = 1\ninconclusive_windows = 4\n",
+    );
+    let quiet = canary(
+        &mut f,
+        "watch-prom-quiet.toml",
+        "[canary]\nsteps = [{ weight = 5, duration = \"2s\" }]\ninterval = \"2s\"\ninconclusive_windows = 2\n",
+    );
+    let (ok, out, err) = f.deploy(&steps, None);
+    assert!(ok, "{out}{err}");
+
+    let load = Load::start(&nginx.addr);
+    let (ok, out, err) = f.deploy(&steps, Some(&v2));
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("window passed (1/2)"), "{out}");
+    assert!(out.contains("v2 promoted"), "{out}");
+    assert!(nginx.get().contains("hello from v2"));
+
+    let (ok, out, _) = f.deploy(&errors, Some(&v3));
+    assert!(!ok);
+    assert!(out.contains("cause: canary_errors"), "{out}");
+    assert!(!out.contains("window passed"), "{out}");
+    drop(load);
+    assert!(nginx.get().contains("hello from v2"), "the stable serves again");
+
+    let load = Load::start(&nginx.addr);
+    let (ok, out, _) = f.deploy(&slow, Some(&v4));
+    assert!(!ok);
+    assert!(out.contains("cause: canary_latency"), "{out}");
+    assert!(out.contains("canary p99 latency above 1.5 x the stable's"), "{out}");
+    drop(load);
+
+    // No traffic: Prometheus has no requests for the canary.
+    let (ok, out, _) = f.deploy(&quiet, Some(&v5));
+    assert!(!ok);
+    assert!(out.contains("window inconclusive (2/2)"), "{out}");
+    assert!(out.contains("cause: canary_inconclusive"), "{out}");
+    assert!(!out.contains("promoted"), "{out}");
+    assert!(nginx.get().contains("hello from v2"));
+
+    // The guard's families, as Prometheus scraped them, and a shipped rule.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let value = |q: &str| prom.value(q).unwrap_or(-1.0);
+    let q = |r: &str| format!(r#"berth_watch_canary_analyses_total{{service="watch-prom",result="{r}"}}"#);
+    while value(&q("inconclusive")) < 2.0
+        || value(r#"berth_watch_deploys_total{service="watch-prom",result="rolled_back"}"#) != 3.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            get(&metrics).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(value(&q("pass")) >= 3.0, "{}", get(&metrics).unwrap_or_default());
+    assert!(value(&q("fail")) >= 2.0, "{}", get(&metrics).unwrap_or_default());
+    assert_eq!(
+        value(r#"instance:berth_watch_deploy_timeout_ratio:rate1h{region="eu"}"#),
+        0.0,
+        "the shipped recording rule evaluates on the guard's series"
+    );
+    let _ = guard.kill();
+    let _ = guard.wait();
+}
+
+/// `berth watch deploy` killed with SIGKILL part-way: the next `status`
+/// (after the switch: rolls back to the release that passed) or `deploy`
+/// (before it: removes the orphan instances) finds the unfinished
+/// deployment in the history, reconciles it and records it, and the
+/// service is not refused; so does `berth watch run`; while a deployment
+/// runs, another is refused with the pid that holds the service.
+#[test]
+fn watch_recovers_from_a_killed_deploy() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("crash");
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &[]);
+    let never = f.image("v3", &["FAULT=unhealthy"]);
+    let file = f.spec("crash", &v1, "");
+    let long = f.dir.path().join("watch-crash-long.toml");
+    std::fs::write(
+        &long,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("verify = \"3s\"", "verify = \"60s\"")
+            .replace("start_timeout = \"5s\"", "start_timeout = \"60s\""),
+    )
+    .unwrap();
+    let (ok, out, err) = f.deploy(&file, None);
+    assert!(ok, "{out}{err}");
+    let d1 = f.digest_of(&v1);
+
+    // Runs `deploy --image IMAGE` until its output has `step`, then SIGKILL.
+    let kill_at = |image: &str, step: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("watch")
+            .arg("--history")
+            .arg(&f.history)
+            .arg("deploy")
+            .arg(&long)
+            .args(["--image", image])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+        let mut seen = String::new();
+        for line in lines {
+            let line = line.unwrap();
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(step) {
+                break;
+            }
+        }
+        assert!(seen.contains(step), "{seen}");
+        child
+    };
+
+    // Killed after the switch, during the verify period.
+    let mut child = kill_at(&v2, "verifying health for");
+    let out = f.watch(&["deploy", long.to_str().unwrap(), "--image", &v1]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("is being deployed by berth process {}", child.id())),
+        "a live deployment holds the service: {err}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let history = String::from_utf8_lossy(&f.watch(&["history", "watch-crash"]).stdout).into_owned();
+    assert!(
+        history.contains("#2 deploy") && history.contains("-> running"),
+        "{history}"
+    );
+    let out = f.watch(&["status"]);
+    let (status, err) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{status}{err}");
+    assert!(err.contains("watch-crash #2 was interrupted"), "{err}");
+    assert!(status.contains(&format!("watch-crash: active v1 ({d1})")), "{status}");
+    assert!(status.contains("consecutive failed deployments: 0 of 3"), "{status}");
+    let history = String::from_utf8_lossy(&f.watch(&["history", "watch-crash"]).stdout).into_owned();
+    assert!(!history.contains("-> running"), "{history}");
+    assert!(history.contains("-> rolled_back"), "{history}");
+    assert!(
+        history.contains("cause: interrupted: interrupted after the switch to v2; rolled back to v1 by digest"),
+        "{history}"
+    );
+    let running = f.running("watch-crash");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, format!("{}@{d1}", f.repo));
+    assert!(f.health_of("watch-crash").contains(r#""image_version":"v1""#));
+
+    // Killed before the switch: its instance is left running, an orphan.
+    let mut child = kill_at(&never, "started watch-crash-3-");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(f.running("watch-crash").len(), 2, "the orphan runs beside v1");
+    let (ok, out, err) = f.deploy(&file, Some(&v2));
+    assert!(ok, "the next deployment is admitted at once: {out}{err}");
+    let history = String::from_utf8_lossy(&f.watch(&["history", "watch-crash"]).stdout).into_owned();
+    assert!(
+        history.contains("#3 deploy") && history.contains("-> failure"),
+        "{history}"
+    );
+    assert!(history.contains("removing watch-crash-3-"), "{history}");
+    assert!(
+        history.contains("cause: interrupted: interrupted before its version passed"),
+        "{history}"
+    );
+    assert!(
+        history.contains("#4 deploy") && history.contains("-> success"),
+        "{history}"
+    );
+    let d2 = f.digest_of(&v2);
+    let running = f.running("watch-crash");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+
+    // `berth watch run` reconciles one too, without any command.
+    let (mut guard, _) = start_guard(&f);
+    let mut child = kill_at(&never, "started watch-crash-5-");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let h = String::from_utf8_lossy(&f.watch(&["history", "watch-crash"]).stdout).into_owned();
+        if h.contains("#5 deploy") && !h.contains("-> running") {
+            assert!(h.contains("removing watch-crash-5-"), "{h}");
+            assert!(
+                h.contains("started watch-crash-5-"),
+                "what was printed is in the history: {h}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guard did not reconcile: {h}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let running = f.running("watch-crash");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].1, format!("{}@{d2}", f.repo));
+    let _ = guard.kill();
+    let _ = guard.wait();
 }

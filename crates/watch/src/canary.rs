@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::classify::Cause;
-use crate::spec::{Canary, Router};
+use crate::spec::{Canary, Compare, Router};
 
 /// Writes the upstream with `servers` (address, weight) and reloads nginx.
 pub fn route(r: &Router, servers: &[(String, u32)]) -> Result<(), String> {
@@ -72,15 +72,6 @@ impl Side {
         l.sort_by(f64::total_cmp);
         let rank = ((p / 100.0) * l.len() as f64).ceil() as usize;
         l[rank.clamp(1, l.len()) - 1]
-    }
-
-    fn describe(&self, p: f64) -> String {
-        format!(
-            "{} requests, {:.2} % errors, p{p} {:.3}s",
-            self.requests,
-            self.error_rate() * 100.0,
-            self.percentile(p)
-        )
     }
 }
 
@@ -161,35 +152,135 @@ pub fn read_window(
 pub enum Verdict {
     Pass(String),
     Fail(Cause, String),
-    /// Too few canary requests to judge: never a pass.
+    /// Too few requests to judge: never a pass.
     Inconclusive(String),
 }
 
-pub fn judge(c: &Canary, w: &Window) -> Verdict {
+impl Verdict {
+    /// The result label of `berth_watch_canary_analyses_total`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Verdict::Pass(_) => "pass",
+            Verdict::Fail(..) => "fail",
+            Verdict::Inconclusive(_) => "inconclusive",
+        }
+    }
+}
+
+/// One side's numbers in one window, from either source.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Measure {
+    /// Requests in the window (Prometheus's `increase` is not whole).
+    pub requests: f64,
+    /// Failed requests in the window.
+    pub errors: f64,
+    /// The latency percentile, in seconds; `None`: no data.
+    pub latency: Option<f64>,
+}
+
+impl Measure {
+    pub fn of(side: &Side, percentile: f64) -> Measure {
+        Measure {
+            requests: side.requests as f64,
+            errors: side.errors as f64,
+            latency: (!side.latencies.is_empty()).then(|| side.percentile(percentile)),
+        }
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        if self.requests > 0.0 {
+            self.errors / self.requests
+        } else {
+            0.0
+        }
+    }
+
+    fn describe(&self, p: f64) -> String {
+        let latency = self.latency.map_or("no data".to_string(), |l| format!("{l:.3}s"));
+        format!(
+            "{:.0} requests, {:.2} % errors, p{p} {latency}",
+            self.requests,
+            self.error_rate() * 100.0
+        )
+    }
+}
+
+/// Judges one window from nginx's log.
+pub fn judge_window(c: &Canary, w: &Window) -> Verdict {
+    judge(
+        c,
+        &Measure::of(&w.canary, c.percentile),
+        &Measure::of(&w.stable, c.percentile),
+    )
+}
+
+pub fn judge(c: &Canary, canary: &Measure, stable: &Measure) -> Verdict {
+    let all = canary.requests + stable.requests;
+    let share = if all > 0.0 { canary.requests * 100.0 / all } else { 0.0 };
     let summary = format!(
-        "canary {} ({:.1} % of the traffic); stable {}",
-        w.canary.describe(c.percentile),
-        w.share(),
-        w.stable.describe(c.percentile)
+        "canary {} ({share:.1} % of the traffic); stable {}",
+        canary.describe(c.percentile),
+        stable.describe(c.percentile)
     );
-    if w.canary.requests < c.min_requests {
+    let min = c.min_requests as f64;
+    if canary.requests < min {
         return Verdict::Inconclusive(format!(
             "{summary}: fewer than {} canary requests, no conclusion",
             c.min_requests
         ));
     }
-    if w.canary.error_rate() > c.max_error_rate {
+    let absolute = c.compare != Compare::Relative;
+    let relative = c.compare != Compare::Absolute;
+    let err = canary.error_rate();
+    if absolute && err > c.max_error_rate {
         return Verdict::Fail(
             Cause::CanaryErrors,
             format!("{summary}: canary error rate above {:.2} %", c.max_error_rate * 100.0),
         );
     }
-    let lat = w.canary.percentile(c.percentile);
-    if lat > c.max_latency.as_secs_f64() {
+    let lat = canary.latency;
+    if let Some(l) = lat.filter(|l| absolute && *l > c.max_latency.as_secs_f64()) {
         return Verdict::Fail(
             Cause::CanaryLatency,
-            format!("{summary}: canary p{} latency above {:?}", c.percentile, c.max_latency),
+            format!(
+                "{summary}: canary p{} latency {l:.3}s above {:?}",
+                c.percentile, c.max_latency
+            ),
         );
+    }
+    // Past this point a failure needs the stable's numbers beside it.
+    if relative && stable.requests < min {
+        return Verdict::Inconclusive(format!(
+            "{summary}: fewer than {} stable requests, nothing to compare the canary with",
+            c.min_requests
+        ));
+    }
+    if relative && err > stable.error_rate() + c.max_error_rate_increase {
+        return Verdict::Fail(
+            Cause::CanaryErrors,
+            format!(
+                "{summary}: canary error rate more than {:.2} points above the stable's",
+                c.max_error_rate_increase * 100.0
+            ),
+        );
+    }
+    let Some(lat) = lat else {
+        return Verdict::Inconclusive(format!("{summary}: no latency for the canary, no conclusion"));
+    };
+    if relative {
+        let Some(base) = stable.latency else {
+            return Verdict::Inconclusive(format!("{summary}: no latency for the stable, nothing to compare with"));
+        };
+        let limit = (base * c.max_latency_ratio).max(c.latency_floor.as_secs_f64());
+        if lat > limit {
+            return Verdict::Fail(
+                Cause::CanaryLatency,
+                format!(
+                    "{summary}: canary p{} latency above {} x the stable's ({limit:.3}s)",
+                    c.percentile, c.max_latency_ratio
+                ),
+            );
+        }
     }
     Verdict::Pass(summary)
 }
@@ -210,7 +301,105 @@ mod tests {
             min_requests: 10,
             inconclusive_windows: 3,
             on_inconclusive: crate::spec::OnInconclusive::Rollback,
+            compare: Compare::Both,
+            max_error_rate_increase: 0.005,
+            max_latency_ratio: 1.5,
+            latency_floor: Duration::from_millis(100),
+            prometheus: None,
         }
+    }
+
+    fn m(requests: f64, errors: f64, latency: f64) -> Measure {
+        Measure {
+            requests,
+            errors,
+            latency: Some(latency),
+        }
+    }
+
+    #[test]
+    fn absolute_relative_and_both() {
+        let with = |compare| Canary { compare, ..canary() };
+        let (abs, rel, both) = (with(Compare::Absolute), with(Compare::Relative), with(Compare::Both));
+        let healthy = m(100.0, 0.0, 0.010);
+        // 1.5 % errors where the stable has none: fails every way.
+        let errors = m(200.0, 3.0, 0.010);
+        for c in [&abs, &rel, &both] {
+            assert!(matches!(
+                judge(c, &errors, &healthy),
+                Verdict::Fail(Cause::CanaryErrors, _)
+            ));
+            assert!(matches!(judge(c, &healthy, &healthy), Verdict::Pass(_)));
+        }
+        // The stable fails as much: only the thresholds fail the canary.
+        assert!(matches!(judge(&rel, &errors, &errors), Verdict::Pass(_)));
+        assert!(matches!(judge(&abs, &errors, &errors), Verdict::Fail(..)));
+        assert!(matches!(judge(&both, &errors, &errors), Verdict::Fail(..)));
+        // 0.8 % errors (under 1 %) where the stable has none: relative fails.
+        let some = m(1000.0, 8.0, 0.010);
+        assert!(matches!(judge(&abs, &some, &healthy), Verdict::Pass(_)));
+        let v = judge(&rel, &some, &healthy);
+        assert!(
+            matches!(&v, Verdict::Fail(Cause::CanaryErrors, s) if s.contains("0.50 points above the stable's")),
+            "{v:?}"
+        );
+        // 1.2 s, under 2 s, where the stable takes 0.2 s: relative fails.
+        let slowish = m(100.0, 0.0, 1.2);
+        let base = m(100.0, 0.0, 0.2);
+        assert!(matches!(judge(&abs, &slowish, &base), Verdict::Pass(_)));
+        assert!(matches!(
+            judge(&both, &slowish, &base),
+            Verdict::Fail(Cause::CanaryLatency, _)
+        ));
+        // 40 ms against 5 ms is eight times, but under the floor: noise.
+        assert!(matches!(
+            judge(&rel, &m(100.0, 0.0, 0.040), &m(100.0, 0.0, 0.005)),
+            Verdict::Pass(_)
+        ));
+        // 2.5 s where the stable takes 2.4 s: only the threshold fails it.
+        assert!(matches!(
+            judge(&rel, &m(50.0, 0.0, 2.5), &m(50.0, 0.0, 2.4)),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            judge(&abs, &m(50.0, 0.0, 2.5), &m(50.0, 0.0, 2.4)),
+            Verdict::Fail(Cause::CanaryLatency, _)
+        ));
+    }
+
+    #[test]
+    fn no_data_is_never_a_pass() {
+        let healthy = m(100.0, 0.0, 0.010);
+        let none = Measure::default();
+        for compare in [Compare::Absolute, Compare::Relative, Compare::Both] {
+            let c = Canary { compare, ..canary() };
+            assert!(
+                matches!(judge(&c, &none, &healthy), Verdict::Inconclusive(_)),
+                "{compare:?}"
+            );
+            let no_latency = Measure {
+                latency: None,
+                ..healthy
+            };
+            assert!(
+                matches!(judge(&c, &no_latency, &healthy), Verdict::Inconclusive(_)),
+                "{compare:?}"
+            );
+        }
+        // Relative with no stable traffic: nothing to compare with...
+        let rel = Canary {
+            compare: Compare::Relative,
+            ..canary()
+        };
+        let v = judge(&rel, &healthy, &none);
+        assert!(
+            matches!(&v, Verdict::Inconclusive(s) if s.contains("nothing to compare")),
+            "{v:?}"
+        );
+        // ... but a failure on the thresholds needs no comparison.
+        let both = canary();
+        assert!(matches!(judge(&both, &m(100.0, 10.0, 0.01), &none), Verdict::Fail(..)));
+        assert!(matches!(judge(&both, &healthy, &none), Verdict::Inconclusive(_)));
     }
 
     #[test]
@@ -236,12 +425,15 @@ mod tests {
         assert_eq!(w.share(), 10.0);
         assert_eq!(w.canary.errors, 1);
         // 10 % errors on the canary.
-        assert!(matches!(judge(&canary(), &w), Verdict::Fail(Cause::CanaryErrors, _)));
+        assert!(matches!(
+            judge_window(&canary(), &w),
+            Verdict::Fail(Cause::CanaryErrors, _)
+        ));
         // The half-written line is read with the next window.
         writeln!(f, r#"tus":200,"request_time":2.5}}"#).unwrap();
         let w = read_window(&log, &mut off, &c, &s).unwrap();
         assert_eq!(w.canary.requests, 1);
-        assert!(matches!(judge(&canary(), &w), Verdict::Inconclusive(_)));
+        assert!(matches!(judge_window(&canary(), &w), Verdict::Inconclusive(_)));
         let slow = Window {
             canary: Side {
                 requests: 10,
@@ -251,7 +443,7 @@ mod tests {
             stable: Side::default(),
         };
         assert!(matches!(
-            judge(&canary(), &slow),
+            judge_window(&canary(), &slow),
             Verdict::Fail(Cause::CanaryLatency, _)
         ));
     }

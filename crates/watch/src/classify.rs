@@ -46,6 +46,9 @@ pub enum Cause {
     CanaryInconclusive,
     /// nginx could not be given the new upstream.
     Router,
+    /// The berth process running the deployment died part-way (killed,
+    /// host restarted); a later berth process reconciled it.
+    Interrupted,
     /// The Engine failed in a way berth does not classify.
     Engine,
 }
@@ -71,6 +74,7 @@ impl Cause {
             Cause::CanaryLatency => "canary_latency",
             Cause::CanaryInconclusive => "canary_inconclusive",
             Cause::Router => "router",
+            Cause::Interrupted => "interrupted",
             Cause::Engine => "engine",
         }
     }
@@ -137,6 +141,7 @@ fn default_fix(c: Cause) -> &'static str {
         Cause::CanaryLatency => "the new version is slow under real traffic; profile it before deploying it again",
         Cause::CanaryInconclusive => "the canary got too little traffic to judge; deploy when there is traffic, or lower `canary.min_requests`",
         Cause::Router => "check the [router] settings: nginx must include the upstream file and accept the reload command",
+        Cause::Interrupted => "nothing to fix in the image: deploy it again; the timeline says where the process died",
         Cause::Engine => "read the Engine's message in the evidence",
     }
 }

@@ -3,7 +3,8 @@
 //! health, once per health interval) and rolls a service back to the last
 //! release that passed when an instance fails the threshold of
 //! consecutive checks. A service with a deployment in progress is left to
-//! that deployment.
+//! that deployment; one whose deployment's process died (its lock is free)
+//! is reconciled first (`recover`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::rollout::{watch_instances, Guard};
 use crate::spec::{self, Spec};
-use crate::store::{now_ms, STALE_DEPLOYMENT};
+use crate::store::StoreError;
 
 /// How often the history is read for services to watch.
 const RESCAN: Duration = Duration::from_secs(1);
@@ -21,7 +22,7 @@ const RESCAN: Duration = Duration::from_secs(1);
 pub async fn run(g: Arc<Guard>) {
     let mut watched: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
-        match g.store.services() {
+        match g.store.bg().services().await {
             Ok(services) => {
                 for (name, st) in services {
                     if st.active.is_none() || watched.get(&name).is_some_and(|h| !h.is_finished()) {
@@ -39,7 +40,7 @@ pub async fn run(g: Arc<Guard>) {
 
 async fn watch_service(g: Arc<Guard>, name: String) {
     loop {
-        let state = match g.store.state(&name) {
+        let state = match g.store.bg().state(&name).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(service = %name, error = %e, "guard: cannot read the service");
@@ -59,9 +60,23 @@ async fn watch_service(g: Arc<Guard>, name: String) {
                 return;
             }
         };
-        let busy = state
-            .in_progress_since_ms
-            .is_some_and(|t| now_ms().saturating_sub(t) < STALE_DEPLOYMENT.as_millis() as u64);
+        // Busy while another process holds the lock; a deployment in
+        // progress without its lock holder died, and is reconciled.
+        let busy = match g.store.lock(&name) {
+            Ok(_lock) if state.in_progress_since_ms.is_some() => {
+                match g.recover(&name).await {
+                    Ok(ids) => tracing::warn!(service = %name, ?ids, "guard: reconciled interrupted deployments"),
+                    Err(e) => tracing::warn!(service = %name, error = %e, "guard: cannot reconcile"),
+                }
+                true
+            }
+            Ok(_lock) => false,
+            Err(StoreError::Locked { .. }) => true,
+            Err(e) => {
+                tracing::warn!(service = %name, error = %e, "guard: cannot take the service's lock");
+                true
+            }
+        };
         let ids: Vec<String> = match g.engine.list(&name).await {
             Ok(l) => l
                 .into_iter()
@@ -90,7 +105,7 @@ async fn watch_service(g: Arc<Guard>, name: String) {
         let Err(f) = failed else { continue };
         // A deployment that started meanwhile owns the service (it may
         // have removed these instances itself).
-        let now = g.store.state(&name).ok();
+        let now = g.store.bg().state(&name).await.ok();
         if now.as_ref().is_none_or(|s| {
             s.in_progress_since_ms.is_some() || s.active.as_ref().map(|a| &a.digest) != Some(&active.digest)
         }) {

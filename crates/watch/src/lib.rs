@@ -19,6 +19,8 @@ pub mod guard;
 pub mod health;
 pub mod metrics;
 pub mod notify;
+pub mod prometheus;
+pub mod recover;
 pub mod report;
 pub mod rollout;
 pub mod spec;

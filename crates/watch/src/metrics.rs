@@ -102,6 +102,18 @@ impl Collector for FromHistory {
             ConstCounter::new(st.counts.pauses).encode(fam.encode_family(&labels(name, None))?)?;
         }
         let mut fam = encoder.encode_descriptor(
+            "berth_watch_canary_analyses",
+            "Canary analysis windows by result (pass, fail, inconclusive)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, st) in &services {
+            for r in ["pass", "fail", "inconclusive"] {
+                let n = st.counts.analyses.get(r).copied().unwrap_or(0);
+                ConstCounter::new(n).encode(fam.encode_family(&labels(name, Some(("result", r))))?)?;
+            }
+        }
+        let mut fam = encoder.encode_descriptor(
             "berth_watch_paused",
             "1 while deployments of the service are paused",
             None,
@@ -134,6 +146,9 @@ mod tests {
         store.finish("web", d.id, Outcome::Success, None, Some(&r)).unwrap();
         let d = store.begin("web", Kind::Deploy, "r/web:v2", "v2", 3).unwrap();
         store.finish("web", d.id, Outcome::Timeout, None, None).unwrap();
+        store.count_analysis("web", "inconclusive").unwrap();
+        store.count_analysis("web", "inconclusive").unwrap();
+        store.pause("web", "by hand").unwrap();
         let reg = registry(store, vec![("region".into(), "eu".into())]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
@@ -143,7 +158,10 @@ mod tests {
             r#"berth_watch_deploys_total{region="eu",service="web",result="rolled_back"} 0"#,
             r#"berth_watch_deploy_duration_seconds_count{region="eu",service="web"} 2"#,
             r#"berth_watch_deploy_duration_seconds_bucket{le="+Inf",region="eu",service="web"} 2"#,
-            r#"berth_watch_paused{region="eu",service="web"} 0"#,
+            r#"berth_watch_paused{region="eu",service="web"} 1"#,
+            r#"berth_watch_pauses_total{region="eu",service="web"} 1"#,
+            r#"berth_watch_canary_analyses_total{region="eu",service="web",result="inconclusive"} 2"#,
+            r#"berth_watch_canary_analyses_total{region="eu",service="web",result="pass"} 0"#,
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }

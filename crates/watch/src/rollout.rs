@@ -39,9 +39,9 @@ pub struct Guard {
 }
 
 /// The instances of one version, as started.
-struct Started {
-    release: Release,
-    ids: Vec<String>,
+pub(crate) struct Started {
+    pub(crate) release: Release,
+    pub(crate) ids: Vec<String>,
     /// The instances of other versions found at the start.
     old: Vec<crate::engine::ContainerSummary>,
 }
@@ -50,26 +50,33 @@ struct Started {
 const GATE_POLL: Duration = Duration::from_millis(500);
 
 impl Guard {
-    fn log(&self, d: &Deployment, t0: Instant, what: &str) {
-        if self.echo {
-            eprintln!("[{:>6.1}s] {} #{}: {what}", t0.elapsed().as_secs_f64(), d.service, d.id);
-        }
-        if let Err(e) = self.store.event(&d.service, d.id, what) {
-            tracing::warn!(error = %e, "cannot record an event in the history");
-        }
+    pub(crate) fn log(&self, d: &Deployment, t0: Instant, what: &str) {
+        // Printed once written: what the operator saw is in the history,
+        // even if the process is killed the next moment.
+        let line = self
+            .echo
+            .then(|| format!("[{:>6.1}s] {} #{}: {what}", t0.elapsed().as_secs_f64(), d.service, d.id));
+        self.store.bg().event(&d.service, d.id, what, line);
     }
 
     /// Deploys `spec` (read from `file`, whose text is `toml`).
     pub async fn deploy(&self, spec: &Spec, file: &Path, toml: &str) -> Result<Deployment, WatchError> {
-        let d = self.store.begin(
-            &spec.name,
-            Kind::Deploy,
-            &spec.image,
-            &spec.version,
-            spec.rollout.failure_limit,
-        )?;
+        // Held to the end: a deployment whose process dies releases it.
+        let _lock = self.store.bg().lock(&spec.name).await?;
+        self.recover(&spec.name).await?;
+        let d = self
+            .store
+            .bg()
+            .begin(
+                &spec.name,
+                Kind::Deploy,
+                &spec.image,
+                &spec.version,
+                spec.rollout.failure_limit,
+            )
+            .await?;
         let t0 = Instant::now();
-        let before = self.store.state(&spec.name)?;
+        let before = self.store.bg().state(&spec.name).await?;
         let spec_file = file.display().to_string();
         if let (Some(c), Some(r), Some(_)) = (&spec.canary, &spec.router, &before.active) {
             return self
@@ -102,11 +109,13 @@ impl Guard {
                                         &f,
                                     )
                                     .await;
-                                    let state =
-                                        self.store
-                                            .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)?;
+                                    let state = self
+                                        .store
+                                        .bg()
+                                        .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                                        .await?;
                                     self.after_failure(spec, &state, &before).await;
-                                    return self.finished(&spec.name, d.id);
+                                    return self.finished(&spec.name, d.id).await;
                                 }
                                 Err(f2) => {
                                     let mut f = f;
@@ -133,17 +142,21 @@ impl Guard {
             Ok(release) => {
                 self.log(&d, t0, &format!("{} passed; deployment succeeded", release.version));
                 self.store
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
+                    .bg()
+                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))
+                    .await?;
             }
             Err(f) => return self.fail(spec, &d, t0, &before, f).await,
         }
-        self.finished(&spec.name, d.id)
+        self.finished(&spec.name, d.id).await
     }
 
     /// Rolls `service` back to the newest release that passed before the
     /// active one (admitted while paused).
     pub async fn rollback(&self, service: &str, reason: &str) -> Result<Deployment, WatchError> {
-        let state = self.store.state(service)?;
+        let _lock = self.store.bg().lock(service).await?;
+        self.recover(service).await?;
+        let state = self.store.bg().state(service).await?;
         let no = |why: &str| WatchError::NoRollback {
             service: service.to_string(),
             why: why.to_string(),
@@ -154,13 +167,17 @@ impl Guard {
             .ok_or_else(|| no("no earlier release passed its checks; deploy a known good image instead"))?
             .clone();
         let spec = spec::parse(Path::new(&target.spec_file), &target.spec_toml)?;
-        let d = self.store.begin(
-            service,
-            Kind::Rollback,
-            &target.image,
-            &target.version,
-            spec.rollout.failure_limit,
-        )?;
+        let d = self
+            .store
+            .bg()
+            .begin(
+                service,
+                Kind::Rollback,
+                &target.image,
+                &target.version,
+                spec.rollout.failure_limit,
+            )
+            .await?;
         let t0 = Instant::now();
         self.log(
             &d,
@@ -181,7 +198,10 @@ impl Guard {
                     &f,
                 )
                 .await;
-                self.store.finish(service, d.id, Outcome::Success, None, None)?;
+                self.store
+                    .bg()
+                    .finish(service, d.id, Outcome::Success, None, None)
+                    .await?;
             }
             Err(f) => {
                 self.alert(
@@ -192,14 +212,17 @@ impl Guard {
                     &f,
                 )
                 .await;
-                self.store.finish(service, d.id, Outcome::Failure, Some(&f), None)?;
+                self.store
+                    .bg()
+                    .finish(service, d.id, Outcome::Failure, Some(&f), None)
+                    .await?;
             }
         }
-        self.finished(service, d.id)
+        self.finished(service, d.id).await
     }
 
-    fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
-        let all = self.store.deployments(Some(service), 0)?;
+    async fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
+        let all = self.store.bg().deployments(Some(service), 0).await?;
         all.into_iter()
             .find(|d| d.id == id)
             .ok_or_else(|| WatchError::Store(StoreError::Unknown(service.to_string())))
@@ -222,7 +245,14 @@ impl Guard {
         }
     }
 
-    async fn alert(&self, spec: &Spec, name: &'static str, priority: Priority, summary: String, f: &Failure) {
+    pub(crate) async fn alert(
+        &self,
+        spec: &Spec,
+        name: &'static str,
+        priority: Priority,
+        summary: String,
+        f: &Failure,
+    ) {
         let mut details = BTreeMap::new();
         details.insert("cause".to_string(), f.cause.to_string());
         details.insert("evidence".to_string(), f.evidence.clone());
@@ -241,7 +271,7 @@ impl Guard {
     }
 
     /// Starts a release that passed before, by its digest.
-    async fn start_release(&self, r: &Release, d: &Deployment, t0: Instant) -> Result<Started, Failure> {
+    pub(crate) async fn start_release(&self, r: &Release, d: &Deployment, t0: Instant) -> Result<Started, Failure> {
         let spec = spec::parse(Path::new(&r.spec_file), &r.spec_toml)
             .map_err(|e| Failure::new(Cause::Config, e.to_string()))?;
         let spec = Spec {
@@ -273,7 +303,7 @@ impl Guard {
                 Err(e) => return Err(self.pull_failure(&spec.image, &e).await),
             },
         };
-        let _ = self.store.set_digest(&spec.name, d.id, &digest);
+        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let by_digest = format!("{repo}@{digest}");
         self.log(d, t0, &format!("{} is {digest}; pulling {by_digest}", spec.image));
         if let Err(e) = self.engine.pull(&by_digest).await {
@@ -377,7 +407,7 @@ impl Guard {
                 &format!("nginx upstream {} now routes to {}", r.upstream, s.release.version),
             );
         }
-        let _ = self.store.set_active(&spec.name, &s.release);
+        let _ = self.store.bg().set_active(&spec.name, &s.release).await;
         for o in &s.old {
             if spec.ports.iter().all(|p| p.host.is_none()) {
                 self.log(d, t0, &format!("switched; stopping {}", o.name));
@@ -388,7 +418,7 @@ impl Guard {
     }
 
     /// `127.0.0.1:HOSTPORT` of each instance's container port `port`.
-    async fn addresses(&self, ids: &[String], port: u16) -> Vec<String> {
+    pub(crate) async fn addresses(&self, ids: &[String], port: u16) -> Vec<String> {
         let mut out = Vec::new();
         for id in ids {
             if let Ok(st) = self.engine.inspect(id).await {
@@ -434,8 +464,25 @@ impl Guard {
             );
             Ok(())
         } else {
-            self.analyse(c, router, (&stable_addrs, &canary_addrs), &started.ids, d, t0)
-                .await
+            let track = |track, r: &Release| crate::prometheus::Track {
+                track,
+                service: spec.name.clone(),
+                version: r.version.clone(),
+                digest: r.digest.clone(),
+            };
+            let tracks = match &before.active {
+                Some(a) => (track("stable", a), track("canary", &started.release)),
+                None => (track("stable", &started.release), track("canary", &started.release)),
+            };
+            self.analyse(
+                (c, router),
+                (&stable_addrs, &canary_addrs),
+                &tracks,
+                &started.ids,
+                d,
+                t0,
+            )
+            .await
         };
         match verdict {
             Ok(()) => {
@@ -453,7 +500,9 @@ impl Guard {
                     &format!("{} promoted; deployment succeeded", started.release.version),
                 );
                 self.store
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&started.release))?;
+                    .bg()
+                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&started.release))
+                    .await?;
             }
             Err(f) => {
                 let servers: Vec<(String, u32)> = stable_addrs.iter().map(|a| (a.clone(), 1)).collect();
@@ -485,18 +534,27 @@ impl Guard {
                 .await;
                 let state = self
                     .store
-                    .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)?;
+                    .bg()
+                    .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                    .await?;
                 if pause {
-                    self.store.pause(
-                        &spec.name,
-                        &format!("canary of {} inconclusive: no traffic", spec.version),
-                    )?;
+                    self.store
+                        .bg()
+                        .pause(
+                            &spec.name,
+                            &format!("canary of {} inconclusive: no traffic", spec.version),
+                        )
+                        .await?;
                 }
-                let state = if pause { self.store.state(&spec.name)? } else { state };
+                let state = if pause {
+                    self.store.bg().state(&spec.name).await?
+                } else {
+                    state
+                };
                 self.after_failure(spec, &state, before).await;
             }
         }
-        self.finished(&spec.name, d.id)
+        self.finished(&spec.name, d.id).await
     }
 
     /// Ends a deployment that failed: the old version restored if nothing
@@ -533,22 +591,22 @@ impl Guard {
             ),
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
-        let state = self.store.finish(&spec.name, d.id, result, Some(&f), None)?;
+        let state = self.store.bg().finish(&spec.name, d.id, result, Some(&f), None).await?;
         self.after_failure(spec, &state, before).await;
-        self.finished(&spec.name, d.id)
+        self.finished(&spec.name, d.id).await
     }
 
     /// Runs the steps; Ok when every window of every step passed.
     async fn analyse(
         &self,
-        c: &crate::spec::Canary,
-        router: &crate::spec::Router,
+        (c, router): (&crate::spec::Canary, &crate::spec::Router),
         (stable, canary): (&[String], &[String]),
+        tracks: &(crate::prometheus::Track, crate::prometheus::Track),
         canary_ids: &[String],
         d: &Deployment,
         t0: Instant,
     ) -> Result<(), Failure> {
-        use crate::canary::{judge, read_window, route, Verdict};
+        use crate::canary::{judge, judge_window, read_window, route, Verdict};
         let canary_set: std::collections::HashSet<String> = canary.iter().cloned().collect();
         let stable_set: std::collections::HashSet<String> = stable.iter().cloned().collect();
         let mut inconclusive = 0;
@@ -588,13 +646,33 @@ impl Guard {
                         return Err(f);
                     }
                 }
-                let w = read_window(&router.access_log, &mut offset, &canary_set, &stable_set).map_err(|e| {
-                    Failure::new(
-                        Cause::Router,
-                        format!("cannot read {}: {e}", router.access_log.display()),
-                    )
-                })?;
-                match judge(c, &w) {
+                let verdict = match &c.prometheus {
+                    None => {
+                        let w =
+                            read_window(&router.access_log, &mut offset, &canary_set, &stable_set).map_err(|e| {
+                                Failure::new(
+                                    Cause::Router,
+                                    format!("cannot read {}: {e}", router.access_log.display()),
+                                )
+                            })?;
+                        judge_window(c, &w)
+                    }
+                    Some(p) => {
+                        use crate::prometheus::measure;
+                        let canary = measure(&self.http, p, &tracks.1, c.interval, c.percentile).await;
+                        let stable = measure(&self.http, p, &tracks.0, c.interval, c.percentile).await;
+                        match (canary, stable) {
+                            (Ok(canary), Ok(stable)) => judge(c, &canary, &stable),
+                            (Err(e), _) | (_, Err(e)) => {
+                                Verdict::Inconclusive(format!("no numbers from Prometheus: {e}"))
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = self.store.bg().count_analysis(&d.service, verdict.result()).await {
+                    tracing::warn!(error = %e, "cannot count the analysis in the history");
+                }
+                match verdict {
                     Verdict::Pass(s) => {
                         passed += 1;
                         inconclusive = 0;
@@ -614,7 +692,7 @@ impl Guard {
                         if inconclusive >= c.inconclusive_windows {
                             return Err(Failure::new(
                                 Cause::CanaryInconclusive,
-                                format!("{inconclusive} windows in a row without enough canary traffic; last: {s}"),
+                                format!("{inconclusive} windows in a row without a conclusion; last: {s}"),
                             ));
                         }
                     }
@@ -734,7 +812,7 @@ impl Guard {
     }
 
     /// The failure of a container that stopped or keeps restarting.
-    async fn not_running(&self, id: &str, st: &crate::engine::ContainerState) -> Option<Failure> {
+    pub(crate) async fn not_running(&self, id: &str, st: &crate::engine::ContainerState) -> Option<Failure> {
         let cause = if st.restarting || st.restart_count > 0 {
             Cause::Restarting
         } else if !st.running && matches!(st.status.as_str(), "exited" | "dead") {

@@ -63,7 +63,49 @@ pub struct Canary {
     /// Consecutive inconclusive windows before `on_inconclusive`.
     pub inconclusive_windows: u32,
     pub on_inconclusive: OnInconclusive,
+    /// Judge the canary on the thresholds, against the stable, or both.
+    pub compare: Compare,
+    /// Relative: the canary fails above the stable's error rate plus this.
+    pub max_error_rate_increase: f64,
+    /// Relative: the canary fails above the stable's latency times this...
+    pub max_latency_ratio: f64,
+    /// ... unless it is under this (a ratio of milliseconds is noise).
+    pub latency_floor: Duration,
+    /// Where the windows' numbers come from: Prometheus if set, else
+    /// nginx's access log.
+    pub prometheus: Option<PrometheusAnalysis>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compare {
+    Absolute,
+    Relative,
+    Both,
+}
+
+/// The canary analysis from Prometheus, like an AnalysisTemplate: PromQL
+/// instant queries, each run once for the canary and once for the stable,
+/// with `{{service}}`, `{{version}}`, `{{digest}}`, `{{track}}` (canary or
+/// stable), `{{interval}}` (the window, e.g. `30s`) and `{{quantile}}`
+/// (the percentile as 0-1) replaced.
+#[derive(Debug, Clone)]
+pub struct PrometheusAnalysis {
+    /// Prometheus's base URL (its HTTP API is used).
+    pub url: String,
+    /// The requests in the window (a number); no result: no data.
+    pub requests: String,
+    /// The failed requests in the window; no result: none failed (a
+    /// counter of errors that never happened does not exist yet).
+    pub errors: String,
+    /// The latency percentile in the window, in seconds; no result or NaN:
+    /// no data.
+    pub latency: String,
+    pub timeout: Duration,
+}
+
+/// The placeholders a query may use.
+pub const QUERY_VARIABLES: [&str; 6] = ["service", "version", "digest", "track", "interval", "quantile"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step {
@@ -189,6 +231,21 @@ struct RawCanary {
     min_requests: Option<Spanned<i64>>,
     inconclusive_windows: Option<Spanned<i64>>,
     on_inconclusive: Option<OnInconclusive>,
+    compare: Option<Compare>,
+    max_error_rate_increase: Option<Spanned<f64>>,
+    max_latency_ratio: Option<Spanned<f64>>,
+    latency_floor: Option<Spanned<String>>,
+    prometheus: Option<Spanned<RawPrometheus>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrometheus {
+    url: Spanned<String>,
+    requests: Spanned<String>,
+    errors: Spanned<String>,
+    latency: Spanned<String>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -474,6 +531,43 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
                     Some(n) => bounded(n, 1, 1000).map_err(|m| at(n.span(), "canary.inconclusive_windows", m))? as u32,
                 },
                 on_inconclusive: v.on_inconclusive.unwrap_or(OnInconclusive::Rollback),
+                compare: v.compare.unwrap_or(Compare::Both),
+                max_error_rate_increase: fraction(
+                    &v.max_error_rate_increase,
+                    "canary.max_error_rate_increase",
+                    0.005,
+                    1.0,
+                )?,
+                max_latency_ratio: match &v.max_latency_ratio {
+                    None => 1.5,
+                    Some(x) if *x.get_ref() >= 1.0 && x.get_ref().is_finite() => *x.get_ref(),
+                    Some(x) => {
+                        return Err(at(
+                            x.span(),
+                            "canary.max_latency_ratio",
+                            "must be 1 or more (1.5: the canary may be half again as slow as the stable)".into(),
+                        ))
+                    }
+                },
+                latency_floor: duration(&v.latency_floor, "canary.latency_floor", Duration::from_millis(100))?,
+                prometheus: match &v.prometheus {
+                    None => None,
+                    Some(p) => {
+                        let p = p.get_ref();
+                        let query = |q: &Spanned<String>, key: &str| {
+                            check_query(q.get_ref())
+                                .map(|()| q.get_ref().trim().to_string())
+                                .map_err(|m| at(q.span(), key, m))
+                        };
+                        Some(PrometheusAnalysis {
+                            url: url(&p.url, "canary.prometheus.url")?,
+                            requests: query(&p.requests, "canary.prometheus.requests")?,
+                            errors: query(&p.errors, "canary.prometheus.errors")?,
+                            latency: query(&p.latency, "canary.prometheus.latency")?,
+                            timeout: duration(&p.timeout, "canary.prometheus.timeout", Duration::from_secs(5))?,
+                        })
+                    }
+                },
             })
         }
     };
@@ -527,6 +621,48 @@ pub fn repository_of(image: &str) -> &str {
         Some(t) => &without_digest[..without_digest.len() - t.len() - 1],
         None => without_digest,
     }
+}
+
+/// A query is not empty and uses only the known placeholders.
+fn check_query(q: &str) -> Result<(), String> {
+    if q.trim().is_empty() {
+        return Err("give a PromQL query".into());
+    }
+    let mut rest = q;
+    while let Some(i) = rest.find("{{") {
+        let after = &rest[i + 2..];
+        let Some(j) = after.find("}}") else {
+            return Err("a `{{` without its `}}`".into());
+        };
+        let name = after[..j].trim();
+        if !QUERY_VARIABLES.contains(&name) {
+            return Err(format!(
+                "unknown placeholder {{{{{name}}}}}; use {}",
+                QUERY_VARIABLES.map(|v| format!("{{{{{v}}}}}")).join(", ")
+            ));
+        }
+        rest = &after[j + 2..];
+    }
+    Ok(())
+}
+
+/// `q` with its placeholders replaced by `vars`' values.
+pub fn render_query(q: &str, vars: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(q.len());
+    let mut rest = q;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(j) = after.find("}}") else { break };
+        let name = after[..j].trim();
+        match vars.iter().find(|(k, _)| *k == name) {
+            Some((_, v)) => out.push_str(v),
+            None => out.push_str(&rest[i..i + 2 + j + 2]),
+        }
+        rest = &after[j + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn valid_name(s: &str) -> bool {
@@ -650,5 +786,49 @@ start_timeout = "30s"
         assert_eq!(repository_of("127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b");
         assert_eq!(repository_of("127.0.0.1:5000/a/b"), "127.0.0.1:5000/a/b");
         assert_eq!(repository_of("b:v1@sha256:00"), "b");
+    }
+
+    #[test]
+    fn prometheus_analysis() {
+        let canary = r#"
+[router]
+upstream = "web"
+conf = "/tmp/up.conf"
+reload = ["nginx", "-s", "reload"]
+access_log = "/tmp/access.log"
+
+[canary]
+compare = "relative"
+max_latency_ratio = 2.0
+
+[canary.prometheus]
+url = "http://127.0.0.1:9090/"
+requests = 'sum(increase(http_requests_total{service="{{service}}",digest="{{digest}}"}[{{interval}}]))'
+errors = 'sum(increase(http_requests_total{version="{{ version }}",code=~"5.."}[{{interval}}]))'
+latency = 'histogram_quantile({{quantile}}, sum by (le) (rate(d_bucket{track="{{track}}"}[{{interval}}])))'
+"#;
+        let s = parse(Path::new("web.toml"), &format!("{GOOD}{canary}")).unwrap();
+        let c = s.canary.unwrap();
+        assert_eq!(c.compare, Compare::Relative);
+        assert_eq!(c.max_latency_ratio, 2.0);
+        assert_eq!(c.latency_floor, Duration::from_millis(100));
+        let p = c.prometheus.unwrap();
+        assert_eq!(p.url, "http://127.0.0.1:9090");
+        let q = render_query(&p.errors, &[("version", "v2".into()), ("interval", "30s".into())]);
+        assert_eq!(
+            q,
+            r#"sum(increase(http_requests_total{version="v2",code=~"5.."}[30s]))"#
+        );
+
+        let e = err(&format!("{GOOD}{}", canary.replace("{{track}}", "{{tier}}")));
+        assert_eq!(e.key, "canary.prometheus.latency", "{e}");
+        assert!(e.message.contains("unknown placeholder {{tier}}"), "{e}");
+        let e = err(&format!(
+            "{GOOD}{}",
+            canary.replace("compare = \"relative\"", "compare = \"sideways\"")
+        ));
+        assert!(e.message.contains("unknown variant"), "{e}");
+        let e = err(&format!("{GOOD}{}", canary.replace("2.0", "0.5")));
+        assert_eq!(e.key, "canary.max_latency_ratio", "{e}");
     }
 }

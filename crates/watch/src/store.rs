@@ -5,9 +5,21 @@
 //!
 //! The file is opened for each transaction and closed after it, so
 //! `berth watch status` can read while `berth watch run` guards.
+//!
+//! Async code never touches the file on a runtime thread: [`Store::bg`]
+//! hands each transaction to the history's own thread, in order (an event
+//! queued without waiting is still written before the next transaction).
+//!
+//! A deployment is owned by the process that holds its service's lock
+//! ([`Store::lock`], an `flock` the kernel releases when that process dies,
+//! even by `kill -9`): a deployment in progress whose lock nobody holds was
+//! interrupted, and is reconciled (`rollout::Guard::recover`) instead of
+//! making the service wait.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -39,8 +51,14 @@ pub enum StoreError {
     },
     #[error("service {service:?} has a deployment in progress since {since} (#{id}); wait for it (`berth watch history {service}`)")]
     Busy { service: String, since: String, id: u64 },
+    #[error("service {service:?} is being deployed by berth process {pid} (it holds {lock}); wait for it (`berth watch history {service}`)")]
+    Locked { service: String, pid: String, lock: String },
+    #[error("the history's lock {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
     #[error("service {0:?} has no deployment in the history")]
     Unknown(String),
+    #[error("the history's thread is gone (a transaction panicked); restart berth")]
+    Worker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -144,6 +162,9 @@ pub struct Counts {
     /// Per bucket of `DURATION_BUCKETS`, then one for longer.
     pub duration_buckets: Vec<u64>,
     pub duration_sum: f64,
+    /// Canary analysis windows by result (pass, fail, inconclusive).
+    #[serde(default)]
+    pub analyses: BTreeMap<String, u64>,
 }
 
 impl Counts {
@@ -182,9 +203,26 @@ pub fn time_of(ms: u64) -> String {
     observe::time::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     path: PathBuf,
+    /// The history's own thread, started at the first [`Store::bg`].
+    worker: Arc<OnceLock<mpsc::Sender<Job>>>,
+}
+
+type Job = Box<dyn FnOnce(&Store) + Send>;
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// A service's lock, held while a deployment of it runs; released when
+/// dropped or when the process ends, however it ends.
+#[derive(Debug)]
+pub struct ServiceLock {
+    _file: std::fs::File,
 }
 
 /// A deployment in progress for longer than this is taken to have died
@@ -198,7 +236,82 @@ impl Store {
     pub fn new(path: &Path) -> Store {
         Store {
             path: path.to_path_buf(),
+            worker: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The history's transactions for async code: each runs on the
+    /// history's own thread, never on a runtime thread.
+    pub fn bg(&self) -> Bg<'_> {
+        Bg(self)
+    }
+
+    fn queue(&self, job: Job) -> Result<(), StoreError> {
+        let tx = self.worker.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let own = Store::new(&self.path);
+            // Ends when the last Store handle (and its sender) is dropped.
+            let spawned = std::thread::Builder::new()
+                .name("berth-watch-history".into())
+                .spawn(move || rx.into_iter().for_each(|job| job(&own)));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the history's thread");
+            }
+            tx
+        });
+        tx.send(job).map_err(|_| StoreError::Worker)
+    }
+
+    /// Runs `f` on the history's thread after every job queued before it.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(Box::new(move |s| {
+            let _ = tx.send(f(s));
+        }))?;
+        rx.await.map_err(|_| StoreError::Worker)?
+    }
+
+    /// Takes `service`'s lock, or says which live process holds it. The
+    /// lock file holds the owner's pid, for that message.
+    pub fn lock(&self, service: &str) -> Result<ServiceLock, StoreError> {
+        use std::io::{Read, Seek, Write};
+        let dir = self.path.with_extension("locks");
+        let path = dir.join(format!("{service}.lock"));
+        let err = |e: std::io::Error| StoreError::Lock {
+            path: path.display().to_string(),
+            source: e,
+        };
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(err)?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                return Err(StoreError::Locked {
+                    service: service.to_string(),
+                    pid: pid.trim().to_string(),
+                    lock: path.display().to_string(),
+                });
+            }
+            return Err(err(e));
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .map_err(err)?;
+        Ok(ServiceLock { _file: file })
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -425,7 +538,9 @@ impl Store {
                     state.passed.remove(0);
                 }
             }
-            if d.kind == Kind::Deploy {
+            // A deployment whose process died says nothing about the image.
+            let interrupted = failure.is_some_and(|f| f.cause == crate::classify::Cause::Interrupted);
+            if d.kind == Kind::Deploy && !interrupted {
                 if outcome == Outcome::Success {
                     state.consecutive_failures = 0;
                     state.last_failure = None;
@@ -462,6 +577,15 @@ impl Store {
             }
             s.put_state(w, service, &state)?;
             Ok(state)
+        })
+    }
+
+    /// Counts one canary analysis window's result.
+    pub fn count_analysis(&self, service: &str, result: &str) -> Result<(), StoreError> {
+        self.write(|s, w| {
+            let mut state = s.get_state(w, service)?;
+            *state.counts.analyses.entry(result.to_string()).or_default() += 1;
+            s.put_state(w, service, &state)
         })
     }
 
@@ -526,6 +650,105 @@ impl Store {
     }
 }
 
+/// [`Store`]'s transactions, run on the history's thread (see
+/// [`Store::bg`]).
+pub struct Bg<'a>(&'a Store);
+
+impl Bg<'_> {
+    /// [`Store::lock`], waiting a little for a holder that only looks (the
+    /// guard takes a service's lock for a moment to see if it is free).
+    pub async fn lock(&self, service: &str) -> Result<ServiceLock, StoreError> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.0.lock(service) {
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub async fn begin(
+        &self,
+        service: &str,
+        kind: Kind,
+        image: &str,
+        version: &str,
+        failure_limit: u32,
+    ) -> Result<Deployment, StoreError> {
+        let (service, image, version) = (service.to_string(), image.to_string(), version.to_string());
+        self.0
+            .run(move |s| s.begin(&service, kind, &image, &version, failure_limit))
+            .await
+    }
+
+    /// Queued, not awaited: written in order before the next transaction;
+    /// `echo` is printed to stderr once the event is written.
+    pub fn event(&self, service: &str, id: u64, what: &str, echo: Option<String>) {
+        let (service, what) = (service.to_string(), what.to_string());
+        let queued = self.0.queue(Box::new(move |s| {
+            if let Err(e) = s.event(&service, id, &what) {
+                tracing::warn!(error = %e, "cannot record an event in the history");
+            }
+            if let Some(line) = echo {
+                eprintln!("{line}");
+            }
+        }));
+        if let Err(e) = queued {
+            tracing::warn!(error = %e, "cannot record an event in the history");
+        }
+    }
+
+    pub async fn set_digest(&self, service: &str, id: u64, digest: &str) -> Result<(), StoreError> {
+        let (service, digest) = (service.to_string(), digest.to_string());
+        self.0.run(move |s| s.set_digest(&service, id, &digest)).await
+    }
+
+    pub async fn set_active(&self, service: &str, release: &Release) -> Result<(), StoreError> {
+        let (service, release) = (service.to_string(), release.clone());
+        self.0.run(move |s| s.set_active(&service, &release)).await
+    }
+
+    pub async fn finish(
+        &self,
+        service: &str,
+        id: u64,
+        outcome: Outcome,
+        failure: Option<&Failure>,
+        passed: Option<&Release>,
+    ) -> Result<ServiceState, StoreError> {
+        let (service, failure, passed) = (service.to_string(), failure.cloned(), passed.cloned());
+        self.0
+            .run(move |s| s.finish(&service, id, outcome, failure.as_ref(), passed.as_ref()))
+            .await
+    }
+
+    pub async fn pause(&self, service: &str, reason: &str) -> Result<ServiceState, StoreError> {
+        let (service, reason) = (service.to_string(), reason.to_string());
+        self.0.run(move |s| s.pause(&service, &reason)).await
+    }
+
+    pub async fn count_analysis(&self, service: &str, result: &'static str) -> Result<(), StoreError> {
+        let service = service.to_string();
+        self.0.run(move |s| s.count_analysis(&service, result)).await
+    }
+
+    pub async fn state(&self, service: &str) -> Result<ServiceState, StoreError> {
+        let service = service.to_string();
+        self.0.run(move |s| s.state(&service)).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<(String, ServiceState)>, StoreError> {
+        self.0.run(|s| s.services()).await
+    }
+
+    pub async fn deployments(&self, service: Option<&str>, since_ms: u64) -> Result<Vec<Deployment>, StoreError> {
+        let service = service.map(str::to_string);
+        self.0.run(move |s| s.deployments(service.as_deref(), since_ms)).await
+    }
+}
+
 fn kind_word(k: Kind) -> &'static str {
     match k {
         Kind::Deploy => "deployment",
@@ -578,5 +801,54 @@ mod tests {
         assert_eq!(st.counts.deploys["success"], 1);
         assert_eq!(st.counts.pauses, 1);
         assert_eq!(st.counts.duration_buckets.iter().sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn a_lock_is_held_until_dropped_and_names_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(&dir.path().join("h.redb"));
+        let held = s.lock("a").unwrap();
+        let e = s.lock("a").unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Locked { pid, .. } if *pid == std::process::id().to_string()),
+            "{e}"
+        );
+        s.lock("b").unwrap();
+        drop(held);
+        s.lock("a").unwrap();
+    }
+
+    #[test]
+    fn an_interruption_does_not_count_towards_the_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(&dir.path().join("h.redb"));
+        for _ in 0..3 {
+            let d = s.begin("a", Kind::Deploy, "r/a:v2", "v2", 2).unwrap();
+            let f = Failure::new(Cause::Interrupted, "killed");
+            let st = s.finish("a", d.id, Outcome::Failure, Some(&f), None).unwrap();
+            assert_eq!((st.consecutive_failures, st.paused.is_some()), (0, false));
+            assert!(st.in_progress_since_ms.is_none());
+        }
+        assert_eq!(s.state("a").unwrap().counts.deploys["failure"], 3);
+    }
+
+    #[tokio::test]
+    async fn background_transactions_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(&dir.path().join("h.redb"));
+        let d = s.bg().begin("a", Kind::Deploy, "r/a:v1", "v1", 3).await.unwrap();
+        let main = std::thread::current().id();
+        for i in 0..50 {
+            s.bg().event("a", d.id, &format!("event {i}"), None);
+        }
+        let on = s.run(move |_| Ok(std::thread::current().id())).await.unwrap();
+        assert_ne!(on, main, "not on the runtime's thread");
+        s.bg().finish("a", d.id, Outcome::Success, None, None).await.unwrap();
+        let d = &s.bg().deployments(Some("a"), 0).await.unwrap()[0];
+        let events: Vec<&str> = d.events.iter().map(|e| e.what.as_str()).collect();
+        assert_eq!(events.len(), 52, "{events:?}");
+        assert_eq!(events[1], "event 0");
+        assert_eq!(events[50], "event 49");
+        assert!(events[51].starts_with("finished: success"));
     }
 }

@@ -10,6 +10,7 @@
 #   ERROR_PCT=P           /app answers 500 to P % of requests (at random)
 #   ERROR_EVERY=N         /app answers 500 to exactly every Nth request
 #   LATENCY_MS=M          /app answers after M ms
+# /cgi-bin/metrics exports what /app counted, for Prometheus.
 if [ "$FAULT" = exit ]; then
     echo "fault: exiting at once" >&2
     exit 3
