@@ -11,7 +11,7 @@
 const MIGRATION_LOCK: i64 = 0x6265_7274_685f_6d67; // "berth_mg"
 
 /// (version, name, SQL). Append only: a released migration never changes.
-pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial schema", V1)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial schema", V1)];
 
 const V1: &str = r#"
 CREATE TABLE blobs (
