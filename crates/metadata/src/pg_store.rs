@@ -1025,6 +1025,74 @@ mod tests {
         out
     }
 
+    /// Two nodes (two stores, two pools) on one database: of puts racing
+    /// for one new fixed tag one wins, and concurrent pushes through both
+    /// never take a project over its quota. Several rounds, so the writes
+    /// really interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_agree_on_fixed_tags_and_quotas() {
+        let Some(cluster) = TestCluster::start() else { return };
+        let url = cluster.create_database("nodes").await;
+        let (a, b) = (
+            PostgresMetadata::connect(&url).await.unwrap(),
+            PostgresMetadata::connect(&url).await.unwrap(),
+        );
+        let quota = Admission {
+            quota: Some(1_000),
+            fence: None,
+        };
+        for round in 0..5 {
+            let repo: RepoName = format!("nodes{round}/app").parse().unwrap();
+            let tag: Tag = "v1".parse().unwrap();
+            let put = |seed: &str| NewManifest {
+                digest: Digest::sha256(format!("{round}-{seed}").as_bytes()),
+                record: ManifestRecord {
+                    media_type: oci::media::OCI_MANIFEST.into(),
+                    size: 10,
+                    artifact_type: None,
+                    subject: None,
+                    annotations: None,
+                    blobs: vec![],
+                    children: vec![],
+                    created: 1,
+                    cached_from: None,
+                },
+                required_blobs: vec![],
+                required_manifests: vec![],
+                tags: vec![tag.clone()],
+                fixed_tags: vec![tag.clone()],
+                admission: Admission::default(),
+                events: vec![b"push".to_vec()],
+            };
+            let (x, y) = tokio::join!(a.put_manifest(&repo, put("a")), b.put_manifest(&repo, put("b")));
+            assert_eq!(
+                [&x, &y].iter().filter(|r| r.is_ok()).count(),
+                1,
+                "one winner: {x:?} {y:?}"
+            );
+            let winner = if x.is_ok() { put("a").digest } else { put("b").digest };
+            assert_eq!(b.resolve_tag(&repo, &tag).await.unwrap(), Some(winner));
+
+            let blob: Vec<Digest> = (0..4)
+                .map(|i| Digest::sha256(format!("{round}-blob-{i}").as_bytes()))
+                .collect();
+            let (r1, r2, r3, r4) = tokio::join!(
+                a.add_blob(&repo, &blob[0], 400, quota),
+                b.add_blob(&repo, &blob[1], 400, quota),
+                a.add_blob(&repo, &blob[2], 400, quota),
+                b.add_blob(&repo, &blob[3], 400, quota),
+            );
+            let admitted = [&r1, &r2, &r3, &r4].iter().filter(|r| r.is_ok()).count();
+            // 10 bytes of manifest are held already: two 400-byte blobs fit.
+            assert_eq!(admitted, 2, "{r1:?} {r2:?} {r3:?} {r4:?}");
+            assert!(a.project_usage(repo.project()).await.unwrap() <= 1_000);
+        }
+        // One event per winning put, numbered without gaps or repeats.
+        let events = a.outbox_read(0, 100).await.unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=5).collect::<Vec<u64>>());
+    }
+
     #[tokio::test]
     async fn a_failed_connect_says_what_to_check() {
         // A loopback port nothing listens on.
