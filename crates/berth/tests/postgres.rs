@@ -137,4 +137,31 @@ async fn serve_on_postgresql_pushes_pulls_and_survives_an_outage() {
         .await
         .unwrap();
     assert_eq!(tags["tags"], serde_json::json!(["v1", "v2"]));
+
+    // The offline commands work on the same backends (fsck counts the
+    // manifests' bytes as blobs: two images of three objects each).
+    assert!(s.terminate());
+    let dir = s.data().to_str().unwrap().to_string();
+    let fsck = berth(&["fsck", "--data-dir", &dir, "--metadata", &url]);
+    let out = String::from_utf8_lossy(&fsck.stdout);
+    assert!(fsck.status.success(), "{out}{}", String::from_utf8_lossy(&fsck.stderr));
+    assert!(out.contains("checked 6 blobs") && out.contains(": 0 problems"), "{out}");
+    let du = berth(&["du", "--data-dir", &dir, "--metadata", &url]);
+    let out = String::from_utf8_lossy(&du.stdout);
+    assert!(du.status.success() && out.contains("pg/app"), "{out}");
+    let user = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["user", "add", "ops", "--metadata", &url, "--data-dir", &dir])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"a long enough password\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(user.status.success(), "{}", String::from_utf8_lossy(&user.stderr));
+    let list = berth(&["user", "list", "--metadata", &url, "--data-dir", &dir]);
+    assert!(String::from_utf8_lossy(&list.stdout).lines().any(|l| l == "ops"));
 }
