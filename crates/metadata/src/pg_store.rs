@@ -98,7 +98,7 @@ fn describe(cfg: &tokio_postgres::Config) -> String {
             hosts.join(",")
         },
         cfg.get_dbname().unwrap_or("(the user's name)"),
-        cfg.get_user().unwrap_or("(unset)")
+        cfg.get_user().unwrap_or("(this OS user's name)")
     )
 }
 
