@@ -1093,6 +1093,48 @@ mod tests {
         assert_eq!(seqs, (1..=5).collect::<Vec<u64>>());
     }
 
+    /// Two nodes appending at once while a reader follows the outbox with
+    /// a cursor, as a webhook deliverer does: numbers follow commit order,
+    /// so the reader, which never looks back, sees every event once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_reader_following_the_outbox_misses_nothing_two_nodes_append() {
+        let Some(cluster) = TestCluster::start() else { return };
+        let url = cluster.create_database("outbox").await;
+        let (a, b, r) = (
+            std::sync::Arc::new(PostgresMetadata::connect(&url).await.unwrap()),
+            std::sync::Arc::new(PostgresMetadata::connect(&url).await.unwrap()),
+            PostgresMetadata::connect(&url).await.unwrap(),
+        );
+        const EACH: u64 = 100;
+        let writer = |s: std::sync::Arc<PostgresMetadata>, name: &'static str| {
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    s.outbox_append(vec![format!("{name}{i}").into_bytes()]).await.unwrap();
+                }
+            })
+        };
+        let (wa, wb) = (writer(a, "a"), writer(b, "b"));
+        let (mut cursor, mut seen) = (0u64, Vec::new());
+        // Bounded: the writers finish; then one more read drains the rest.
+        let mut done = false;
+        while !done {
+            done = wa.is_finished() && wb.is_finished();
+            for e in r.outbox_read(cursor, 7).await.unwrap() {
+                assert!(e.seq > cursor);
+                cursor = e.seq;
+                seen.push(e.payload);
+            }
+        }
+        while let Some(page) = Some(r.outbox_read(cursor, 50).await.unwrap()).filter(|p| !p.is_empty()) {
+            for e in page {
+                cursor = e.seq;
+                seen.push(e.payload);
+            }
+        }
+        assert_eq!(seen.len() as u64, 2 * EACH, "every event, once");
+        assert_eq!(cursor, 2 * EACH);
+    }
+
     #[tokio::test]
     async fn a_failed_connect_says_what_to_check() {
         // A loopback port nothing listens on.
