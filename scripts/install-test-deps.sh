@@ -17,7 +17,7 @@ log() { printf 'install-test-deps: %s\n' "$*" >&2; }
 APT_PKGS=(docker-registry skopeo umoci buildah podman containerd
           jq curl ca-certificates python3 python3-venv shellcheck
           prometheus prometheus-alertmanager apache2-utils
-          busybox-static nginx-light)
+          busybox-static nginx-light postgresql)
 # Commands that must exist afterwards (package -> command sanity check).
 need_cmds=(docker-registry skopeo umoci buildah podman containerd ctr jq curl python3 shellcheck
            prometheus promtool prometheus-alertmanager amtool htpasswd
@@ -60,6 +60,10 @@ fi
 for c in "${need_cmds[@]}"; do
     command -v "$c" >/dev/null 2>&1 || { log "WARNING: command '$c' not found after install"; }
 done
+# The PostgreSQL tests start private clusters with Debian's server binaries,
+# which are not on the PATH (metadata::pg_cluster finds them).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || log "WARNING: no /usr/lib/postgresql/*/bin/initdb after install"
+
 
 if [[ ! -x $VENV/bin/python ]]; then
     # Prefer Debian's python (python3-venv is installed above) over whatever python3 is on PATH.

@@ -26,25 +26,28 @@ scripts/install-test-deps.sh
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
+# --all-features on both lines: the optional backends (PostgreSQL, ...) are
+# linted and tested too, and both lines build the workspace with the same
+# features, so it is built once.
 section "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 section "unit and integration tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --locked --no-fail-fast
+    cargo nextest run --workspace --all-features --locked --no-fail-fast
 else
-    cargo test --workspace --locked --no-fail-fast
+    cargo test --workspace --all-features --locked --no-fail-fast
 fi
 
 section "observability: promtool, amtool, Alertmanager and Prometheus"
-[[ -x target/debug/berth ]] || cargo build --locked --bin berth
+[[ -x target/debug/berth ]] || cargo build --locked --all-features --bin berth
 BERTH_BIN="$ROOT/target/debug/berth" tests/observability/run.sh
 
 if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
     section "real-client tests"
     # The integration tests above built target/debug/berth; building it again
     # alone would only recompile dependencies with other features.
-    [[ -x target/debug/berth ]] || cargo build --locked --bin berth
+    [[ -x target/debug/berth ]] || cargo build --locked --all-features --bin berth
     BERTH_BIN="$ROOT/target/debug/berth" tests/clients/run.sh
 fi
 

@@ -7,10 +7,11 @@
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
+use crate::backends::{MetadataLocation, MetadataStores};
 use auth::admin;
 use auth::audit::{self, AuditQuery};
 use clap::{Args, Subcommand};
-use metadata::{RedbMetadata, Role};
+use metadata::Role;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -19,6 +20,10 @@ pub struct Store {
     /// The data directory of the registry. [default: as for `berth serve`]
     #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
+    /// Where the metadata lives: `redb` (in the data directory) or a
+    /// PostgreSQL URL, as for `berth serve`. [default: redb]
+    #[arg(long, env = "BERTH_METADATA", value_name = "URL", global = true)]
+    pub metadata: Option<String>,
 }
 
 impl Store {
@@ -26,11 +31,26 @@ impl Store {
         self.data_dir.clone().unwrap_or_else(crate::config::default_data_dir)
     }
 
-    fn open(&self) -> Result<RedbMetadata, BoxError> {
+    pub fn location(&self) -> Result<MetadataLocation, BoxError> {
+        Ok(self.metadata.as_deref().unwrap_or("").parse()?)
+    }
+
+    /// Opens the accounts on `rt` (whose tasks carry PostgreSQL's
+    /// connections).
+    fn open(&self, rt: &tokio::runtime::Runtime) -> Result<MetadataStores, BoxError> {
         let dir = self.dir();
-        crate::backends::open_metadata(&dir, None).map_err(|e| {
-            format!("{e}. While berth is running, manage accounts through its admin API, e.g. curl -u admin http://127.0.0.1:5000/api/v1/users").into()
-        })
+        let location = self.location()?;
+        let busy = ". While berth is running, manage accounts through its admin API, e.g. curl -u admin http://127.0.0.1:5000/api/v1/users";
+        let stores = rt
+            .block_on(crate::backends::open_stores(&dir, &location, None))
+            .map_err(|e| {
+                if location == MetadataLocation::Embedded {
+                    format!("{e}{busy}")
+                } else {
+                    e
+                }
+            })?;
+        Ok(stores)
     }
 
     /// Records an account change in the audit log of the data directory.
@@ -166,12 +186,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 }
 
 pub fn user(store: Store, cmd: UserCmd) -> Result<(), BoxError> {
-    let db = store.open()?;
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let opened = store.open(&rt)?;
+    let db = opened.identity.as_ref();
+    rt.block_on(async {
         match cmd {
             UserCmd::Add { name, admin: sysadmin } => {
                 let pw = read_secret(&format!("password for {name}"))?;
-                admin::create_user(&db, &name, &pw, sysadmin).await?;
+                admin::create_user(db, &name, &pw, sysadmin).await?;
                 store.audit("user_create", &name, if sysadmin { "system admin" } else { "" });
                 println!(
                     "created user {name}{}",
@@ -180,17 +202,17 @@ pub fn user(store: Store, cmd: UserCmd) -> Result<(), BoxError> {
             }
             UserCmd::Passwd { name } => {
                 let pw = read_secret(&format!("new password for {name}"))?;
-                admin::set_password(&db, &name, &pw).await?;
+                admin::set_password(db, &name, &pw).await?;
                 store.audit("user_password", &name, "");
                 println!("password of {name} changed");
             }
             UserCmd::Delete { name } => {
-                admin::delete_user(&db, &name).await?;
+                admin::delete_user(db, &name).await?;
                 store.audit("user_delete", &name, "");
                 println!("deleted user {name}");
             }
             UserCmd::List => {
-                for u in admin::list_users(&db).await? {
+                for u in admin::list_users(db).await? {
                     println!("{}{}", u.name, if u.system_admin { "\tsystem-admin" } else { "" });
                 }
             }
@@ -200,16 +222,18 @@ pub fn user(store: Store, cmd: UserCmd) -> Result<(), BoxError> {
 }
 
 pub fn project(store: Store, cmd: ProjectCmd) -> Result<(), BoxError> {
-    let db = store.open()?;
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let opened = store.open(&rt)?;
+    let db = opened.identity.as_ref();
+    rt.block_on(async {
         match cmd {
             ProjectCmd::Create { name, public } => {
-                admin::create_project(&db, &name, public).await?;
+                admin::create_project(db, &name, public).await?;
                 store.audit("project_create", &name, if public { "public" } else { "private" });
                 println!("created {} project {name}", if public { "public" } else { "private" });
             }
             ProjectCmd::SetPublic { name, public } => {
-                admin::set_public(&db, &name, public).await?;
+                admin::set_public(db, &name, public).await?;
                 store.audit("project_update", &name, if public { "public" } else { "private" });
                 println!("project {name} is now {}", if public { "public" } else { "private" });
             }
@@ -220,27 +244,26 @@ pub fn project(store: Store, cmd: ProjectCmd) -> Result<(), BoxError> {
                         format!("unknown role {other:?}: use guest, developer, maintainer, admin or none")
                     })?),
                 };
-                admin::set_member(&db, &project, &user, r).await?;
+                admin::set_member(db, &project, &user, r).await?;
                 store.audit("member_set", &format!("{project}/{user}"), &role);
                 println!("{user} in {project}: {role}");
             }
             ProjectCmd::Usage { project } => {
-                use metadata::MetadataStore;
-                let bytes = db.project_usage(&project).await?;
+                let bytes = opened.meta.project_usage(&project).await?;
                 println!("{project}\t{bytes} bytes");
             }
             ProjectCmd::Members { project } => {
-                for (u, r) in admin::list_members(&db, &project).await? {
+                for (u, r) in admin::list_members(db, &project).await? {
                     println!("{u}\t{}", r.as_str());
                 }
             }
             ProjectCmd::Delete { name } => {
-                admin::delete_project(&db, &name).await?;
+                admin::delete_project(db, &name).await?;
                 store.audit("project_delete", &name, "");
                 println!("deleted project {name}");
             }
             ProjectCmd::List => {
-                for p in admin::list_projects(&db).await? {
+                for p in admin::list_projects(db).await? {
                     println!("{}\t{}", p.name, if p.public { "public" } else { "private" });
                 }
             }
@@ -250,8 +273,10 @@ pub fn project(store: Store, cmd: ProjectCmd) -> Result<(), BoxError> {
 }
 
 pub fn robot(store: Store, cmd: RobotCmd) -> Result<(), BoxError> {
-    let db = store.open()?;
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let opened = store.open(&rt)?;
+    let db = opened.identity.as_ref();
+    rt.block_on(async {
         match cmd {
             RobotCmd::Create {
                 name,
@@ -264,18 +289,18 @@ pub fn robot(store: Store, cmd: RobotCmd) -> Result<(), BoxError> {
                     .map(|g| admin::parse_grant(g))
                     .collect::<Result<Vec<_>, _>>()?;
                 let ttl = expires.as_deref().map(admin::parse_duration).transpose()?;
-                let (r, secret) = admin::create_robot(&db, &name, parsed, ttl, &description).await?;
+                let (r, secret) = admin::create_robot(db, &name, parsed, ttl, &description).await?;
                 store.audit("robot_create", &r.name, &grants.join(" "));
                 eprintln!("created {}; its secret is shown only now:", r.name);
                 println!("{secret}");
             }
             RobotCmd::Revoke { name } => {
-                admin::revoke_robot(&db, &name).await?;
+                admin::revoke_robot(db, &name).await?;
                 store.audit("robot_revoke", &name, "");
                 println!("revoked {name}");
             }
             RobotCmd::List => {
-                for r in admin::list_robots(&db).await? {
+                for r in admin::list_robots(db).await? {
                     let grants: Vec<String> = r
                         .grants
                         .iter()

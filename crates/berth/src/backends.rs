@@ -1,15 +1,115 @@
 //! The one place that builds the storage backends from the configuration,
 //! for `berth serve` and every offline command (`gc`, `retention`, `fsck`,
-//! `du`, the account commands). Today that is the embedded pair: the fs blob
-//! store and the redb metadata database (`meta.redb`, which also holds the
-//! accounts) in one data directory; another backend is another arm here, and
-//! the callers keep using the traits.
+//! `du`, the account commands, `migrate`). Blobs are in the fs store of the
+//! data directory; metadata (with the accounts) is in the embedded redb
+//! database there (`meta.redb`, the default) or, with `--metadata
+//! postgres://...` and the `postgres` feature, in PostgreSQL. The callers
+//! only see the traits.
 
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use metadata::{IdentityStore, MetadataStore, RedbMetadata};
 use storage::{BlobStore, FsBlobStore};
+
+/// Where the metadata lives (`--metadata`, `BERTH_METADATA`, the `metadata`
+/// key of the config file).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum MetadataLocation {
+    /// `meta.redb` in the data directory.
+    #[default]
+    Embedded,
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
+/// The URL holds a password: only the scheme is ever printed.
+impl std::fmt::Debug for MetadataLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetadataLocation::Embedded => f.write_str("Embedded"),
+            MetadataLocation::Postgres(_) => f.write_str("Postgres(postgres://...)"),
+        }
+    }
+}
+
+impl FromStr for MetadataLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "redb" | "embedded" => Ok(MetadataLocation::Embedded),
+            u if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(MetadataLocation::Postgres(u.to_string()))
+            }
+            other => {
+                // The rest may hold a password: show only what precedes it.
+                let shown = other.split_once("://").map_or("", |(scheme, _)| scheme);
+                Err(format!(
+                    "--metadata {shown:?}... is neither `redb` (the embedded database in the data directory, the \
+                     default) nor a PostgreSQL URL; write postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                ))
+            }
+        }
+    }
+}
+
+/// Both metadata traits of one store.
+pub struct MetadataStores {
+    pub meta: Arc<dyn MetadataStore>,
+    pub identity: Arc<dyn IdentityStore>,
+}
+
+/// Opens the metadata wherever it lives. `runtime`: where redb's
+/// transactions run (see `RedbMetadata::on_runtime`); PostgreSQL's run on
+/// the caller's runtime, whose tasks carry its connections.
+pub async fn open_stores(
+    data_dir: &Path,
+    location: &MetadataLocation,
+    runtime: Option<tokio::runtime::Handle>,
+) -> Result<MetadataStores, String> {
+    match location {
+        MetadataLocation::Embedded => {
+            let store = Arc::new(open_metadata(data_dir, runtime)?);
+            Ok(MetadataStores {
+                meta: store.clone(),
+                identity: store,
+            })
+        }
+        MetadataLocation::Postgres(url) => open_postgres(url).await,
+    }
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<MetadataStores, String> {
+    let store = Arc::new(connect_postgres(url).await?);
+    Ok(MetadataStores {
+        meta: store.clone(),
+        identity: store,
+    })
+}
+
+/// Connects and migrates (`berth migrate` reports what this did).
+#[cfg(feature = "postgres")]
+pub async fn connect_postgres(url: &str) -> Result<metadata::PostgresMetadata, String> {
+    metadata::PostgresMetadata::connect(url).await.map_err(|e| {
+        format!(
+            "{} (the URL comes from --metadata, BERTH_METADATA or the config file's `metadata`)",
+            metadata::error_chain(&e)
+        )
+    })
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<MetadataStores, String> {
+    Err(NO_POSTGRES.to_string())
+}
+
+#[cfg(not(feature = "postgres"))]
+pub const NO_POSTGRES: &str = "this berth was built without PostgreSQL support; build it with \
+                               `cargo build --release --features berth/postgres`, or use the embedded database \
+                               (leave --metadata unset)";
 
 /// The metadata database's file in a data directory.
 const METADATA_FILE: &str = "meta.redb";
@@ -23,9 +123,13 @@ pub struct Backends {
 }
 
 /// Whether `data_dir` holds a registry at all (offline commands refuse an
-/// empty directory rather than create one).
-pub fn exists(data_dir: &Path) -> bool {
-    data_dir.join(METADATA_FILE).exists()
+/// empty directory rather than create one). With PostgreSQL, the database
+/// says: the data directory only holds blobs.
+pub fn exists(data_dir: &Path, location: &MetadataLocation) -> bool {
+    match location {
+        MetadataLocation::Embedded => data_dir.join(METADATA_FILE).exists(),
+        MetadataLocation::Postgres(_) => data_dir.exists(),
+    }
 }
 
 /// Opens the metadata store alone (the account commands need nothing
@@ -55,17 +159,24 @@ pub fn open_metadata(data_dir: &Path, runtime: Option<tokio::runtime::Handle>) -
 /// berth is running).
 pub async fn open(
     data_dir: &Path,
+    location: &MetadataLocation,
     runtime: Option<tokio::runtime::Handle>,
     busy_hint: &str,
 ) -> Result<Backends, String> {
-    let store = Arc::new(open_metadata(data_dir, runtime).map_err(|e| format!("{e}{busy_hint}"))?);
+    let stores = open_stores(data_dir, location, runtime).await.map_err(|e| {
+        if *location == MetadataLocation::Embedded {
+            format!("{e}{busy_hint}")
+        } else {
+            e
+        }
+    })?;
     let blobs = FsBlobStore::open(data_dir)
         .await
         .map_err(|e| format!("cannot open blob storage in {}: {e}", data_dir.display()))?;
     Ok(Backends {
         blobs: Arc::new(blobs),
-        meta: store.clone(),
-        identity: store,
+        meta: stores.meta,
+        identity: stores.identity,
     })
 }
 
@@ -76,10 +187,11 @@ mod tests {
     #[tokio::test]
     async fn one_berth_per_data_directory_and_the_hint_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(!exists(dir.path()));
-        let first = open(dir.path(), None, ". Stop berth first").await.unwrap();
-        assert!(exists(dir.path()));
-        let Err(e) = open(dir.path(), None, ". Stop berth first").await else {
+        let embedded = MetadataLocation::Embedded;
+        assert!(!exists(dir.path(), &embedded));
+        let first = open(dir.path(), &embedded, None, ". Stop berth first").await.unwrap();
+        assert!(exists(dir.path(), &embedded));
+        let Err(e) = open(dir.path(), &embedded, None, ". Stop berth first").await else {
             panic!("a second open of a data directory in use must fail");
         };
         assert!(
@@ -87,6 +199,33 @@ mod tests {
             "{e}"
         );
         drop(first);
-        open(dir.path(), None, "").await.unwrap();
+        open(dir.path(), &embedded, None, "").await.unwrap();
+    }
+
+    #[test]
+    fn metadata_locations_parse_and_never_show_a_password() {
+        assert_eq!("".parse::<MetadataLocation>().unwrap(), MetadataLocation::Embedded);
+        assert_eq!("redb".parse::<MetadataLocation>().unwrap(), MetadataLocation::Embedded);
+        let url = "postgres://berth:hunter2@db:5432/registry";
+        let pg: MetadataLocation = url.parse().unwrap();
+        assert_eq!(pg, MetadataLocation::Postgres(url.into()));
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!("postgresql://db/registry".parse::<MetadataLocation>().is_ok());
+        let e = "postgress://berth:hunter2@db/registry"
+            .parse::<MetadataLocation>()
+            .unwrap_err();
+        assert!(e.contains("\"postgress\"") && e.contains("postgres://USER"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[tokio::test]
+    async fn a_postgres_url_without_the_feature_says_how_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = MetadataLocation::Postgres("postgres://db/registry".into());
+        let Err(e) = open_stores(dir.path(), &pg, None).await else {
+            panic!("no PostgreSQL support in this build")
+        };
+        assert!(e.contains("--features berth/postgres"), "{e}");
     }
 }

@@ -39,6 +39,14 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Where the metadata (repositories, tags, manifests, accounts) lives:
+    /// `redb`, the embedded database in the data directory, or a PostgreSQL
+    /// URL, `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, which several
+    /// berth nodes can share (needs a build with `--features berth/postgres`).
+    /// The schema is migrated at start (see `berth migrate`). [default: redb]
+    #[arg(long, env = "BERTH_METADATA", value_name = "URL")]
+    pub metadata: Option<String>,
+
     /// Accept image indexes whose child manifests are not in the repository.
     #[arg(long, env = "BERTH_SPARSE_INDEX", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub sparse_index: Option<bool>,
@@ -194,6 +202,7 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    metadata: Option<String>,
     sparse_index: Option<bool>,
     max_manifest_size: Option<usize>,
     manifest_cache_size: Option<usize>,
@@ -246,6 +255,7 @@ struct FileConfig {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub metadata: crate::backends::MetadataLocation,
     pub sparse_index: bool,
     pub max_manifest_size: usize,
     pub manifest_cache_size: usize,
@@ -368,7 +378,14 @@ impl ServeArgs {
             .iter()
             .map(|r| r.parse())
             .collect::<Result<Vec<registry::RetentionRule>, String>>()?;
+        let metadata = self
+            .metadata
+            .or(file.metadata)
+            .map(|m| m.parse())
+            .transpose()?
+            .unwrap_or_default();
         Ok(ServeConfig {
+            metadata,
             retention,
             quotas,
             disk_watermark,
@@ -540,6 +557,43 @@ backoff_initial = "100ms"
         .resolve()
         .unwrap_err();
         assert!(err.contains("from 0 to 100"), "{err}");
+    }
+
+    #[test]
+    fn metadata_location_from_flag_or_file() {
+        use crate::backends::MetadataLocation;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, "metadata = \"postgres://berth@db/registry\"\n").unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.metadata,
+            MetadataLocation::Postgres("postgres://berth@db/registry".into())
+        );
+        let c = ServeArgs {
+            config: Some(path),
+            metadata: Some("redb".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.metadata, MetadataLocation::Embedded, "the flag beats the file");
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().metadata,
+            MetadataLocation::Embedded
+        );
+        let err = ServeArgs {
+            metadata: Some("mysql://x".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("postgres://USER"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct DuArgs {
 /// Exits with failure when anything is found (and not repaired), so scripts
 /// can act on it.
 pub fn fsck(args: FsckArgs) -> Result<(), BoxError> {
-    let registry = crate::gc::open_offline(args.store.data_dir.clone(), "fsck", registry::RegistryConfig::default())?;
+    let (rt, registry) = crate::gc::open_offline(&args.store, "fsck", registry::RegistryConfig::default())?;
     let tty = std::io::stderr().is_terminal();
     let progress = move |done: u64, total: u64| {
         // A counter line, only for a person watching.
@@ -38,8 +38,9 @@ pub fn fsck(args: FsckArgs) -> Result<(), BoxError> {
             }
         }
     };
-    let report =
-        crate::gc::block_on(registry.fsck(args.repair, &progress))?.map_err(|e| format!("fsck failed: {e}"))?;
+    let report = rt
+        .block_on(registry.fsck(args.repair, &progress))
+        .map_err(|e| format!("fsck failed: {e}"))?;
     for f in &report.findings {
         println!("{f}");
     }
@@ -69,8 +70,8 @@ pub fn fsck(args: FsckArgs) -> Result<(), BoxError> {
 }
 
 pub fn du(args: DuArgs) -> Result<(), BoxError> {
-    let registry = crate::gc::open_offline(args.store.data_dir.clone(), "du", registry::RegistryConfig::default())?;
-    let u = crate::gc::block_on(registry.usage())?.map_err(|e| format!("du failed: {e}"))?;
+    let (rt, registry) = crate::gc::open_offline(&args.store, "du", registry::RegistryConfig::default())?;
+    let u = rt.block_on(registry.usage()).map_err(|e| format!("du failed: {e}"))?;
     println!("{:>14}  project", "bytes");
     for (p, n) in &u.projects {
         println!("{n:>14}  {p}");

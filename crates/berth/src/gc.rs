@@ -134,8 +134,10 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
         immutable_tags,
         ..RegistryConfig::default()
     };
-    let registry = open_offline(args.store.data_dir.clone(), "retention", config)?;
-    let tags = block_on(registry.retention(&rules, args.dry_run))?.map_err(|e| format!("retention failed: {e}"))?;
+    let (rt, registry) = open_offline(&args.store, "retention", config)?;
+    let tags = rt
+        .block_on(registry.retention(&rules, args.dry_run))
+        .map_err(|e| format!("retention failed: {e}"))?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     for (repo, tag) in &tags {
         println!("{verb} {repo}:{tag}");
@@ -168,29 +170,26 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
         dry_run: args.dry_run,
         ..args.tuning.resolve(&offline)?
     };
-    let registry = open_offline(args.store.data_dir.clone(), "gc", RegistryConfig::default())?;
-    let report = block_on(registry.gc(&opts))?.map_err(|e| format!("garbage collection failed: {e}"))?;
+    let (rt, registry) = open_offline(&args.store, "gc", RegistryConfig::default())?;
+    let report = rt
+        .block_on(registry.gc(&opts))
+        .map_err(|e| format!("garbage collection failed: {e}"))?;
     println!("{report}");
     Ok(())
 }
 
-/// Runs a future to completion on a small runtime, for the offline commands.
-pub fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, BoxError> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(f))
-}
-
 /// Opens the registry of a data directory for an offline command (`berth
-/// gc`, `retention`, `fsck`, `du`). Refuses while berth runs on it.
+/// gc`, `retention`, `fsck`, `du`), with the runtime to run it on (its
+/// tasks carry PostgreSQL's connections). Refuses while berth runs on it.
 pub fn open_offline(
-    dir: Option<std::path::PathBuf>,
+    store: &crate::accounts::Store,
     command: &str,
     config: RegistryConfig,
-) -> Result<Registry, BoxError> {
-    let dir = dir.unwrap_or_else(crate::config::default_data_dir);
-    if !crate::backends::exists(&dir) {
+) -> Result<(tokio::runtime::Runtime, Registry), BoxError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let dir = store.data_dir.clone().unwrap_or_else(crate::config::default_data_dir);
+    let location = store.location()?;
+    if !crate::backends::exists(&dir, &location) {
         return Err(format!(
             "{} holds no registry (no meta.redb); pass the data directory of berth serve with --data-dir",
             dir.display()
@@ -202,8 +201,8 @@ pub fn open_offline(
     } else {
         format!(". Stop berth to run berth {command}")
     };
-    let b = block_on(crate::backends::open(&dir, None, &hint))??;
-    Ok(Registry::new(b.blobs, b.meta, config))
+    let b = rt.block_on(crate::backends::open(&dir, &location, None, &hint))?;
+    Ok((rt, Registry::new(b.blobs, b.meta, config)))
 }
 
 /// Runs GC every `interval` until the process ends. A failed run is logged

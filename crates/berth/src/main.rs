@@ -32,6 +32,7 @@ mod diagnose_cmd;
 mod fsck;
 mod gc;
 mod logging;
+mod migrate;
 mod secrets;
 mod serve;
 mod server;
@@ -101,6 +102,9 @@ enum Command {
     /// The deployment guard: deploy services on the Docker Engine by
     /// digest, gate them on Running and health, roll back, pause, review.
     Watch(watch::WatchArgs),
+    /// Bring the PostgreSQL metadata database's schema up to date (berth
+    /// serve also does this at start).
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Command::Du(args) => fsck::du(args),
         Command::Diagnose(args) => return diagnose_cmd::run(args),
         Command::Watch(args) => watch::run(args),
+        Command::Migrate(args) => migrate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,8 +57,16 @@ fn check_exposure(cfg: &ServeConfig) -> Result<(), BoxError> {
 async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<(), BoxError> {
     // The metadata store runs its transactions on the serving runtime (see
     // `RedbMetadata::on_runtime`).
-    let Backends { blobs, meta, identity } =
-        crate::backends::open(&cfg.data_dir, Some(tokio::runtime::Handle::current()), "").await?;
+    let Backends { blobs, meta, identity } = crate::backends::open(
+        &cfg.data_dir,
+        &cfg.metadata,
+        Some(tokio::runtime::Handle::current()),
+        "",
+    )
+    .await?;
+    if let crate::backends::MetadataLocation::Postgres(_) = cfg.metadata {
+        tracing::info!("metadata in PostgreSQL; blobs in {}", cfg.data_dir.display());
+    }
     let metrics = Arc::new(Metrics::new());
     let conns = metrics.connections.clone();
     let health = Arc::new(Health::new(cfg.health.failure_threshold));

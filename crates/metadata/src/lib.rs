@@ -20,6 +20,16 @@ use serde::{Deserialize, Serialize};
 pub mod gc;
 pub mod identity;
 pub mod identity_testsuite;
+#[cfg(feature = "postgres")]
+pub mod pg_cluster;
+#[cfg(feature = "postgres")]
+mod pg_gc;
+#[cfg(feature = "postgres")]
+mod pg_identity;
+#[cfg(feature = "postgres")]
+pub mod pg_schema;
+#[cfg(feature = "postgres")]
+pub mod pg_store;
 mod redb_gc;
 mod redb_identity;
 pub mod redb_store;
@@ -27,6 +37,8 @@ pub mod testsuite;
 
 pub use gc::{GcManifest, GcSnapshot, ManifestSweep, SweepGuard, SweptBlob, Touch};
 pub use identity::{IdentityStore, Project, Robot, RobotGrant, Role, User, UserChange};
+#[cfg(feature = "postgres")]
+pub use pg_store::PostgresMetadata;
 pub use redb_store::RedbMetadata;
 
 /// What a metadata call can fail with. Callers decide by the variant; the
