@@ -53,8 +53,38 @@ fn compare(args: &[&str], v: &serde_json::Value) {
         args.join(" "),
         v["root_cause"]
     );
-    let mut sk = Command::new("skopeo");
-    sk.args(["inspect", "--tls-verify=false", "--retry-times", "0"]);
+    // With --resolve the case is about TLS: skopeo verifies, trusts the
+    // --ca-file, and finds the name in an /etc/hosts bind-mounted in a
+    // mount namespace of its own (the machine's file is not touched).
+    let resolve = args.iter().position(|a| *a == "--resolve").map(|i| args[i + 1]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sk = if let Some(r) = resolve {
+        let mut it = r.split(':');
+        let (host, _, addr) = (it.next().unwrap(), it.next(), it.next().unwrap());
+        std::fs::write(tmp.path().join("hosts"), format!("{addr} {host}\n")).unwrap();
+        let certs = tmp.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        if let Some(i) = args.iter().position(|a| *a == "--ca-file") {
+            std::fs::copy(args[i + 1], certs.join("ca.crt")).unwrap();
+        }
+        let mut c = Command::new("unshare");
+        c.args(["-m", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""])
+            .arg(tmp.path().join("hosts"))
+            .args([
+                "skopeo",
+                "inspect",
+                "--tls-verify=true",
+                "--retry-times",
+                "0",
+                "--cert-dir",
+            ])
+            .arg(&certs);
+        c
+    } else {
+        let mut c = Command::new("skopeo");
+        c.args(["inspect", "--tls-verify=false", "--retry-times", "0"]);
+        c
+    };
     if let Some(c) = creds {
         sk.args(["--creds", c]);
     }
