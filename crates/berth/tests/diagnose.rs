@@ -1193,3 +1193,33 @@ async fn distribution_with_htpasswd() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(step(&v, "credentials")["detail"], r#"user "alice" accepted"#, "{v}");
 }
+
+#[test]
+fn help_documents_json_and_every_exit_code() {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["diagnose", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(help.contains("--json"), "{help}");
+    for code in [
+        "0 the pull works",
+        "2 bad arguments",
+        "10 network",
+        "11 TLS",
+        "12 authentication",
+        "13 repository or tag not found",
+        "14 platform",
+        "15 content",
+        "16 refused",
+    ] {
+        assert!(help.contains(code), "{code:?} missing from:\n{help}");
+    }
+    // A bad option is exit 2, before any network step.
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["diagnose", "--timeout", "soon", "127.0.0.1:1/a:b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
