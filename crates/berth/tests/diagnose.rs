@@ -99,7 +99,7 @@ fn compare(args: &[&str], v: &serde_json::Value) {
     }
     sk.arg(format!("docker://{plain}"));
     text.push_str(&format!("$ skopeo inspect docker://{plain}\n{}", run(&mut sk)));
-    if !args.iter().any(|a| *a == "--resolve") {
+    if resolve.is_none() {
         let cfg = tempfile::tempdir().unwrap();
         let host = plain.split('/').next().unwrap_or("");
         if let Some(c) = creds {
