@@ -53,8 +53,38 @@ fn compare(args: &[&str], v: &serde_json::Value) {
         args.join(" "),
         v["root_cause"]
     );
-    let mut sk = Command::new("skopeo");
-    sk.args(["inspect", "--tls-verify=false", "--retry-times", "0"]);
+    // With --resolve the case is about TLS: skopeo verifies, trusts the
+    // --ca-file, and finds the name in an /etc/hosts bind-mounted in a
+    // mount namespace of its own (the machine's file is not touched).
+    let resolve = args.iter().position(|a| *a == "--resolve").map(|i| args[i + 1]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sk = if let Some(r) = resolve {
+        let mut it = r.split(':');
+        let (host, _, addr) = (it.next().unwrap(), it.next(), it.next().unwrap());
+        std::fs::write(tmp.path().join("hosts"), format!("{addr} {host}\n")).unwrap();
+        let certs = tmp.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        if let Some(i) = args.iter().position(|a| *a == "--ca-file") {
+            std::fs::copy(args[i + 1], certs.join("ca.crt")).unwrap();
+        }
+        let mut c = Command::new("unshare");
+        c.args(["-m", "sh", "-c", "mount --bind \"$0\" /etc/hosts && exec \"$@\""])
+            .arg(tmp.path().join("hosts"))
+            .args([
+                "skopeo",
+                "inspect",
+                "--tls-verify=true",
+                "--retry-times",
+                "0",
+                "--cert-dir",
+            ])
+            .arg(&certs);
+        c
+    } else {
+        let mut c = Command::new("skopeo");
+        c.args(["inspect", "--tls-verify=false", "--retry-times", "0"]);
+        c
+    };
     if let Some(c) = creds {
         sk.args(["--creds", c]);
     }
@@ -69,7 +99,7 @@ fn compare(args: &[&str], v: &serde_json::Value) {
     }
     sk.arg(format!("docker://{plain}"));
     text.push_str(&format!("$ skopeo inspect docker://{plain}\n{}", run(&mut sk)));
-    if !args.contains(&"--resolve") {
+    if resolve.is_none() {
         let cfg = tempfile::tempdir().unwrap();
         let host = plain.split('/').next().unwrap_or("");
         if let Some(c) = creds {
@@ -1162,4 +1192,34 @@ async fn distribution_with_htpasswd() {
     let (code, v) = diagnose(&["--plain-http", "--deep", "--creds", "alice:alice-secret", &image]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(step(&v, "credentials")["detail"], r#"user "alice" accepted"#, "{v}");
+}
+
+#[test]
+fn help_documents_json_and_every_exit_code() {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["diagnose", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(help.contains("--json"), "{help}");
+    for code in [
+        "0 the pull works",
+        "2 bad arguments",
+        "10 network",
+        "11 TLS",
+        "12 authentication",
+        "13 repository or tag not found",
+        "14 platform",
+        "15 content",
+        "16 refused",
+    ] {
+        assert!(help.contains(code), "{code:?} missing from:\n{help}");
+    }
+    // A bad option is exit 2, before any network step.
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["diagnose", "--timeout", "soon", "127.0.0.1:1/a:b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
