@@ -26,25 +26,30 @@ scripts/install-test-deps.sh
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
+# Optional backends are built and tested here too, in the same single
+# workspace build (the same features on clippy, nextest and the binary, so
+# nothing is compiled twice): berth watch's Kubernetes backend.
+FEATURES=(--features berth/kubernetes)
+
 section "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${FEATURES[@]}" -- -D warnings
 
 section "unit and integration tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --locked --no-fail-fast
+    cargo nextest run --workspace --locked --no-fail-fast "${FEATURES[@]}"
 else
-    cargo test --workspace --locked --no-fail-fast
+    cargo test --workspace --locked --no-fail-fast "${FEATURES[@]}"
 fi
 
 section "observability: promtool, amtool, Alertmanager and Prometheus"
-[[ -x target/debug/berth ]] || cargo build --locked --bin berth
+[[ -x target/debug/berth ]] || cargo build --locked --bin berth "${FEATURES[@]}"
 BERTH_BIN="$ROOT/target/debug/berth" tests/observability/run.sh
 
 if [[ ${SKIP_CLIENTS:-0} != 1 ]]; then
     section "real-client tests"
     # The integration tests above built target/debug/berth; building it again
     # alone would only recompile dependencies with other features.
-    [[ -x target/debug/berth ]] || cargo build --locked --bin berth
+    [[ -x target/debug/berth ]] || cargo build --locked --bin berth "${FEATURES[@]}"
     BERTH_BIN="$ROOT/target/debug/berth" tests/clients/run.sh
 fi
 

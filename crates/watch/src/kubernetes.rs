@@ -43,6 +43,10 @@ fn api_failure(what: &str, e: impl std::fmt::Display) -> Failure {
 /// description's context if it names one), else the in-cluster service
 /// account.
 pub async fn client(k: &Kubernetes) -> Result<Client, Failure> {
+    // Both of rustls's providers are in the tree (other crates want
+    // aws-lc-rs), so kube's TLS cannot pick one by itself: ring, as berth's
+    // own TLS uses. Already installed (by this or another caller) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match &k.context {
         Some(c) => kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
             context: Some(c.clone()),
@@ -85,7 +89,16 @@ pub fn pod_failure(pod: &Pod, events: &[Event]) -> Option<Failure> {
         let at = format!("pod {name}, container {}: {reason}", c.name);
         match reason {
             "ImagePullBackOff" | "ErrImagePull" | "ErrImageNeverPull" | "InvalidImageName" => {
-                let why = warning(&["Failed"]).unwrap_or(message);
+                // The kubelet's "Failed to pull image ...: <the registry's
+                // answer>", not its later "Error: ImagePullBackOff".
+                let why = events
+                    .iter()
+                    .rev()
+                    .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
+                    .filter_map(|e| e.message.clone())
+                    .find(|m| m.starts_with("Failed to pull image"))
+                    .or_else(|| warning(&["Failed"]))
+                    .unwrap_or(message);
                 let cause = match classify_pull_message(&why, None) {
                     Cause::PullFailed if reason == "InvalidImageName" => Cause::Config,
                     c => c,
@@ -341,7 +354,6 @@ impl Target {
         log: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<(), Failure> {
         let deadline = Instant::now() + timeout;
-        let mut last = String::from("not read yet");
         let mut seen_rs = None;
         loop {
             let d = self.get().await?;
@@ -365,11 +377,10 @@ impl Target {
                 log(&format!("rollout done: {}", progress(&d)));
                 return Ok(());
             }
-            last = progress(&d);
             if Instant::now() >= deadline {
                 return Err(Failure::new(
                     Cause::StartTimeout,
-                    format!("not rolled out within {timeout:?}: {last}"),
+                    format!("not rolled out within {timeout:?}: {}", progress(&d)),
                 ));
             }
             tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -446,7 +457,14 @@ impl Guard {
             Ok(()) => self.k8s_verify(&t, &container, &image, spec.rollout.verify, &log).await,
             Err(f) => Err(f),
         };
-        if let Err(f) = checked {
+        if let Err(mut f) = checked {
+            // The pull path as this host sees it (registry, tag, quota).
+            if f.cause.is_pull() {
+                if let Some(diag) = self.diagnoser.diagnose(&image, &f).await {
+                    f.root_cause = Some(diag.root_cause);
+                    f.fix = diag.fix;
+                }
+            }
             return self
                 .kubernetes_end(spec, k, Some((&t, prev_revision)), &d, t0, &before, f)
                 .await;
