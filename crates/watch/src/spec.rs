@@ -864,6 +864,61 @@ start_timeout = "30s"
     }
 
     #[test]
+    fn backends_are_validated_with_file_line_and_key() {
+        let swarm = GOOD.replace("{ container = 80 }", "{ container = 80, host = 8080 }")
+            + "\n[swarm]\nservice = \"web-svc\"\nstop_grace_period = \"2s\"\n";
+        let s = parse(
+            Path::new("web.toml"),
+            &swarm.replace("env =", "backend = \"swarm\"\nenv ="),
+        )
+        .unwrap();
+        assert_eq!(
+            s.backend,
+            Backend::Swarm(Swarm {
+                service: "web-svc".into(),
+                publish_mode: "ingress".into(),
+                stop_grace_period: Some(Duration::from_secs(2)),
+            })
+        );
+        assert_eq!(parse(Path::new("web.toml"), GOOD).unwrap().backend, Backend::Containers);
+
+        let e = err(&GOOD.replace("env =", "backend = \"nomad\"\nenv ="));
+        assert_eq!((e.line, e.key.as_str()), (5, "backend"), "{e}");
+        assert!(e.message.contains("\"containers\", \"swarm\" or \"kubernetes\""), "{e}");
+        let e = err(&swarm);
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (15, "swarm"),
+            "[swarm] without backend = \"swarm\": {e}"
+        );
+        let e = err(&GOOD.replace("env =", "backend = \"swarm\"\nenv ="));
+        assert_eq!((e.line, e.key.as_str()), (5, "ports.host"), "{e}");
+        let e = err(&swarm
+            .replace("env =", "backend = \"swarm\"\nenv =")
+            .replace("stop_grace_period = \"2s\"", "publish_mode = \"mesh\""));
+        assert_eq!((e.line, e.key.as_str()), (18, "swarm.publish_mode"), "{e}");
+        let e = err("name = \"web\"\nimage = \"r/web:v1\"\n");
+        assert_eq!(e.key, "health", "{e}");
+
+        let k8s =
+            "name = \"web\"\nimage = \"r/web:v1\"\nbackend = \"kubernetes\"\n[kubernetes]\ndeployment = \"web-app\"\n";
+        match parse(Path::new("k.toml"), k8s) {
+            Ok(s) if cfg!(feature = "kubernetes") => {
+                let Backend::Kubernetes(k) = s.backend else {
+                    panic!("{:?}", s.backend)
+                };
+                assert_eq!((k.namespace.as_str(), k.deployment.as_str()), ("default", "web-app"));
+                assert_eq!(k.on_failure, OnFailure::Rollback);
+            }
+            Err(e) if !cfg!(feature = "kubernetes") => {
+                assert_eq!((e.line, e.key.as_str()), (3, "backend"), "{e}");
+                assert!(e.message.contains("--features kubernetes"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn references() {
         assert_eq!(tag_of("127.0.0.1:5000/a/b:v1"), Some("v1"));
         assert_eq!(tag_of("127.0.0.1:5000/a/b"), None);
