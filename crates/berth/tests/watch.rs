@@ -1009,6 +1009,7 @@ fn watch_swarm_service_rolled_back_by_berth() {
     let v2 = f.image("v2", &[]);
     let exits = f.image("v3", &["FAULT=exit"]);
     let wrong = f.image("v4", &["REPORT_VERSION=v2"]);
+    let decays = f.image("v5", &["UNHEALTHY_AFTER=6"]);
     // Declared after the fixture: dropped first, before its images go.
     let mut swarm = Swarm::join();
     swarm.services.push("watch-swarm".into());
@@ -1039,6 +1040,43 @@ fn watch_swarm_service_rolled_back_by_berth() {
     );
     assert_eq!(swarm.image("watch-swarm"), format!("{}@{d2}", f.repo));
     assert!(get(&health).unwrap().contains(r#""image_version":"v2""#));
+
+    // `berth watch run` keeps checking: v5 passes its deployment, turns
+    // unhealthy six seconds after its start, and the guard rolls the
+    // service back to v2.
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (ok, out, err) = f.deploy(&file, Some(&decays));
+    assert!(ok, "v5 passes its verify period: {out}{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while swarm.image("watch-swarm") != format!("{}@{d2}", f.repo) {
+        assert!(std::time::Instant::now() < deadline, "the guard did not roll back");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let history = loop {
+        let h = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
+        if h.contains("#4 rollback") && !h.contains("-> running") {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{h}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = guard.kill();
+    let _ = guard.wait();
+    assert!(
+        history.contains("rollback from v5 to v2 (guard: unhealthy"),
+        "{history}"
+    );
+    assert!(
+        get(&health).unwrap().contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
 
     let (ok, out, _) = f.deploy(&file, Some(&exits));
     assert!(!ok, "{out}");
@@ -1078,7 +1116,7 @@ fn watch_swarm_service_rolled_back_by_berth() {
     let (ok, _, err) = f.deploy(&file, Some(&v1));
     assert!(!ok && err.contains("berth watch resume watch-swarm"), "{err}");
     let history = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
-    for line in ["#3 deploy", "cause: exited", "cause: wrong_version", "v2 serves again"] {
+    for line in ["#5 deploy", "cause: exited", "cause: wrong_version", "v2 serves again"] {
         assert!(history.contains(line), "{line} in {history}");
     }
 }

@@ -657,7 +657,15 @@ impl Guard {
                 .into_iter()
                 .find(|x| x.id == d.id);
             let digest = new.map(|x| x.digest).unwrap_or_default();
-            match before.rollback_target(&digest) {
+            // What served before this deployment, if it passed; else the
+            // newest release that passed. (A release the guard rolled back
+            // from is still among those that passed, but no longer serves.)
+            let target = before
+                .active
+                .as_ref()
+                .filter(|a| a.digest != digest && before.passed.iter().any(|p| p.digest == a.digest))
+                .or_else(|| before.rollback_target(&digest));
+            match target {
                 None => f
                     .evidence
                     .push_str("; no earlier release passed its checks, so there is nothing to roll back to"),
