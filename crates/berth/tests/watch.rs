@@ -1115,6 +1115,56 @@ fn watch_swarm_service_rolled_back_by_berth() {
     assert!(out.contains("cause: tag_not_found"), "{out}");
     let (ok, _, err) = f.deploy(&file, Some(&v1));
     assert!(!ok && err.contains("berth watch resume watch-swarm"), "{err}");
+
+    // A service made outside berth, with no release that passed under
+    // berth: a failed update goes back through Swarm's own previous spec.
+    swarm.services.push("watch-swarm-ext".into());
+    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d1 = f.digest_of(&v1);
+    sh(Command::new("docker").args([
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        "watch-swarm-ext",
+        "--stop-grace-period",
+        "1s",
+        "--publish",
+        &format!("mode=host,target=80,published={port2}"),
+        &format!("{}@{d1}", f.repo),
+    ]));
+    let health2 = format!("http://127.0.0.1:{port2}/cgi-bin/healthz");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !get(&health2).is_some_and(|h| h.contains(r#""image_version":"v1""#)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service made by hand did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ext = f.spec("swarm-ext", &exits, "backend = \"swarm\"");
+    let text = std::fs::read_to_string(&ext)
+        .unwrap()
+        .replace("{ container = 80 }", &format!("{{ container = 80, host = {port2} }}"))
+        + "\n[swarm]\npublish_mode = \"host\"\nstop_grace_period = \"1s\"\n";
+    std::fs::write(&ext, text).unwrap();
+    let (ok, out, _) = f.deploy(&ext, None);
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(out.contains("cause: exited"), "{out}");
+    assert!(out.contains("Swarm's own rollback to the previous spec"), "{out}");
+    assert!(out.contains("the previous spec serves again"), "{out}");
+    assert_eq!(swarm.image("watch-swarm-ext"), format!("{}@{d1}", f.repo));
+    assert!(
+        get(&health2).unwrap().contains(r#""image_version":"v1""#),
+        "v1 serves again"
+    );
+
     let history = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
     for line in ["#5 deploy", "cause: exited", "cause: wrong_version", "v2 serves again"] {
         assert!(history.contains(line), "{line} in {history}");

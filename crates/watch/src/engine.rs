@@ -52,6 +52,12 @@ pub trait Engine: Send + Sync {
         let _ = (version, spec);
         Err(no_swarm(id))
     }
+    /// Swarm's own rollback of service `id` to its previous spec (the body
+    /// is required and ignored).
+    async fn rollback_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        let _ = (version, spec);
+        Err(no_swarm(id))
+    }
     async fn remove_service(&self, id: &str) -> Result<(), EngineError> {
         Err(no_swarm(id))
     }
@@ -473,6 +479,10 @@ impl Engine for Docker {
 
     async fn update_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
         crate::swarm::api::update(self, id, version, spec).await
+    }
+
+    async fn rollback_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        crate::swarm::api::rollback(self, id, version, spec).await
     }
 
     async fn remove_service(&self, id: &str) -> Result<(), EngineError> {

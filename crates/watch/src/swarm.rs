@@ -183,6 +183,20 @@ pub(crate) mod api {
         .map(|_| ())
     }
 
+    pub(crate) async fn rollback(d: &Docker, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        d.call(
+            Method::POST,
+            &format!(
+                "/services/{id}/update?{}",
+                query(&[("version", &version.to_string()), ("rollback", "previous")])
+            ),
+            Some(spec.clone()),
+            "roll the service back to its previous spec",
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub(crate) async fn remove(d: &Docker, id: &str) -> Result<(), EngineError> {
         match d
             .call(Method::DELETE, &format!("/services/{id}"), None, "remove the service")
@@ -305,6 +319,14 @@ pub fn task_failure(t: &Task) -> Option<Failure> {
     }
 }
 
+/// How far a failed deployment got with the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    Nothing,
+    Created,
+    Updated,
+}
+
 /// The tasks of `image` posted by deployment `deployment` (every one: a
 /// task that failed has a newer replacement in its slot), newest first.
 fn tasks_of<'a>(tasks: &'a [Task], image: &str, deployment: &str) -> Vec<&'a Task> {
@@ -354,7 +376,7 @@ impl Guard {
             Ok(dg) => dg,
             Err(e) => {
                 let f = self.pull_failure(&spec.image, &e).await;
-                return self.swarm_end(spec, &d, t0, &before, f, false).await;
+                return self.swarm_end(spec, sw, &d, t0, &before, f, Posted::Nothing).await;
             }
         };
         let _ = self.store.set_digest(&spec.name, d.id, &digest);
@@ -367,13 +389,11 @@ impl Guard {
         };
         let created = match self.post_release(spec, sw, &release, &d, t0).await {
             Ok(c) => c,
-            Err(f) => return self.swarm_end(spec, &d, t0, &before, f, false).await,
+            Err(f) => return self.swarm_end(spec, sw, &d, t0, &before, f, Posted::Nothing).await,
         };
+        let posted = if created { Posted::Created } else { Posted::Updated };
         if let Err(f) = self.swarm_gate(spec, sw, &release, &d, t0).await {
-            if created {
-                self.remove_created(sw, &d, t0).await;
-            }
-            return self.swarm_end(spec, &d, t0, &before, f, !created).await;
+            return self.swarm_end(spec, sw, &d, t0, &before, f, posted).await;
         }
         let _ = self.store.set_active(&spec.name, &release);
         self.log(
@@ -390,7 +410,7 @@ impl Guard {
             })
             .await
         {
-            return self.swarm_end(spec, &d, t0, &before, f, true).await;
+            return self.swarm_end(spec, sw, &d, t0, &before, f, posted).await;
         }
         self.log(&d, t0, &format!("{} passed; deployment succeeded", spec.version));
         self.store
@@ -639,18 +659,20 @@ impl Guard {
     /// (`posted`), the bad version replaced tasks: berth rolls the service
     /// back to the last release that passed, by digest, and waits for it
     /// to be Running and healthy again.
+    #[allow(clippy::too_many_arguments)]
     async fn swarm_end(
         &self,
         spec: &Spec,
+        sw: &Swarm,
         d: &Deployment,
         t0: Instant,
         before: &ServiceState,
         mut f: Failure,
-        posted: bool,
+        posted: Posted,
     ) -> Result<Deployment, WatchError> {
         self.log(d, t0, &format!("check failed: {}: {}", f.cause, f.evidence));
-        let mut rolled_back = None;
-        if posted {
+        let mut rolled_back: Option<String> = None;
+        if posted != Posted::Nothing {
             let new = self
                 .store
                 .deployments(Some(&spec.name), 0)?
@@ -666,11 +688,20 @@ impl Guard {
                 .filter(|a| a.digest != digest && before.passed.iter().any(|p| p.digest == a.digest))
                 .or_else(|| before.rollback_target(&digest));
             match target {
-                None => f
-                    .evidence
-                    .push_str("; no earlier release passed its checks, so there is nothing to roll back to"),
+                // Made by this deployment, never passed: removed, so nothing
+                // half-made is left crash-looping.
+                None if posted == Posted::Created => self.remove_created(sw, d, t0).await,
+                // A service berth has no passing release of (made by hand,
+                // or by another tool): Swarm's own previous spec.
+                None => match self.swarm_previous(spec, sw, d, t0).await {
+                    Ok(()) => rolled_back = Some("the service's previous spec".into()),
+                    Err(e) => f.evidence.push_str(&format!(
+                        "; no earlier release passed under berth, and Swarm's rollback to the previous spec failed: {}",
+                        e.evidence
+                    )),
+                },
                 Some(target) => match self.swarm_restore(target, d, t0).await {
-                    Ok(()) => rolled_back = Some(target.clone()),
+                    Ok(()) => rolled_back = Some(target.version.clone()),
                     Err(f2) => f.evidence.push_str(&format!(
                         "; the rollback to {} failed too: {}: {}",
                         target.version, f2.cause, f2.evidence
@@ -693,14 +724,14 @@ impl Guard {
                     spec.rollout.start_timeout,
                     rolled_back
                         .as_ref()
-                        .map_or(String::new(), |t| format!("; rolled back to {}", t.version))
+                        .map_or(String::new(), |t| format!("; rolled back to {t}"))
                 ),
             ),
             (Some(t), c) => (
                 "BerthWatchRolledBack",
                 format!(
-                    "{}: the Swarm update to {} failed ({c}); berth rolled it back to {} by digest",
-                    spec.name, spec.version, t.version
+                    "{}: the Swarm update to {} failed ({c}); berth rolled it back to {t}",
+                    spec.name, spec.version
                 ),
             ),
             (None, c) if c.is_pull() => (
@@ -716,6 +747,79 @@ impl Guard {
         let state = self.store.finish(&spec.name, d.id, outcome, Some(&f), None)?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id)
+    }
+
+    /// Swarm's server-side rollback to the spec before berth's update
+    /// (`rollback=previous`), for a service berth has no passing release
+    /// of; waits until Swarm says it is done and a task of that spec runs.
+    async fn swarm_previous(&self, spec: &Spec, sw: &Swarm, d: &Deployment, t0: Instant) -> Result<(), Failure> {
+        let engine = |e: EngineError| Failure::new(Cause::Engine, e.message());
+        let svc = self
+            .engine
+            .service(&sw.service)
+            .await
+            .map_err(engine)?
+            .ok_or_else(|| Failure::new(Cause::Engine, format!("Swarm service {} is gone", sw.service)))?;
+        if svc.update_state.starts_with("rollback") {
+            // Swarm's own failure_action got there first: rolling back again
+            // would go "back" to the bad spec. Wait for it instead.
+            self.log(
+                d,
+                t0,
+                &format!("Swarm is rolling {} back itself ({})", sw.service, svc.update_state),
+            );
+        } else {
+            self.engine
+                .rollback_service(&svc.id, svc.version, &svc.spec)
+                .await
+                .map_err(engine)?;
+        }
+        self.log(
+            d,
+            t0,
+            &format!(
+                "no release of {} passed under berth: Swarm's own rollback to the previous spec (rollback=previous)",
+                sw.service
+            ),
+        );
+        let deadline = Instant::now() + spec.rollout.start_timeout;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let now = self.engine.service(&sw.service).await.map_err(engine)?;
+            let image = now
+                .as_ref()
+                .and_then(|n| {
+                    n.spec["TaskTemplate"]["ContainerSpec"]["Image"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            let state = now.map(|n| n.update_state).unwrap_or_default();
+            let tasks = self.engine.tasks(&sw.service).await.map_err(engine)?;
+            let running = tasks.iter().any(|t| t.image == image && t.state == "running");
+            // Swarm says "rollback_completed" only after its rollback
+            // monitor period; a running task of the previous spec that
+            // answers healthy (its version is not known to berth) is enough.
+            if state.starts_with("rollback") && running {
+                let c = match health_url(spec) {
+                    Some(url) => health::check(&self.http, &url, spec.health.timeout, "").await,
+                    None => Check::NoAnswer("the health port is not published".into()),
+                };
+                if matches!(c, Check::Healthy | Check::WrongVersion { .. }) {
+                    self.log(d, t0, &format!("the previous spec serves again ({image}, {state})"));
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::new(
+                    Cause::StartTimeout,
+                    format!(
+                        "Swarm's rollback did not finish within {:?} (update state {state:?})",
+                        spec.rollout.start_timeout
+                    ),
+                ));
+            }
+        }
     }
 
     /// Posts a release that passed before and waits for it to serve.
