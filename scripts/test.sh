@@ -26,7 +26,8 @@ scripts/install-test-deps.sh
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
-# --all-features on both lines: the optional backends (PostgreSQL, ...) are
+# --all-features on both lines: the optional backends (PostgreSQL, berth watch's
+# Kubernetes backend) are
 # linted and tested too, and both lines build the workspace with the same
 # features, so it is built once.
 section "cargo clippy -D warnings"

@@ -1332,3 +1332,251 @@ fn watch_recovers_from_a_killed_deploy() {
     let _ = guard.kill();
     let _ = guard.wait();
 }
+
+/// A single-node Swarm for one test: initialised on loopback if this Engine
+/// is in none, and on drop the test's services removed (their containers
+/// waited for) and the swarm left, with the bridge network it made.
+struct Swarm {
+    services: Vec<String>,
+    initialised: bool,
+    had_gwbridge: bool,
+}
+
+impl Swarm {
+    fn join() -> Swarm {
+        let state = sh(Command::new("docker").args(["info", "--format", "{{.Swarm.LocalNodeState}}"]));
+        let had_gwbridge = Command::new("docker")
+            .args(["network", "inspect", "docker_gwbridge"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let initialised = String::from_utf8_lossy(&state.stdout).trim() == "inactive";
+        let swarm = Swarm {
+            services: Vec::new(),
+            initialised,
+            had_gwbridge,
+        };
+        if initialised {
+            sh(Command::new("docker").args(["swarm", "init", "--advertise-addr", "127.0.0.1"]));
+        }
+        swarm
+    }
+
+    /// What the service's spec runs now.
+    fn image(&self, service: &str) -> String {
+        let out = sh(Command::new("docker").args([
+            "service",
+            "inspect",
+            "--format",
+            "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+            service,
+        ]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for s in &self.services {
+            let _ = Command::new("docker").args(["service", "rm", s]).output();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                let out = Command::new("docker")
+                    .args([
+                        "ps",
+                        "-aq",
+                        "--filter",
+                        &format!("label=com.docker.swarm.service.name={s}"),
+                    ])
+                    .output();
+                if out.map_or(true, |o| o.stdout.iter().all(u8::is_ascii_whitespace)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        if self.initialised {
+            let _ = Command::new("docker").args(["swarm", "leave", "--force"]).output();
+            if !self.had_gwbridge {
+                let _ = Command::new("docker")
+                    .args(["network", "rm", "docker_gwbridge"])
+                    .output();
+            }
+        }
+    }
+}
+
+/// A real Swarm service: berth creates it, updates it by digest, and when
+/// its own checks fail (a task that exits, a healthy answer from the wrong
+/// version) rolls the service back itself, by digest, and the old version
+/// serves again; three failures in a row pause it.
+#[test]
+fn watch_swarm_service_rolled_back_by_berth() {
+    if !docker_available() {
+        return;
+    }
+    let mut f = Fixture::new("swarm");
+    let v1 = f.image("v1", &[]);
+    let v2 = f.image("v2", &[]);
+    let exits = f.image("v3", &["FAULT=exit"]);
+    let wrong = f.image("v4", &["REPORT_VERSION=v2"]);
+    let decays = f.image("v5", &["UNHEALTHY_AFTER=6"]);
+    // Declared after the fixture: dropped first, before its images go.
+    let mut swarm = Swarm::join();
+    swarm.services.push("watch-swarm".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = f.spec("swarm", &v1, "backend = \"swarm\"");
+    // The routing mesh needs IPVS, which these machines lack: each task
+    // publishes on its node (`host`).
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("{ container = 80 }", &format!("{{ container = 80, host = {port} }}"))
+        + "\n[swarm]\npublish_mode = \"host\"\nstop_grace_period = \"1s\"\n";
+    std::fs::write(&file, text).unwrap();
+    let health = format!("http://127.0.0.1:{port}/cgi-bin/healthz");
+
+    let (ok, out, err) = f.deploy(&file, None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("created Swarm service watch-swarm"), "{out}");
+    let (ok, out, err) = f.deploy(&file, Some(&v2));
+    assert!(ok, "{out}{err}");
+    let d2 = f.digest_of(&v2);
+    assert!(
+        out.contains(&format!("updated Swarm service watch-swarm to {}@{d2}", f.repo)),
+        "{out}"
+    );
+    assert_eq!(swarm.image("watch-swarm"), format!("{}@{d2}", f.repo));
+    assert!(get(&health).unwrap().contains(r#""image_version":"v2""#));
+
+    // `berth watch run` keeps checking: v5 passes its deployment, turns
+    // unhealthy six seconds after its start, and the guard rolls the
+    // service back to v2.
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (ok, out, err) = f.deploy(&file, Some(&decays));
+    assert!(ok, "v5 passes its verify period: {out}{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while swarm.image("watch-swarm") != format!("{}@{d2}", f.repo) {
+        assert!(std::time::Instant::now() < deadline, "the guard did not roll back");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let history = loop {
+        let h = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
+        if h.contains("#4 rollback") && !h.contains("-> running") {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{h}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = guard.kill();
+    let _ = guard.wait();
+    assert!(
+        history.contains("rollback from v5 to v2 (guard: unhealthy"),
+        "{history}"
+    );
+    assert!(
+        get(&health).unwrap().contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
+
+    let (ok, out, _) = f.deploy(&file, Some(&exits));
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(out.contains("cause: exited"), "{out}");
+    assert!(
+        out.contains("fault: exiting at once"),
+        "the task's output is the evidence: {out}"
+    );
+    assert!(
+        out.contains(&format!("rolling the Swarm service back to v2 ({d2})")),
+        "{out}"
+    );
+    assert_eq!(swarm.image("watch-swarm"), format!("{}@{d2}", f.repo));
+    assert!(
+        get(&health).unwrap().contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
+
+    let (ok, out, _) = f.deploy(&file, Some(&wrong));
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(
+        out.contains(r#"cause: wrong_version: healthy, but reports image_version "v2" where "v4" was deployed"#),
+        "{out}"
+    );
+    assert_eq!(swarm.image("watch-swarm"), format!("{}@{d2}", f.repo));
+    assert!(
+        get(&health).unwrap().contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
+
+    // A third failure in a row (a tag that does not exist) pauses it.
+    let (ok, out, _) = f.deploy(&file, Some(&format!("{}:no-such-tag", f.repo)));
+    assert!(!ok);
+    assert!(out.contains("cause: tag_not_found"), "{out}");
+    let (ok, _, err) = f.deploy(&file, Some(&v1));
+    assert!(!ok && err.contains("berth watch resume watch-swarm"), "{err}");
+
+    // A service made outside berth, with no release that passed under
+    // berth: a failed update goes back through Swarm's own previous spec.
+    swarm.services.push("watch-swarm-ext".into());
+    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d1 = f.digest_of(&v1);
+    sh(Command::new("docker").args([
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        "watch-swarm-ext",
+        "--stop-grace-period",
+        "1s",
+        "--publish",
+        &format!("mode=host,target=80,published={port2}"),
+        &format!("{}@{d1}", f.repo),
+    ]));
+    let health2 = format!("http://127.0.0.1:{port2}/cgi-bin/healthz");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !get(&health2).is_some_and(|h| h.contains(r#""image_version":"v1""#)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service made by hand did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ext = f.spec("swarm-ext", &exits, "backend = \"swarm\"");
+    let text = std::fs::read_to_string(&ext)
+        .unwrap()
+        .replace("{ container = 80 }", &format!("{{ container = 80, host = {port2} }}"))
+        + "\n[swarm]\npublish_mode = \"host\"\nstop_grace_period = \"1s\"\n";
+    std::fs::write(&ext, text).unwrap();
+    let (ok, out, _) = f.deploy(&ext, None);
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> rolled_back"), "{out}");
+    assert!(out.contains("cause: exited"), "{out}");
+    assert!(out.contains("Swarm's own rollback to the previous spec"), "{out}");
+    assert!(out.contains("the previous spec serves again"), "{out}");
+    assert_eq!(swarm.image("watch-swarm-ext"), format!("{}@{d1}", f.repo));
+    assert!(
+        get(&health2).unwrap().contains(r#""image_version":"v1""#),
+        "v1 serves again"
+    );
+
+    let history = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
+    for line in ["#5 deploy", "cause: exited", "cause: wrong_version", "v2 serves again"] {
+        assert!(history.contains(line), "{line} in {history}");
+    }
+}

@@ -28,6 +28,9 @@ pub enum Cause {
     Resources,
     /// The Engine refused the container's configuration.
     ContainerConfig,
+    /// No node can take the instance (Kubernetes `Unschedulable`, Swarm's
+    /// "no suitable node").
+    Unschedulable,
     /// The container exited during the start.
     Exited,
     /// The container keeps restarting.
@@ -65,6 +68,7 @@ impl Cause {
             Cause::PortConflict => "port_conflict",
             Cause::Resources => "resources",
             Cause::ContainerConfig => "container_config",
+            Cause::Unschedulable => "unschedulable",
             Cause::Exited => "exited",
             Cause::Restarting => "restarting",
             Cause::StartTimeout => "start_timeout",
@@ -132,6 +136,7 @@ fn default_fix(c: Cause) -> &'static str {
         Cause::PortConflict => "free the host port, or choose another in `ports`",
         Cause::Resources => "lower `cpus`/`memory` in the description, or free capacity on the host",
         Cause::ContainerConfig => "correct the container settings (`command`, `env`, `ports`) in the description",
+        Cause::Unschedulable => "no node has the CPU, memory or placement asked for: lower the requests, or add capacity",
         Cause::Exited => "read the container's output in the evidence; fix the image or its settings",
         Cause::Restarting => "read the container's output in the evidence; it crashes on start",
         Cause::StartTimeout => "the instance did not become Running and healthy in time; check its start and health endpoint, or raise `rollout.start_timeout`",
@@ -149,11 +154,16 @@ fn default_fix(c: Cause) -> &'static str {
 /// Classifies a failure to resolve or pull an image, from the Engine's
 /// status and message (the Engine passes on the registry's error codes).
 pub fn classify_pull(e: &EngineError) -> Cause {
-    let m = e.message().to_ascii_lowercase();
-    let status = e.status();
     if matches!(e, EngineError::Connect { .. }) {
         return Cause::Engine;
     }
+    classify_pull_message(&e.message(), e.status())
+}
+
+/// Classifies a pull failure from its message (the Engine's, a Swarm
+/// task's, a kubelet's event) and the HTTP status if there was one.
+pub fn classify_pull_message(message: &str, status: Option<u16>) -> Cause {
+    let m = message.to_ascii_lowercase();
     if m.contains("manifest unknown") || m.contains("not found") || status == Some(404) {
         Cause::TagNotFound
     } else if m.contains("quota") || m.contains("denied: storage") || m.contains("insufficient storage") {

@@ -34,6 +34,44 @@ pub trait Engine: Send + Sync {
     async fn remove(&self, id: &str) -> Result<(), EngineError>;
     /// The containers of `service`, running or not.
     async fn list(&self, service: &str) -> Result<Vec<ContainerSummary>, EngineError>;
+
+    // Swarm services (crates/watch/src/swarm.rs). A backend without them
+    // answers that it has none.
+
+    /// The Swarm service `name`, or None if there is none.
+    async fn service(&self, name: &str) -> Result<Option<crate::swarm::Service>, EngineError> {
+        Err(no_swarm(name))
+    }
+    /// Creates a Swarm service from its spec; returns its id.
+    async fn create_service(&self, spec: &Value) -> Result<String, EngineError> {
+        Err(no_swarm(&spec["Name"].to_string()))
+    }
+    /// Replaces the spec of service `id` at `version` (the version read
+    /// with it, so a concurrent change is refused rather than lost).
+    async fn update_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        let _ = (version, spec);
+        Err(no_swarm(id))
+    }
+    /// Swarm's own rollback of service `id` to its previous spec (the body
+    /// is required and ignored).
+    async fn rollback_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        let _ = (version, spec);
+        Err(no_swarm(id))
+    }
+    async fn remove_service(&self, id: &str) -> Result<(), EngineError> {
+        Err(no_swarm(id))
+    }
+    /// The tasks of service `name`, newest first.
+    async fn tasks(&self, name: &str) -> Result<Vec<crate::swarm::Task>, EngineError> {
+        Err(no_swarm(name))
+    }
+}
+
+fn no_swarm(what: &str) -> EngineError {
+    EngineError::Protocol {
+        what: format!("Swarm service {what}"),
+        detail: "this backend has no Swarm services".into(),
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -118,7 +156,7 @@ impl Docker {
         Docker { socket }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -172,7 +210,7 @@ impl Docker {
         Ok((status, bytes))
     }
 
-    async fn json<T: for<'de> Deserialize<'de>>(
+    pub(crate) async fn json<T: for<'de> Deserialize<'de>>(
         &self,
         method: Method,
         path: &str,
@@ -187,7 +225,7 @@ impl Docker {
     }
 }
 
-fn query(pairs: &[(&str, &str)]) -> String {
+pub(crate) fn query(pairs: &[(&str, &str)]) -> String {
     let mut q = form_urlencoded::Serializer::new(String::new());
     for (k, v) in pairs {
         q.append_pair(k, v);
@@ -429,6 +467,30 @@ impl Engine for Docker {
                 state: l.state,
             })
             .collect())
+    }
+
+    async fn service(&self, name: &str) -> Result<Option<crate::swarm::Service>, EngineError> {
+        crate::swarm::api::service(self, name).await
+    }
+
+    async fn create_service(&self, spec: &Value) -> Result<String, EngineError> {
+        crate::swarm::api::create(self, spec).await
+    }
+
+    async fn update_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        crate::swarm::api::update(self, id, version, spec).await
+    }
+
+    async fn rollback_service(&self, id: &str, version: u64, spec: &Value) -> Result<(), EngineError> {
+        crate::swarm::api::rollback(self, id, version, spec).await
+    }
+
+    async fn remove_service(&self, id: &str) -> Result<(), EngineError> {
+        crate::swarm::api::remove(self, id).await
+    }
+
+    async fn tasks(&self, name: &str) -> Result<Vec<crate::swarm::Task>, EngineError> {
+        crate::swarm::api::tasks(self, name).await
     }
 }
 

@@ -77,31 +77,53 @@ async fn watch_service(g: Arc<Guard>, name: String) {
                 true
             }
         };
-        let ids: Vec<String> = match g.engine.list(&name).await {
-            Ok(l) => l
-                .into_iter()
-                .filter(|c| c.digest == active.digest)
-                .map(|c| c.id)
-                .collect(),
-            Err(e) => {
-                tracing::warn!(service = %name, error = %e, "guard: cannot list the instances");
-                Vec::new()
+        let failed = match &spec.backend {
+            crate::spec::Backend::Containers => {
+                let ids: Vec<String> = match g.engine.list(&name).await {
+                    Ok(l) => l
+                        .into_iter()
+                        .filter(|c| c.digest == active.digest)
+                        .map(|c| c.id)
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(service = %name, error = %e, "guard: cannot list the instances");
+                        Vec::new()
+                    }
+                };
+                if busy || ids.is_empty() {
+                    tokio::time::sleep(spec.health.interval.max(RESCAN)).await;
+                    continue;
+                }
+                // Watch a while, then look at the history again (a new release).
+                let until = Instant::now() + spec.health.interval * 10;
+                watch_instances(
+                    &g,
+                    &spec,
+                    &ids,
+                    Some(until),
+                    |m| tracing::warn!(service = %name, "guard: {m}"),
+                )
+                .await
             }
+            crate::spec::Backend::Swarm(sw) => {
+                if busy {
+                    tokio::time::sleep(spec.health.interval.max(RESCAN)).await;
+                    continue;
+                }
+                let until = Instant::now() + spec.health.interval * 10;
+                g.swarm_watch(
+                    &spec,
+                    sw,
+                    &active,
+                    Some(until),
+                    &|m| tracing::warn!(service = %name, "guard: {m}"),
+                )
+                .await
+            }
+            // A Deployment's pods are the cluster's to restart; berth
+            // watches it while it deploys.
+            crate::spec::Backend::Kubernetes(_) => return,
         };
-        if busy || ids.is_empty() {
-            tokio::time::sleep(spec.health.interval.max(RESCAN)).await;
-            continue;
-        }
-        // Watch a while, then look at the history again (a new release).
-        let until = Instant::now() + spec.health.interval * 10;
-        let failed = watch_instances(
-            &g,
-            &spec,
-            &ids,
-            Some(until),
-            |m| tracing::warn!(service = %name, "guard: {m}"),
-        )
-        .await;
         let Err(f) = failed else { continue };
         // A deployment that started meanwhile owns the service (it may
         // have removed these instances itself).

@@ -26,7 +26,12 @@ pub enum WatchError {
     Engine(#[from] EngineError),
     #[error("service {service:?}: {why}")]
     NoRollback { service: String, why: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
+
+#[cfg(not(feature = "kubernetes"))]
+const NO_KUBERNETES: &str = "this berth was built without Kubernetes support; build it with `--features kubernetes`";
 
 /// What the guard works with.
 pub struct Guard {
@@ -63,6 +68,18 @@ impl Guard {
     pub async fn deploy(&self, spec: &Spec, file: &Path, toml: &str) -> Result<Deployment, WatchError> {
         // Held to the end: a deployment whose process dies releases it.
         let _lock = self.store.bg().lock(&spec.name).await?;
+        match &spec.backend {
+            spec::Backend::Containers => {}
+            spec::Backend::Swarm(sw) => return self.deploy_swarm(spec, sw, (&file.display().to_string(), toml)).await,
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(k) => {
+                return self
+                    .deploy_kubernetes(spec, k, (&file.display().to_string(), toml))
+                    .await
+            }
+            #[cfg(not(feature = "kubernetes"))]
+            spec::Backend::Kubernetes(_) => return Err(WatchError::Unsupported(NO_KUBERNETES.into())),
+        }
         self.recover(&spec.name).await?;
         let d = self
             .store
@@ -184,8 +201,16 @@ impl Guard {
             t0,
             &format!("rollback from {} to {} ({reason})", active.version, target.version),
         );
-        match self.start_release(&target, &d, t0).await {
-            Ok(_) => {
+        let restored = match &spec.backend {
+            spec::Backend::Containers => self.start_release(&target, &d, t0).await.map(|_| ()),
+            spec::Backend::Swarm(_) => self.swarm_restore(&target, &d, t0).await,
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(k) => self.kubernetes_restore(&spec, k, &target, &d, t0).await,
+            #[cfg(not(feature = "kubernetes"))]
+            spec::Backend::Kubernetes(_) => Err(Failure::new(Cause::Config, NO_KUBERNETES)),
+        };
+        match restored {
+            Ok(()) => {
                 let f = Failure::new(Cause::Unhealthy, reason);
                 self.alert(
                     &spec,
@@ -221,14 +246,14 @@ impl Guard {
         self.finished(service, d.id).await
     }
 
-    async fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
+    pub(crate) async fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
         let all = self.store.bg().deployments(Some(service), 0).await?;
         all.into_iter()
             .find(|d| d.id == id)
             .ok_or_else(|| WatchError::Store(StoreError::Unknown(service.to_string())))
     }
 
-    async fn after_failure(&self, spec: &Spec, state: &ServiceState, before: &ServiceState) {
+    pub(crate) async fn after_failure(&self, spec: &Spec, state: &ServiceState, before: &ServiceState) {
         if let (Some(p), None) = (&state.paused, &before.paused) {
             let f = Failure::new(Cause::Engine, p.reason.clone());
             self.alert(
@@ -735,7 +760,7 @@ impl Guard {
         }
     }
 
-    async fn pull_failure(&self, image: &str, e: &EngineError) -> Failure {
+    pub(crate) async fn pull_failure(&self, image: &str, e: &EngineError) -> Failure {
         let mut f = Failure::new(classify_pull(e), e.message());
         if let Some(diag) = self.diagnoser.diagnose(image, &f).await {
             f.root_cause = Some(diag.root_cause);

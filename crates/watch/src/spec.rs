@@ -29,6 +29,52 @@ pub struct Spec {
     pub notify: Notify,
     pub router: Option<Router>,
     pub canary: Option<Canary>,
+    /// What runs the service: plain containers (berth's own rollout), a
+    /// Swarm service, or a Kubernetes Deployment.
+    pub backend: Backend,
+}
+
+/// Where the service runs, and how berth drives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Plain containers on the Docker Engine; berth runs the rollout.
+    Containers,
+    /// A Docker Swarm service: berth updates it, watches the update with its
+    /// own checks, and rolls it back itself.
+    Swarm(Swarm),
+    /// A Kubernetes Deployment (feature `kubernetes`).
+    Kubernetes(Kubernetes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swarm {
+    /// The Swarm service's name (default: `name`).
+    pub service: String,
+    /// `ingress` (the routing mesh) or `host` (each task on its node).
+    pub publish_mode: String,
+    /// How long a task has to stop before it is killed (Swarm's default:
+    /// 10 s). Every update waits for it with `stop-first`.
+    pub stop_grace_period: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kubernetes {
+    pub namespace: String,
+    /// The Deployment's name (default: `name`).
+    pub deployment: String,
+    /// The container whose image is deployed (default: the first).
+    pub container: Option<String>,
+    /// The kubeconfig context (default: its current one).
+    pub context: Option<String>,
+    /// On a failed check: roll back (after pausing), or only pause.
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    Rollback,
+    Pause,
 }
 
 /// nginx in front of the service: berth writes the upstream block and
@@ -201,13 +247,35 @@ struct RawSpec {
     command: Option<Vec<String>>,
     cpus: Option<Spanned<f64>>,
     memory: Option<Spanned<String>>,
-    health: Spanned<RawHealth>,
+    /// Required except for Kubernetes, where readiness is the cluster's.
+    health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     rollout: RawRollout,
     #[serde(default)]
     notify: RawNotify,
     router: Option<Spanned<RawRouter>>,
     canary: Option<Spanned<RawCanary>>,
+    backend: Option<Spanned<String>>,
+    swarm: Option<Spanned<RawSwarm>>,
+    kubernetes: Option<Spanned<RawKubernetes>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwarm {
+    service: Option<Spanned<String>>,
+    publish_mode: Option<Spanned<String>>,
+    stop_grace_period: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    namespace: Option<Spanned<String>>,
+    deployment: Option<Spanned<String>>,
+    container: Option<Spanned<String>>,
+    context: Option<String>,
+    on_failure: Option<OnFailure>,
 }
 
 #[derive(Deserialize)]
@@ -380,9 +448,36 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(m) => Some(observe::size::parse_size(m.get_ref()).map_err(|e| at(m.span(), "memory", e))?),
     };
 
-    let h = raw.health.get_ref();
-    let health_port = bounded(&h.port, 1, 65535).map_err(|m| at(h.port.span(), "health.port", m))? as u16;
-    if !ports.iter().any(|p| p.container == health_port) {
+    let backend_name = raw.backend.as_ref().map_or("containers", |b| b.get_ref().as_str());
+    let default_health;
+    let h = match &raw.health {
+        Some(h) => h.get_ref(),
+        None if backend_name == "kubernetes" => {
+            // Readiness is the cluster's (the pods' probes); berth's own
+            // health settings are unused there.
+            default_health = RawHealth {
+                port: Spanned::new(0..0, 0),
+                path: Spanned::new(0..0, "/".into()),
+                interval: None,
+                timeout: None,
+                threshold: None,
+            };
+            &default_health
+        }
+        None => {
+            return Err(at(
+                0..0,
+                "health",
+                "missing table [health] (port and path of the instances' health endpoint)".into(),
+            ))
+        }
+    };
+    let health_port = if raw.health.is_none() {
+        0
+    } else {
+        bounded(&h.port, 1, 65535).map_err(|m| at(h.port.span(), "health.port", m))? as u16
+    };
+    if raw.health.is_some() && !ports.iter().any(|p| p.container == health_port) {
         return Err(at(
             h.port.span(),
             "health.port",
@@ -571,6 +666,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
             })
         }
     };
+    let backend = backend(&raw, name, &ports, health_port, &at)?;
     Ok(Spec {
         name: name.clone(),
         image,
@@ -586,7 +682,132 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
         notify,
         router,
         canary,
+        backend,
     })
+}
+
+/// `backend` and its table: `[swarm]` or `[kubernetes]`.
+fn backend(
+    raw: &RawSpec,
+    name: &str,
+    ports: &[Port],
+    health_port: u16,
+    at: &dyn Fn(Range<usize>, &str, String) -> SpecError,
+) -> Result<Backend, SpecError> {
+    let kind = raw.backend.as_ref().map_or("containers", |b| b.get_ref().as_str());
+    let span = raw.backend.as_ref().map_or(0..0, |b| b.span());
+    let stray = |table: &str, t: Range<usize>| {
+        at(
+            t,
+            table,
+            format!("[{table}] is for `backend = \"{table}\"`, and this file's backend is {kind:?}"),
+        )
+    };
+    if kind != "swarm" {
+        if let Some(t) = &raw.swarm {
+            return Err(stray("swarm", t.span()));
+        }
+    }
+    if kind != "kubernetes" {
+        if let Some(t) = &raw.kubernetes {
+            return Err(stray("kubernetes", t.span()));
+        }
+    }
+    let object_name_or = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
+        None => Ok(default.to_string()),
+        Some(s) if valid_name(s.get_ref()) => Ok(s.get_ref().clone()),
+        Some(s) => Err(at(
+            s.span(),
+            key,
+            format!(
+                "{:?} is not a valid name; use lowercase letters, digits, '-' and '.'",
+                s.get_ref()
+            ),
+        )),
+    };
+    let object_name = |v: &Option<Spanned<String>>, key: &str| object_name_or(v, key, name);
+    match kind {
+        "containers" => Ok(Backend::Containers),
+        "swarm" => {
+            if raw.router.is_some() || raw.canary.is_some() {
+                return Err(at(
+                    span,
+                    "backend",
+                    "[router] and [canary] are for plain containers; a Swarm service is updated and rolled back as a whole".into(),
+                ));
+            }
+            let s = raw.swarm.as_ref().map(|s| s.get_ref());
+            let service = object_name(&s.and_then(|s| s.service.clone()), "swarm.service")?;
+            let publish_mode = match s.and_then(|s| s.publish_mode.as_ref()) {
+                None => "ingress".to_string(),
+                Some(m) if matches!(m.get_ref().as_str(), "ingress" | "host") => m.get_ref().clone(),
+                Some(m) => {
+                    return Err(at(
+                        m.span(),
+                        "swarm.publish_mode",
+                        format!("{:?}: use \"ingress\" (the routing mesh) or \"host\"", m.get_ref()),
+                    ))
+                }
+            };
+            // berth checks health through the published port.
+            if !ports.iter().any(|p| p.container == health_port && p.host.is_some()) {
+                return Err(at(
+                    span,
+                    "ports.host",
+                    format!(
+                        "a Swarm service is checked through its published port: give the health port one, e.g. {{ container = {health_port}, host = 8080 }}"
+                    ),
+                ));
+            }
+            let stop_grace_period = match s.and_then(|s| s.stop_grace_period.as_ref()) {
+                None => None,
+                Some(d) => Some(
+                    observe::time::parse_duration(d.get_ref())
+                        .map_err(|e| at(d.span(), "swarm.stop_grace_period", e))?,
+                ),
+            };
+            Ok(Backend::Swarm(Swarm {
+                service,
+                publish_mode,
+                stop_grace_period,
+            }))
+        }
+        "kubernetes" => {
+            if !cfg!(feature = "kubernetes") {
+                return Err(at(
+                    span,
+                    "backend",
+                    "this berth was built without Kubernetes support; build it with `--features kubernetes`".into(),
+                ));
+            }
+            if raw.router.is_some() || raw.canary.is_some() {
+                return Err(at(
+                    span,
+                    "backend",
+                    "[router] and [canary] are for plain containers; a Kubernetes Deployment is rolled out by the cluster".into(),
+                ));
+            }
+            let k = raw.kubernetes.as_ref().map(|k| k.get_ref());
+            let namespace = object_name_or(&k.and_then(|k| k.namespace.clone()), "kubernetes.namespace", "default")?;
+            let deployment = object_name(&k.and_then(|k| k.deployment.clone()), "kubernetes.deployment")?;
+            let container = match k.and_then(|k| k.container.clone()) {
+                None => None,
+                c => Some(object_name(&c, "kubernetes.container")?),
+            };
+            Ok(Backend::Kubernetes(Kubernetes {
+                namespace,
+                deployment,
+                container,
+                context: k.and_then(|k| k.context.clone()),
+                on_failure: k.and_then(|k| k.on_failure).unwrap_or(OnFailure::Rollback),
+            }))
+        }
+        other => Err(at(
+            span,
+            "backend",
+            format!("{other:?} is not a backend; use \"containers\", \"swarm\" or \"kubernetes\""),
+        )),
+    }
 }
 
 impl Spec {
@@ -776,6 +997,61 @@ start_timeout = "30s"
 
         let e = err(&GOOD.replace("env = { MODE = \"prod\" }", "env = { MODE = 1 }"));
         assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn backends_are_validated_with_file_line_and_key() {
+        let swarm = GOOD.replace("{ container = 80 }", "{ container = 80, host = 8080 }")
+            + "\n[swarm]\nservice = \"web-svc\"\nstop_grace_period = \"2s\"\n";
+        let s = parse(
+            Path::new("web.toml"),
+            &swarm.replace("env =", "backend = \"swarm\"\nenv ="),
+        )
+        .unwrap();
+        assert_eq!(
+            s.backend,
+            Backend::Swarm(Swarm {
+                service: "web-svc".into(),
+                publish_mode: "ingress".into(),
+                stop_grace_period: Some(Duration::from_secs(2)),
+            })
+        );
+        assert_eq!(parse(Path::new("web.toml"), GOOD).unwrap().backend, Backend::Containers);
+
+        let e = err(&GOOD.replace("env =", "backend = \"nomad\"\nenv ="));
+        assert_eq!((e.line, e.key.as_str()), (5, "backend"), "{e}");
+        assert!(e.message.contains("\"containers\", \"swarm\" or \"kubernetes\""), "{e}");
+        let e = err(&swarm);
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (15, "swarm"),
+            "[swarm] without backend = \"swarm\": {e}"
+        );
+        let e = err(&GOOD.replace("env =", "backend = \"swarm\"\nenv ="));
+        assert_eq!((e.line, e.key.as_str()), (5, "ports.host"), "{e}");
+        let e = err(&swarm
+            .replace("env =", "backend = \"swarm\"\nenv =")
+            .replace("stop_grace_period = \"2s\"", "publish_mode = \"mesh\""));
+        assert_eq!((e.line, e.key.as_str()), (18, "swarm.publish_mode"), "{e}");
+        let e = err("name = \"web\"\nimage = \"r/web:v1\"\n");
+        assert_eq!(e.key, "health", "{e}");
+
+        let k8s =
+            "name = \"web\"\nimage = \"r/web:v1\"\nbackend = \"kubernetes\"\n[kubernetes]\ndeployment = \"web-app\"\n";
+        match parse(Path::new("k.toml"), k8s) {
+            Ok(s) if cfg!(feature = "kubernetes") => {
+                let Backend::Kubernetes(k) = s.backend else {
+                    panic!("{:?}", s.backend)
+                };
+                assert_eq!((k.namespace.as_str(), k.deployment.as_str()), ("default", "web-app"));
+                assert_eq!(k.on_failure, OnFailure::Rollback);
+            }
+            Err(e) if !cfg!(feature = "kubernetes") => {
+                assert_eq!((e.line, e.key.as_str()), (3, "backend"), "{e}");
+                assert!(e.message.contains("--features kubernetes"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
