@@ -932,6 +932,17 @@ async fn out_of_order_final_chunk_is_416_and_resumable() {
     assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
 }
 
+/// The `Docker-Content-Digest` of a GET and of a HEAD of `path`, and the
+/// GET's body.
+async fn served_digest(c: &reqwest::Client, s: &Server, path: &str) -> (String, String, Vec<u8>) {
+    let r = c.get(s.url(path)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "GET {path}");
+    let got = header(&r, "docker-content-digest");
+    let body = r.bytes().await.unwrap().to_vec();
+    let r = c.head(s.url(path)).send().await.unwrap();
+    (got, header(&r, "docker-content-digest"), body)
+}
+
 /// A manifest pushed by a sha512 digest with `?tag=` is served by that tag
 /// under the digest it was pushed as, from the store and from the hot cache;
 /// a push of the same bytes by another tag (a sha256 digest) moves only that
@@ -958,20 +969,13 @@ async fn sha512_manifests_by_tag_keep_their_digest() {
     // Twice each: the first read fills the hot cache, the second comes from it.
     for round in 0..2 {
         for tag in ["t", "u"] {
-            let r = c
-                .get(s.url(&format!("/v2/s512/app/manifests/{tag}")))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            assert_eq!(header(&r, "docker-content-digest"), d512, "GET {tag}, round {round}");
-            assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
-            let r = c
-                .head(s.url(&format!("/v2/s512/app/manifests/{tag}")))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(header(&r, "docker-content-digest"), d512, "HEAD {tag}, round {round}");
+            let (got, head, body) = served_digest(&c, &s, &format!("/v2/s512/app/manifests/{tag}")).await;
+            assert_eq!(
+                (got.as_str(), head.as_str()),
+                (d512.as_str(), d512.as_str()),
+                "{tag}, round {round}"
+            );
+            assert_eq!(body, m);
         }
     }
     // The same bytes by tag: a sha256 digest for that tag only.
@@ -985,22 +989,8 @@ async fn sha512_manifests_by_tag_keep_their_digest() {
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "docker-content-digest"), sha256(&m));
     for (tag, want) in [("t", d512.clone()), ("u", d512.clone()), ("w", sha256(&m))] {
-        let r = c
-            .get(s.url(&format!("/v2/s512/app/manifests/{tag}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(header(&r, "docker-content-digest"), want, "{tag} after the sha256 push");
-        let r = c
-            .head(s.url(&format!("/v2/s512/app/manifests/{tag}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            header(&r, "docker-content-digest"),
-            want,
-            "HEAD {tag} after the sha256 push"
-        );
+        let (got, head, _) = served_digest(&c, &s, &format!("/v2/s512/app/manifests/{tag}")).await;
+        assert_eq!((got, head), (want.clone(), want), "{tag} after the sha256 push");
     }
     // And by either digest.
     for d in [d512.clone(), sha256(&m)] {
