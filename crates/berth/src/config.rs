@@ -436,6 +436,7 @@ impl ServeArgs {
                     n => n,
                 },
                 min_free_disk: self.min_free_disk.or(file.min_free_disk).unwrap_or(1 << 30),
+                disk_watermark,
             },
             drain_delay: duration("drain-delay", self.drain_delay.or(file.drain_delay), Duration::ZERO)?,
             event_source: self

@@ -914,6 +914,105 @@ fn a_cache_whose_upstream_is_down() {
         "{v}"
     );
     assert!(cause(&v).contains(&format!("upstream hub (http://{dead})")), "{v}");
+    // Since when: the first failed request to it.
+    assert!(cause(&v).contains("; unreachable since 20"), "{v}");
+}
+
+#[tokio::test]
+async fn a_locked_out_account() {
+    let s = Server::start_env(
+        &["--auth", "--disk-watermark", "100"],
+        &[("BERTH_INITIAL_ADMIN_PASSWORD", ADMIN_PW)],
+    );
+    let c = client();
+    // Ten wrong passwords from this address lock the account out here.
+    for i in 0..10 {
+        let r = c
+            .get(s.url("/token?service=berth&scope=repository:team/app:pull"))
+            .basic_auth("admin", Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    let (code, v) = diagnose(&[
+        "--plain-http",
+        "--creds",
+        &format!("admin:{ADMIN_PW}"),
+        &format!("{}/team/app:v1", s.addr),
+    ]);
+    assert_eq!((code, failing_step(&v).as_str()), (12, "credentials"), "{v}");
+    assert!(
+        cause(&v).contains("the account is locked out after too many failed logins from this address"),
+        "{v}"
+    );
+    assert!(cause(&v).contains("; Retry-After 300 s"), "{v}");
+    assert!(fix(&v).contains("stale imagePullSecret"), "{v}");
+}
+
+#[tokio::test]
+async fn a_push_refused_at_the_disk_watermark() {
+    // Any real volume is at or above a watermark of 0 %: berth refuses
+    // every upload, and says so in /healthz, where diagnose reads it.
+    let s = Server::start_with(&["--disk-watermark", "0", "--health-interval", "100ms"]);
+    let c = client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value = c.get(s.url("/healthz")).send().await.unwrap().json().await.unwrap();
+        if v["dependencies"]["uploads"] == "refused" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "uploads never refused: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = c.post(s.url("/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("watermark"));
+    let (code, v) = diagnose(&["--plain-http", &format!("{}/team/app:v1", s.addr)]);
+    assert_eq!((code, failing_step(&v).as_str()), (16, "registry refusals"), "{v}");
+    assert!(
+        cause(&v).contains(
+            "team/app:v1 is not on the registry, and the registry's storage is at or above its disk watermark"
+        ),
+        "{v}"
+    );
+    assert!(fix(&v).contains("--disk-watermark"), "{v}");
+}
+
+#[tokio::test]
+async fn a_push_refused_out_of_disk() {
+    // Below --min-free-disk /readyz reports "out of disk" at once.
+    let s = Server::start_with(&[
+        "--disk-watermark",
+        "100",
+        "--min-free-disk",
+        "1000000000000000000",
+        "--health-interval",
+        "100ms",
+    ]);
+    let c = client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // (503 "starting" comes first, before the first round of checks.)
+    while !c
+        .get(s.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .contains("out of disk")
+    {
+        assert!(std::time::Instant::now() < deadline, "/readyz never said out of disk");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (code, v) = diagnose(&["--plain-http", &format!("{}/team/app:v1", s.addr)]);
+    assert_eq!((code, failing_step(&v).as_str()), (16, "registry refusals"), "{v}");
+    assert!(
+        cause(&v).contains("team/app:v1 is not on the registry, and the registry is out of disk: it refuses pushes"),
+        "{v}"
+    );
+    assert!(fix(&v).contains("free space on the registry's data volume"), "{v}");
 }
 
 #[tokio::test]

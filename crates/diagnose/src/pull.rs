@@ -36,6 +36,22 @@ async fn refusal(r: &mut Report, t: Instant, what: &str, resp: Response) {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let (code, msg) = error_of(resp).await;
+    // berth's answer to repeated wrong passwords: a lockout of this
+    // account from this address, not a rate limit of the registry.
+    if status == StatusCode::TOO_MANY_REQUESTS && msg.contains("failed logins") {
+        let when = retry
+            .map(|s| format!("Retry-After {s} s"))
+            .unwrap_or_else(|| "no Retry-After given".into());
+        r.fail(
+            "credentials",
+            Category::Auth,
+            t,
+            format!("{status} {code} {msg}"),
+            format!("{what}: the account is locked out after too many failed logins from this address ({status} {code}: {msg}); {when}"),
+            "fix the password where the failures come from (a stale imagePullSecret or CI secret retries it), wait for the lockout to end, then retry once; other addresses are not locked out".into(),
+        );
+        return;
+    }
     let (cause, fix) = if status == StatusCode::TOO_MANY_REQUESTS {
         let when = retry
             .map(|s| format!("retry after {s} s"))
@@ -141,9 +157,10 @@ pub fn permission_fix(msg: &str, user: Option<&str>) -> String {
 }
 
 /// Why the registry would refuse the push of a missing tag, when it tells
-/// a reader: berth's `/readyz` ("out of disk") and, for a caller who may
-/// read it (an admin of the project), the project's quota use. Read-only
-/// GETs; other registries answer 404 and say nothing.
+/// a reader: berth's `/readyz` ("out of disk"), its `/healthz` (`uploads`
+/// "refused" at the disk watermark) and, for a caller who may read it (an
+/// admin of the project), the project's quota use. Read-only GETs; other
+/// registries answer 404 and say nothing.
 async fn push_refusal(
     get: &(dyn Fn(String, bool) -> reqwest::RequestBuilder + Sync),
     base: &str,
@@ -159,6 +176,15 @@ async fn push_refusal(
                     "free space on the registry's data volume (delete old images, run garbage collection: berth gc) or grow it; then push the image again".into(),
                 ));
             }
+        }
+    }
+    if let Ok(resp) = get(format!("{base}/healthz"), false).send().await {
+        let v: serde_json::Value = resp.json().await.unwrap_or_default();
+        if v["dependencies"]["uploads"] == "refused" {
+            return Some((
+                "the registry's storage is at or above its disk watermark (/healthz: uploads refused): berth refuses every push there, so the missing image was most likely never stored".into(),
+                "free space on the registry's storage (delete old images, run garbage collection: berth gc), grow the volume, or raise --disk-watermark; then push the image again".into(),
+            ));
         }
     }
     let resp = get(format!("{base}/api/v1/projects/{project}/usage"), false)

@@ -12,6 +12,8 @@
 //!   small write, reads it back intact and deletes it ("available");
 //! - `disk`: the data directory's filesystem has at least the configured
 //!   free space ("ok", else "low");
+//! - `uploads`: the blob store is below the disk watermark, so pushes are
+//!   accepted ("accepted", else "refused"); not fatal, since pulls go on;
 //! - `upstream:<name>` for each pull-through upstream (checked by the
 //!   `proxy` crate): its `/v2/` answers ("reachable"); reported but not
 //!   fatal, since serving from the cache goes on without it.
@@ -39,6 +41,9 @@ pub struct HealthConfig {
     /// Below this many available bytes the disk check fails, and `/readyz`
     /// fails at once (a full disk corrupts nothing, but every push fails).
     pub min_free_disk: u64,
+    /// The registry's disk watermark (percent): at or above it, uploads are
+    /// refused, and `uploads` says so.
+    pub disk_watermark: f64,
 }
 
 impl Default for HealthConfig {
@@ -47,6 +52,7 @@ impl Default for HealthConfig {
             interval: Duration::from_secs(10),
             failure_threshold: 3,
             min_free_disk: 1 << 30,
+            disk_watermark: 95.0,
         }
     }
 }
@@ -285,6 +291,12 @@ async fn probe_blob_store(blobs: &dyn BlobStore) -> Result<(), String> {
     read.and(deleted)
 }
 
+/// The blob store's usage, or `None` when it cannot tell or does not
+/// answer in time (then the guard does not apply either).
+async fn bounded_usage(t: Duration, blobs: &dyn BlobStore) -> Option<storage::DiskUsage> {
+    tokio::time::timeout(t, blobs.disk_usage()).await.ok()?.ok()?
+}
+
 /// One round of checks; updates `health` and the storage and disk metrics.
 pub async fn check_once(checks: &Checks, health: &Health, metrics: &Metrics) {
     let t = probe_timeout(&checks.config);
@@ -311,6 +323,14 @@ pub async fn check_once(checks: &Checks, health: &Health, metrics: &Metrics) {
     };
     let disk_low = disk_result.is_err();
     health.record(metrics, "disk", true, ("ok", "low"), disk_result);
+    // What the upload guard decides, from the blob store's own usage (the
+    // guard's source), so a reader such as `berth diagnose` can tell why a
+    // push was refused without pushing.
+    let uploads = match bounded_usage(t, checks.blobs.as_ref()).await {
+        Some(u) => u.refuses_uploads(checks.config.disk_watermark).map_or(Ok(()), Err),
+        None => Ok(()),
+    };
+    health.record(metrics, "uploads", false, ("accepted", "refused"), uploads);
     // Store counts walk tables: done here, in the background, not per scrape.
     match tokio::time::timeout(t, checks.meta.stats()).await {
         Ok(Ok(s)) => metrics.set_store_stats(&s),
@@ -344,6 +364,7 @@ mod tests {
                 interval: Duration::from_millis(200),
                 failure_threshold: 3,
                 min_free_disk,
+                disk_watermark: 100.0,
             },
         }
     }

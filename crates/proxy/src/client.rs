@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use oci::Digest;
@@ -112,6 +112,10 @@ pub struct Client {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     /// The upstream asked for Basic once: send it up front from then on.
     wants_basic: AtomicBool,
+    /// When the upstream stopped answering (no connection, no response
+    /// head in time, or a 5xx), until it answers again: what a refused
+    /// client and `berth diagnose` are told as "since when".
+    down_since: Mutex<Option<SystemTime>>,
 }
 
 impl Client {
@@ -136,6 +140,7 @@ impl Client {
             http,
             tokens: Mutex::new(HashMap::new()),
             wants_basic: AtomicBool::new(false),
+            down_since: Mutex::new(None),
         })
     }
 
@@ -143,16 +148,35 @@ impl Client {
         &self.up
     }
 
+    /// Since when the upstream has not answered, if it is not answering.
+    pub fn down_since(&self) -> Option<SystemTime> {
+        *self.down_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whether the upstream answered: `answered` is a response
+    /// head below 500. The first failure of a run sets the time; an answer
+    /// clears it.
+    fn reached(&self, answered: bool) {
+        let mut since = self.down_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (answered, since.is_some()) {
+            (true, true) => *since = None,
+            (false, false) => *since = Some(SystemTime::now()),
+            _ => {}
+        }
+    }
+
     /// Whether the upstream answers `/v2/` (any status below 500: a 401 is
     /// an upstream that is up). Outside the limits: it pulls nothing.
     pub async fn ping(&self) -> std::result::Result<(), String> {
         let url = format!("{}/v2/", self.up.url);
-        match tokio::time::timeout(self.up.timeout, self.http.get(&url).send()).await {
+        let result = match tokio::time::timeout(self.up.timeout, self.http.get(&url).send()).await {
             Err(_) => Err(format!("{url} did not answer within {:?}", self.up.timeout)),
             Ok(Err(e)) => Err(format!("{url}: {}", UpstreamError::from_reqwest(e))),
             Ok(Ok(r)) if r.status().is_server_error() => Err(format!("{url} answered {}", r.status())),
             Ok(Ok(_)) => Ok(()),
-        }
+        };
+        self.reached(result.is_ok());
+        result
     }
 
     /// HEAD of a manifest: its digest without its bytes, which spares the
@@ -268,13 +292,15 @@ impl Client {
         req = traced(req);
         // The response head must come within the timeout; a body then only
         // has to keep moving (the client's read timeout).
-        match tokio::time::timeout(self.up.timeout, req.send()).await {
+        let result = match tokio::time::timeout(self.up.timeout, req.send()).await {
             Err(_) => Err(UpstreamError::Timeout(format!(
                 "no response within {:?} from {url}",
                 self.up.timeout
             ))),
             Ok(r) => r.map_err(UpstreamError::from_reqwest),
-        }
+        };
+        self.reached(result.as_ref().is_ok_and(|r| !r.status().is_server_error()));
+        result
     }
 
     fn basic(&self) -> Option<String> {

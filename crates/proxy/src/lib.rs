@@ -176,7 +176,8 @@ impl Drop for InUse {
 
 /// The client's error for a failed fetch of `what`; `unknown` is the code
 /// when the upstream does not have it.
-fn upstream_failed(up: &Upstream, what: &str, unknown: ErrorCode, e: &FillError) -> RegistryError {
+fn upstream_failed(c: &Cache, what: &str, unknown: ErrorCode, e: &FillError) -> RegistryError {
+    let up = &c.up;
     match e {
         FillError::Local(e) => e.clone(),
         FillError::Upstream(u) if u.is_not_found() => {
@@ -199,9 +200,25 @@ fn upstream_failed(up: &Upstream, what: &str, unknown: ErrorCode, e: &FillError)
         ),
         FillError::Upstream(u) => RegistryError::new(
             ErrorCode::Unavailable,
-            format!("cannot fetch {what} from upstream {} ({}): it {u}", up.name, up.url),
+            format!(
+                "cannot fetch {what} from upstream {} ({}): it {u}{}",
+                up.name,
+                up.url,
+                down_since(c)
+            ),
         ),
     }
+}
+
+/// "; unreachable since <time> (<n> s)", when the upstream is not
+/// answering: whether it is a blip or an outage is the operator's first
+/// question.
+fn down_since(c: &Cache) -> String {
+    let Some(since) = c.client.down_since() else {
+        return String::new();
+    };
+    let secs = since.elapsed().map_or(0, |d| d.as_secs());
+    format!("; unreachable since {} ({secs} s)", observe::time::rfc3339(since))
 }
 
 impl Proxy {
@@ -325,7 +342,7 @@ impl Proxy {
                 let what = format!("manifest {repo}:{reference}");
                 let Some(m) = local else {
                     return Err(upstream_failed(
-                        &c.up,
+                        c,
                         &what,
                         ErrorCode::ManifestUnknown,
                         &FillError::Upstream(u),
@@ -359,17 +376,18 @@ impl Proxy {
                     Err(RegistryError::new(
                         ErrorCode::Unavailable,
                         format!(
-                            "cannot revalidate {what} with upstream {} ({}): it {u}; the cached copy was last confirmed {age} s ago, \
+                            "cannot revalidate {what} with upstream {} ({}): it {u}{}; the cached copy was last confirmed {age} s ago, \
                              beyond the {} s staleness window (stale_for)",
                             c.up.name,
                             c.up.url,
+                            down_since(c),
                             c.up.stale_for.as_secs()
                         ),
                     ))
                 }
             }
             Err(e) => Err(upstream_failed(
-                &c.up,
+                c,
                 &format!("manifest {repo}:{reference}"),
                 ErrorCode::ManifestUnknown,
                 &e,
@@ -408,7 +426,7 @@ impl Proxy {
                 Err(u) => {
                     c.metrics.error(u.kind());
                     return Err(upstream_failed(
-                        &c.up,
+                        c,
                         &what,
                         ErrorCode::BlobUnknown,
                         &FillError::Upstream(u),
@@ -427,7 +445,7 @@ impl Proxy {
                 Err(u) => {
                     c.metrics.error(u.kind());
                     Err(upstream_failed(
-                        &c.up,
+                        c,
                         &what,
                         ErrorCode::BlobUnknown,
                         &FillError::Upstream(u),
@@ -445,12 +463,12 @@ impl Proxy {
                     "cannot cache; streaming the blob straight from upstream");
                 let (resp, permit) = c.client.get_blob(&up_repo, digest).await.map_err(|u| {
                     c.metrics.error(u.kind());
-                    upstream_failed(&c.up, &what, ErrorCode::BlobUnknown, &FillError::Upstream(u))
+                    upstream_failed(c, &what, ErrorCode::BlobUnknown, &FillError::Upstream(u))
                 })?;
                 c.metrics.misses.inc();
                 return Ok(CachedBlob::Direct(fill::pass_through(resp, digest.clone(), permit)));
             }
-            Err(e) => return Err(upstream_failed(&c.up, &what, ErrorCode::BlobUnknown, &e)),
+            Err(e) => return Err(upstream_failed(c, &what, ErrorCode::BlobUnknown, &e)),
         };
         c.metrics.misses.inc();
         Self::noted(c, repo, digest);

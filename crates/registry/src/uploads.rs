@@ -167,17 +167,10 @@ impl Registry {
         let Some(usage) = self.blobs.disk_usage().await? else {
             return Ok(());
         };
-        let used = usage.used_percent();
-        if used >= limit {
-            return Err(RegistryError::new(
-                ErrorCode::Denied,
-                format!(
-                    "storage is {used:.1}% full, at or above the {limit}% watermark: new uploads are refused until space is freed \
-                     (delete images and run garbage collection, or raise --disk-watermark); pulls still work"
-                ),
-            ));
+        match usage.refuses_uploads(limit) {
+            Some(why) => Err(RegistryError::new(ErrorCode::Denied, why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Checks that `id` is an upload of `repo` opened by `owner`, and

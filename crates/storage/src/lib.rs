@@ -220,4 +220,17 @@ impl DiskUsage {
         }
         100.0 * (self.total.saturating_sub(self.available)) as f64 / self.total as f64
     }
+
+    /// Why new uploads are refused at the disk watermark `limit` (a
+    /// percentage; 100 or more turns the guard off), or `None` when they
+    /// are accepted. The upload guard and the health report both say this.
+    pub fn refuses_uploads(&self, limit: f64) -> Option<String> {
+        let used = self.used_percent();
+        (limit < 100.0 && used >= limit).then(|| {
+            format!(
+                "storage is {used:.1}% full, at or above the {limit}% watermark: new uploads are refused until space is freed \
+                 (delete images and run garbage collection, or raise --disk-watermark); pulls still work"
+            )
+        })
+    }
 }

@@ -2,9 +2,9 @@
 //! bounded by a count. GC runs back to back with a one-second grace window
 //! (touch times have one-second resolution, so that is the shortest real
 //! window): a push slower than that may be refused because GC took a layer
-//! between its upload and the manifest, or a layer upload may get `503`
-//! because GC was deleting that very digest as it was written; the client
-//! pushes again. Every
+//! between its upload and the manifest, or a layer upload or the manifest
+//! put may get `503` because GC was deleting that very digest as it was
+//! written; the client pushes again. Every
 //! acknowledged and not deleted image must pull completely afterwards, and
 //! after a last run the store must hold nothing more.
 
@@ -42,7 +42,10 @@ async fn push_until_acknowledged(reg: &Registry, r: &RepoName, cfg: &[u8], layer
             .await
         {
             Ok(put) => return put.digest,
-            Err(e) if e.code == ErrorCode::ManifestBlobUnknown => continue,
+            // A layer went missing, or GC was removing one of them (or
+            // the manifest's own bytes) as the put recorded it: `503`,
+            // nothing stored, and the client pushes again.
+            Err(e) if matches!(e.code, ErrorCode::ManifestBlobUnknown | ErrorCode::Unavailable) => continue,
             Err(e) => panic!("push of {r}:{t} failed: {e}"),
         }
     }
