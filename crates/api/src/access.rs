@@ -161,6 +161,18 @@ pub async fn require(auth: Option<&Auth>, caller: &Caller, repo: &RepoName, acti
     Ok(())
 }
 
+/// Whether the caller may push to `repo`, without an error (signature
+/// policy exemptions). A bearer token must carry the push scope.
+pub async fn can_push(auth: Option<&Auth>, caller: &Caller, repo: &RepoName) -> bool {
+    let Some(auth) = auth else { return true };
+    match caller {
+        Caller::Open => true,
+        Caller::Anonymous => false,
+        Caller::Basic(p) => auth.permit(p, repo.as_str(), Action::Push).await.is_ok(),
+        Caller::Bearer(_, access) => access.iter().any(|a| a.allows("repository", repo.as_str(), "push")),
+    }
+}
+
 /// Whether the caller may pull `repo`, without an error (mount sources,
 /// catalog filtering). A bearer token must carry the pull scope.
 pub async fn can_pull(auth: Option<&Auth>, caller: &Caller, repo: &str) -> bool {

@@ -26,6 +26,7 @@ pub mod ops;
 mod proxied;
 pub mod request;
 pub mod route;
+pub mod signed;
 pub mod telemetry;
 mod token;
 
@@ -43,6 +44,8 @@ pub struct App {
     pub auth: Option<Auth>,
     /// A request body that sends nothing for this long fails.
     pub body_idle_timeout: std::time::Duration,
+    /// Signature policies; `None` when none is configured.
+    pub signatures: Option<Arc<signed::Policies>>,
     rendered_catalog: lists::RenderedCatalog,
 }
 
@@ -53,6 +56,7 @@ impl App {
             proxy: None,
             auth,
             body_idle_timeout: std::time::Duration::from_secs(60),
+            signatures: None,
             rendered_catalog: lists::RenderedCatalog::default(),
         }
     }

@@ -40,7 +40,10 @@ pub async fn intercept(ctx: &Ctx<'_>, proxy: &Proxy, route: &Route, m: &Method, 
     let with_body = m == Method::GET;
     Some(match route {
         Route::Manifest(name, r) => match proxy.manifest(cache, name, r, with_body).await {
-            Ok(body) => Ok(manifests::send(ctx, name, r, body, with_body)),
+            Ok(body) => match crate::signed::check(ctx, name, r, &body.digest).await {
+                Ok(()) => Ok(manifests::send(ctx, name, r, body, with_body)),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e.into()),
         },
         Route::Blob(name, d) => match proxy.blob(cache, name, d, with_body).await {

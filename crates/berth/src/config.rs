@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// `username`, `password`/`password_file`, `ca_file`, `ttl` ("72h"),
     /// `max_size` ("500G"), `revalidate` ("60s"), `stale_for` ("24h"),
     /// `rate` (10), `concurrency` (10), `queue` (100); see the README.
+    /// Signature policies are `[[signature_policies]]` tables, only in the
+    /// file: `repositories` (a pattern), `keys` (PEM files), and optionally
+    /// `threshold` (1), `allow_digests`, `mode` ("enforce" or "warn"),
+    /// `by_digest` (false), `exempt_pushers` (true); see the README.
     #[arg(long, env = "BERTH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -233,6 +237,9 @@ struct FileConfig {
     /// Pull-through cache upstreams: only in the file, like webhooks.
     #[serde(default)]
     upstreams: Vec<proxy::UpstreamConfig>,
+    /// Signature policies: only in the file.
+    #[serde(default)]
+    signature_policies: Vec<crate::signature_config::SignaturePolicyConfig>,
     gc_interval: Option<u64>,
     gc_grace: Option<u64>,
     gc_upload_ttl: Option<u64>,
@@ -281,6 +288,7 @@ pub struct ServeConfig {
     pub event_source: String,
     pub webhooks: Vec<Endpoint>,
     pub upstreams: Vec<proxy::Upstream>,
+    pub signature_policies: Vec<api::signed::Rule>,
     /// Seconds between GC runs; 0 = off.
     pub gc_interval: u64,
     pub gc: registry::GcOptions,
@@ -445,6 +453,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| format!("/berth/{}", hostname())),
             webhooks: events::validate_all(&file.webhooks)?,
             upstreams: proxy::validate_all(&file.upstreams)?,
+            signature_policies: crate::signature_config::validate_all(&file.signature_policies)?,
             gc_interval: self.gc_interval.or(file.gc_interval).unwrap_or(3600),
             gc: self.gc.resolve(&crate::gc::GcTuning {
                 gc_grace: file.gc_grace,

@@ -130,6 +130,17 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let registry = Arc::new(registry);
     let mut app = api::App::new(registry.clone(), auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
+    if !cfg.signature_policies.is_empty() {
+        for r in &cfg.signature_policies {
+            let keys: Vec<&str> = r.policy.keys.iter().map(|k| k.short()).collect();
+            tracing::info!(repositories = %r.repositories, keys = ?keys, threshold = r.policy.threshold,
+                mode = ?r.policy.mode, "signature policy");
+        }
+        app.signatures = Some(Arc::new(api::signed::Policies::new(
+            cfg.signature_policies.clone(),
+            metrics.clone(),
+        )));
+    }
     if !cfg.upstreams.is_empty() {
         let proxy = Arc::new(proxy::Proxy::new(registry, &cfg.upstreams, &metrics)?);
         for u in &cfg.upstreams {

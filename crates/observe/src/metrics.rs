@@ -225,6 +225,12 @@ pub(crate) struct DependencyLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SignatureLabels {
+    result: &'static str,
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
 }
@@ -341,6 +347,7 @@ pub struct Metrics {
     disk_size: Gauge,
     health_status: Family<DependencyLabels, Gauge>,
     health_failures: Family<DependencyLabels, Counter>,
+    signature_decisions: Family<SignatureLabels, Counter>,
     events_pending: Family<EndpointLabels, Gauge>,
     deliveries: Family<DeliveryLabels, Counter>,
     pub recorder: Arc<EventRecorderCounters>,
@@ -524,6 +531,13 @@ impl Metrics {
             "Failed health checks by dependency",
             health_failures.clone(),
         );
+        let signature_decisions = Family::<SignatureLabels, Counter>::default();
+        r.register(
+            "berth_signature_decisions",
+            "Signature policy decisions taken (not served from the decision cache), by result \
+             (signed, allow_listed, unsigned, untrusted, digest_mismatch, threshold, malformed) and mode (enforce, warn)",
+            signature_decisions.clone(),
+        );
         let events_pending = Family::<EndpointLabels, Gauge>::default();
         r.register(
             "berth_events_pending",
@@ -568,6 +582,7 @@ impl Metrics {
             disk_size,
             health_status,
             health_failures,
+            signature_decisions,
             events_pending,
             deliveries,
             recorder,
@@ -627,6 +642,14 @@ impl Metrics {
         self.disk_used.set(gauge(d.used));
         self.disk_available.set(gauge(d.available));
         self.disk_size.set(gauge(d.size));
+    }
+
+    /// One signature policy decision (`signature::Verdict::result`).
+    pub fn signature_decision(&self, result: &'static str, enforce: bool) {
+        let mode = if enforce { "enforce" } else { "warn" };
+        self.signature_decisions
+            .get_or_create(&SignatureLabels { result, mode })
+            .inc();
     }
 
     pub(crate) fn health(&self, dependency: &str, healthy: bool, failed_now: bool) {

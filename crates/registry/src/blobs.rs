@@ -51,6 +51,9 @@ impl Registry {
         if !self.meta.unlink_blob(repo, digest, events).await? {
             return Err(blob_unknown(digest));
         }
+        // A blob can be a signature's payload: decisions taken with it
+        // (`write_generation`) must be taken again.
+        self.cache.invalidate(repo);
         self.events_committed(n);
         Ok(())
     }

@@ -30,6 +30,7 @@ pub mod proxied;
 mod pulls;
 pub mod quota;
 pub mod retention;
+pub mod signatures;
 pub mod uploads;
 pub mod usage;
 

@@ -337,7 +337,12 @@ impl Registry {
     }
 
     /// Hot manifests come from the cache (see `cache`).
-    async fn manifest_lookup(&self, repo: &RepoName, reference: &Reference, with_body: bool) -> Result<ManifestBody> {
+    pub(crate) async fn manifest_lookup(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        with_body: bool,
+    ) -> Result<ManifestBody> {
         let known = match reference {
             Reference::Digest(d) => Some(d.clone()),
             Reference::Tag(t) => self.cache.tag(repo, t),
