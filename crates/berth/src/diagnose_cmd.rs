@@ -98,3 +98,94 @@ pub fn run(a: DiagnoseArgs) -> ExitCode {
     }
     ExitCode::from(report.exit_code)
 }
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Exit codes: 0 verified; 1 not verified (the reason is printed); 2 bad arguments; \
+3 the registry could not be read."
+)]
+pub struct VerifyArgs {
+    /// The image: host[:port]/repository[:tag|@digest] (http:// or https:// first to choose).
+    pub image: String,
+    /// A trusted public key (PEM, e.g. cosign.pub); repeat for several.
+    #[arg(long = "key", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// Distinct trusted keys that must have signed.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+    /// Credentials USER:PASS (sent only to the registry or the token realm it names).
+    #[arg(long)]
+    pub creds: Option<String>,
+    /// One JSON document instead of the text.
+    #[arg(long)]
+    pub json: bool,
+    /// Limit of each request, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    pub timeout: String,
+    /// Speak plain HTTP, as a client that lists the registry as insecure.
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Extra CA certificates (PEM) to trust.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn verify_inputs(a: &VerifyArgs) -> Result<(diagnose::Options, Vec<signature::PublicKey>), String> {
+    let mut o = diagnose::Options::new(&a.image);
+    o.timeout = humantime(&a.timeout)?;
+    o.plain_http = a.plain_http;
+    o.ca_file = a.ca_file.clone();
+    o.creds = a
+        .creds
+        .as_deref()
+        .map(|c| diagnose::parse_creds(c).map_err(|e| e.to_string()))
+        .transpose()?;
+    let mut keys = Vec::new();
+    for k in &a.keys {
+        let pem = std::fs::read_to_string(k).map_err(|e| format!("--key {}: {e}", k.display()))?;
+        keys.push(signature::PublicKey::from_pem(&pem).map_err(|e| format!("--key {}: {e}", k.display()))?);
+    }
+    if a.threshold == 0 || a.threshold > keys.len() {
+        return Err(format!(
+            "--threshold {} needs between 1 and the {} key(s) given",
+            a.threshold,
+            keys.len()
+        ));
+    }
+    Ok((o, keys))
+}
+
+pub fn verify(a: VerifyArgs) -> ExitCode {
+    let (opts, keys) = match verify_inputs(&a) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("berth: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth: error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(diagnose::verify::run(&opts, keys, a.threshold)) {
+        Ok(r) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", r.human());
+            }
+            ExitCode::from(if r.allowed { 0 } else { 1 })
+        }
+        Err(diagnose::verify::VerifyError::Usage(e)) => {
+            eprintln!("berth: error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("berth: error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}

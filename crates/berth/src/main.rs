@@ -100,6 +100,10 @@ enum Command {
     /// Walk the pull path of an image (DNS, TCP, TLS, auth, tag, manifest,
     /// platform, blobs) and name the root cause of a failing pull, with the fix.
     Diagnose(diagnose_cmd::DiagnoseArgs),
+    /// Find an image's cosign signatures (the .sig tag, Sigstore bundles) on
+    /// any registry, check them against trusted keys, print who signed and
+    /// the verdict.
+    Verify(diagnose_cmd::VerifyArgs),
     /// The deployment guard: deploy services on the Docker Engine by
     /// digest, gate them on Running and health, roll back, pause, review.
     Watch(watch::WatchArgs),
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
         Command::Retention(args) => gc::retention(args),
         Command::Du(args) => fsck::du(args),
         Command::Diagnose(args) => return diagnose_cmd::run(args),
+        Command::Verify(args) => return diagnose_cmd::verify(args),
         Command::Watch(args) => watch::run(args),
         Command::Migrate(args) => migrate::run(args),
     };

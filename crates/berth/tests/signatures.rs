@@ -226,6 +226,54 @@ mode = "warn"
     // Not covered by any policy: unaffected.
     push_image(&c, &s, "dev/app", "v1", 8).await;
     assert_eq!(pull(&c, &s, "dev/app", "v1", None).await.0, 200);
+
+    // `berth verify`: the same engine from outside, with the keys given.
+    let keys = [dir.path().join("a.pub"), dir.path().join("b.pub")];
+    let verify = |image: &str, keys: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["verify", "--plain-http", &format!("{}/{image}", s.addr)]);
+        for k in keys {
+            cmd.arg("--key").arg(k);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = verify("prod/bundled:v1", &[&keys[1]]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("bundle referrer sha256:") && out.contains("signed by trusted key sha256:"),
+        "{out}"
+    );
+    assert!(out.contains("verdict: verified (signed)"), "{out}");
+    // A tag the registry refuses: checked by the digest its refusal names.
+    let (code, out) = verify("prod/stranger:v1", &[&keys[0], &keys[1]]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not verified by any given key") && out.contains("signed by an untrusted key"),
+        "{out}"
+    );
+    let (code, out) = verify("two/app:v1", &[&keys[0]]);
+    assert_eq!(code, 0, "one of the two signers is enough with --threshold 1: {out}");
+
+    // `berth diagnose` names the refusal with the policy's reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "diagnose",
+            "--json",
+            "--plain-http",
+            &format!("{}/prod/stranger:v1", s.addr),
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(16), "{v}");
+    assert!(
+        v["root_cause"].as_str().unwrap().contains("signed by an untrusted key"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod net;
 mod pull;
 mod report;
 mod tls;
+pub mod verify;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

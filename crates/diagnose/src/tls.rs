@@ -25,7 +25,7 @@ pub struct Conn {
 }
 
 #[derive(Debug)]
-struct Recording {
+pub(crate) struct Recording {
     inner: Arc<WebPkiServerVerifier>,
     seen: Mutex<(Vec<CertificateDer<'static>>, Option<rustls::Error>)>,
 }
@@ -76,7 +76,7 @@ impl ServerCertVerifier for Recording {
 }
 
 /// The system's roots (honouring SSL_CERT_FILE) and `--ca-file`.
-fn roots(opts: &Options) -> Result<RootCertStore, String> {
+pub(crate) fn roots(opts: &Options) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = store.add(c);
@@ -91,7 +91,7 @@ fn roots(opts: &Options) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-fn config(store: RootCertStore) -> Result<(rustls::ClientConfig, Arc<Recording>), String> {
+pub(crate) fn config(store: RootCertStore) -> Result<(rustls::ClientConfig, Arc<Recording>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
         .build()

@@ -23,4 +23,4 @@ pub mod policy;
 pub mod simple;
 
 pub use keys::{KeyError, PublicKey};
-pub use policy::{decide, Candidate, Mode, Policy, Verdict};
+pub use policy::{decide, Candidate, Finding, Mode, Policy, Verdict};
