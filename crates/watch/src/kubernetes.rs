@@ -22,7 +22,7 @@ use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::notify::Priority;
 use crate::rollout::{Guard, WatchError};
 use crate::spec::{self, Kubernetes, OnFailure, Spec};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState};
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 /// The label a Deployment's controller puts on each ReplicaSet's pods.
@@ -483,7 +483,9 @@ impl Guard {
         let _ = self.store.bg().set_active(&spec.name, &release).await;
         self.log(&d, t0, &format!("{} rolled out; deployment succeeded", spec.version));
         self.store
-            .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
+            .bg()
+            .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
+            .await?;
         self.finished(&spec.name, d.id).await
     }
 
@@ -599,10 +601,16 @@ impl Guard {
             _ => "BerthWatchDeployFailed",
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
+        let effect = match rolled_back {
+            Some(_) => Effect::RolledBack {
+                from: self.recorded_digest(d).await,
+            },
+            None => Effect::Nothing,
+        };
         let state = self
             .store
             .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), None)
+            .finish(&spec.name, d.id, outcome, Some(&f), effect)
             .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
@@ -628,23 +636,7 @@ impl Guard {
             .or_else(|| rss.iter().find(|r| revision(&r.metadata) < now))
             .ok_or_else(|| Failure::new(Cause::Engine, "no earlier ReplicaSet to roll back to"))?;
         let rev = revision(&target.metadata);
-        let container_images: Vec<String> = target
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.as_ref())
-            .and_then(|t| t.spec.as_ref())
-            .map(|p| p.containers.iter().filter_map(|c| c.image.clone()).collect())
-            .unwrap_or_default();
-        t.json_patch(&undo_patch(target)?).await?;
-        self.log(
-            d,
-            t0,
-            &format!(
-                "rolling back: restored the pod template of ReplicaSet {} (revision {rev}, {}) and resumed",
-                target.metadata.name.as_deref().unwrap_or_default(),
-                container_images.join(", ")
-            ),
-        );
+        self.restore_template(t, target, d, t0).await?;
         let deadline = Instant::now() + timeout;
         loop {
             let d2 = t.get().await?;
@@ -662,8 +654,36 @@ impl Guard {
         }
     }
 
-    /// `berth watch rollback` of a Deployment: the release that passed
-    /// before, by digest, rolled out and followed.
+    /// Restores `rs`'s pod template and resumes the rollout, in one JSON
+    /// patch (what `kubectl rollout undo` sends, plus the resume).
+    async fn restore_template(&self, t: &Target, rs: &ReplicaSet, d: &Deployment, t0: Instant) -> Result<(), Failure> {
+        let images: Vec<String> = rs
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.as_ref())
+            .and_then(|t| t.spec.as_ref())
+            .map(|p| p.containers.iter().filter_map(|c| c.image.clone()).collect())
+            .unwrap_or_default();
+        t.json_patch(&undo_patch(rs)?).await?;
+        self.log(
+            d,
+            t0,
+            &format!(
+                "rolling back: restored the pod template of ReplicaSet {} (revision {}, {}) and resumed",
+                rs.metadata.name.as_deref().unwrap_or_default(),
+                revision(&rs.metadata),
+                images.join(", ")
+            ),
+        );
+        Ok(())
+    }
+
+    /// `berth watch rollback` of a Deployment to the release that passed
+    /// before: the pod template of the newest ReplicaSet that ran it, by
+    /// digest (as `kubectl rollout undo --to-revision` does; a paused
+    /// rollout is resumed), or, if the Deployment keeps no such ReplicaSet
+    /// any more (`revisionHistoryLimit`), its image set by digest; then the
+    /// rollout followed.
     pub(crate) async fn kubernetes_restore(
         &self,
         spec: &Spec,
@@ -691,12 +711,27 @@ impl Guard {
         } else {
             format!("{}@{}", spec::repository_of(&target.image), target.digest)
         };
-        t.patch(&Patch::Strategic(image_patch(&container, &image))).await?;
-        self.log(
-            d,
-            t0,
-            &format!("patched {}: container {container} image {image}", t.what()),
-        );
+        let rss = t.replicasets(&current).await?;
+        let ran = rss.iter().find(|r| {
+            image_of(r.spec.as_ref().and_then(|s| s.template.as_ref()), &container).as_deref() == Some(image.as_str())
+        });
+        match ran {
+            Some(rs) => self.restore_template(&t, rs, d, t0).await?,
+            None => {
+                // Resumed too: an operator's rollback must roll out.
+                let mut p = image_patch(&container, &image);
+                p["spec"]["paused"] = json!(false);
+                t.patch(&Patch::Strategic(p)).await?;
+                self.log(
+                    d,
+                    t0,
+                    &format!(
+                        "no ReplicaSet of {image} is left: patched {}: container {container} image {image}, resumed",
+                        t.what()
+                    ),
+                );
+            }
+        }
         let log = |m: &str| self.log(d, t0, m);
         t.follow(&container, &image, spec.rollout.start_timeout, &log).await?;
         let _ = self.store.bg().set_active(&spec.name, target).await;

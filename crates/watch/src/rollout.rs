@@ -14,7 +14,7 @@ use crate::engine::{ContainerConfig, Engine, EngineError, LABEL_DEPLOYMENT, LABE
 use crate::health::{self, Check};
 use crate::notify::{self, Alert, Priority};
 use crate::spec::{self, Spec, SpecError};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState, Store, StoreError};
+use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -129,7 +129,15 @@ impl Guard {
                                     let state = self
                                         .store
                                         .bg()
-                                        .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                                        .finish(
+                                            &spec.name,
+                                            d.id,
+                                            Outcome::RolledBack,
+                                            Some(&f),
+                                            Effect::RolledBack {
+                                                from: started.release.digest.clone(),
+                                            },
+                                        )
                                         .await?;
                                     self.after_failure(spec, &state, &before).await;
                                     return self.finished(&spec.name, d.id).await;
@@ -160,7 +168,7 @@ impl Guard {
                 self.log(&d, t0, &format!("{} passed; deployment succeeded", release.version));
                 self.store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))
+                    .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
                     .await?;
             }
             Err(f) => return self.fail(spec, &d, t0, &before, f).await,
@@ -223,10 +231,11 @@ impl Guard {
                     &f,
                 )
                 .await;
-                self.store
-                    .bg()
-                    .finish(service, d.id, Outcome::Success, None, None)
-                    .await?;
+                // The release found bad is no longer a rollback target.
+                let from = Effect::RolledBack {
+                    from: active.digest.clone(),
+                };
+                self.store.bg().finish(service, d.id, Outcome::Success, None, from).await?;
             }
             Err(f) => {
                 self.alert(
@@ -239,11 +248,19 @@ impl Guard {
                 .await;
                 self.store
                     .bg()
-                    .finish(service, d.id, Outcome::Failure, Some(&f), None)
+                    .finish(service, d.id, Outcome::Failure, Some(&f), Effect::Nothing)
                     .await?;
             }
         }
         self.finished(service, d.id).await
+    }
+
+    /// The digest `d` recorded once it resolved its image (empty before).
+    pub(crate) async fn recorded_digest(&self, d: &Deployment) -> String {
+        self.finished(&d.service, d.id)
+            .await
+            .map(|x| x.digest)
+            .unwrap_or_default()
     }
 
     pub(crate) async fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
@@ -526,7 +543,13 @@ impl Guard {
                 );
                 self.store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&started.release))
+                    .finish(
+                        &spec.name,
+                        d.id,
+                        Outcome::Success,
+                        None,
+                        Effect::Passed(started.release.clone()),
+                    )
                     .await?;
             }
             Err(f) => {
@@ -560,7 +583,15 @@ impl Guard {
                 let state = self
                     .store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                    .finish(
+                        &spec.name,
+                        d.id,
+                        Outcome::RolledBack,
+                        Some(&f),
+                        Effect::RolledBack {
+                            from: started.release.digest.clone(),
+                        },
+                    )
                     .await?;
                 if pause {
                     self.store
@@ -592,31 +623,49 @@ impl Guard {
         before: &ServiceState,
         f: Failure,
     ) -> Result<Deployment, WatchError> {
-        self.restore(before, d, t0).await;
-        let result = if f.cause == Cause::StartTimeout {
-            Outcome::Timeout
-        } else {
-            Outcome::Failure
+        // Restoring the version this deployment took the place of is a
+        // rollback, as Swarm's is.
+        let restored = self.restore(before, d, t0).await;
+        let result = match (f.cause, &restored) {
+            (Cause::StartTimeout, _) => Outcome::Timeout,
+            (_, Some(_)) => Outcome::RolledBack,
+            _ => Outcome::Failure,
         };
-        let (name, summary) = match f.cause {
-            Cause::StartTimeout => (
+        let (name, summary) = match (f.cause, &restored) {
+            (Cause::StartTimeout, _) => (
                 "BerthWatchDeployTimeout",
                 format!(
-                    "{}: {} was not Running and healthy within {:?}",
-                    spec.name, spec.version, spec.rollout.start_timeout
+                    "{}: {} was not Running and healthy within {:?}{}",
+                    spec.name,
+                    spec.version,
+                    spec.rollout.start_timeout,
+                    restored.as_ref().map_or(String::new(), |v| format!("; restored {v}"))
                 ),
             ),
-            c if c.is_pull() => (
+            (c, Some(v)) => (
+                "BerthWatchRolledBack",
+                format!(
+                    "{}: deployment of {} failed ({c}) with nothing left serving; restored {v} by digest",
+                    spec.name, spec.version
+                ),
+            ),
+            (c, None) if c.is_pull() => (
                 "BerthWatchPullFailed",
                 format!("{}: pulling {} failed: {c}", spec.name, spec.image),
             ),
-            c => (
+            (c, None) => (
                 "BerthWatchDeployFailed",
                 format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
             ),
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
-        let state = self.store.bg().finish(&spec.name, d.id, result, Some(&f), None).await?;
+        let effect = match restored {
+            Some(_) => Effect::RolledBack {
+                from: self.recorded_digest(d).await,
+            },
+            None => Effect::Nothing,
+        };
+        let state = self.store.bg().finish(&spec.name, d.id, result, Some(&f), effect).await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
     }
@@ -729,15 +778,18 @@ impl Guard {
 
     /// After a failed deployment: if nothing of the service runs any more
     /// (the old version gave up its fixed host ports), start the version
-    /// that was active again, by digest.
-    async fn restore(&self, before: &ServiceState, d: &Deployment, t0: Instant) {
-        let Some(active) = &before.active else { return };
-        let running = match self.engine.list(&d.service).await {
-            Ok(l) => l.iter().any(|c| c.state == "running"),
-            Err(_) => return,
-        };
+    /// that was active again, by digest. Returns its version if it did.
+    async fn restore(&self, before: &ServiceState, d: &Deployment, t0: Instant) -> Option<String> {
+        let active = before.active.as_ref()?;
+        let running = self
+            .engine
+            .list(&d.service)
+            .await
+            .ok()?
+            .iter()
+            .any(|c| c.state == "running");
         if running {
-            return;
+            return None;
         }
         self.log(
             d,
@@ -745,12 +797,18 @@ impl Guard {
             &format!("nothing serves: restoring {} ({})", active.version, active.digest),
         );
         match self.start_release(active, d, t0).await {
-            Ok(_) => self.log(d, t0, &format!("restored {}", active.version)),
-            Err(f) => self.log(
-                d,
-                t0,
-                &format!("restoring {} failed: {}: {}", active.version, f.cause, f.evidence),
-            ),
+            Ok(_) => {
+                self.log(d, t0, &format!("restored {}", active.version));
+                Some(active.version.clone())
+            }
+            Err(f) => {
+                self.log(
+                    d,
+                    t0,
+                    &format!("restoring {} failed: {}: {}", active.version, f.cause, f.evidence),
+                );
+                None
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use crate::health::{self, Check};
 use crate::notify::Priority;
 use crate::rollout::{Guard, WatchError};
 use crate::spec::{self, Spec, Swarm};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState};
 
 /// A Swarm service as the Engine keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -418,7 +418,9 @@ impl Guard {
         }
         self.log(&d, t0, &format!("{} passed; deployment succeeded", spec.version));
         self.store
-            .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
+            .bg()
+            .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
+            .await?;
         self.finished(&spec.name, d.id).await
     }
 
@@ -676,22 +678,9 @@ impl Guard {
     ) -> Result<Deployment, WatchError> {
         self.log(d, t0, &format!("check failed: {}: {}", f.cause, f.evidence));
         let mut rolled_back: Option<String> = None;
+        let digest = self.recorded_digest(d).await;
         if posted != Posted::Nothing {
-            let new = self
-                .store
-                .deployments(Some(&spec.name), 0)?
-                .into_iter()
-                .find(|x| x.id == d.id);
-            let digest = new.map(|x| x.digest).unwrap_or_default();
-            // What served before this deployment, if it passed; else the
-            // newest release that passed. (A release the guard rolled back
-            // from is still among those that passed, but no longer serves.)
-            let target = before
-                .active
-                .as_ref()
-                .filter(|a| a.digest != digest && before.passed.iter().any(|p| p.digest == a.digest))
-                .or_else(|| before.rollback_target(&digest));
-            match target {
+            match before.rollback_target(&digest) {
                 // Made by this deployment, never passed: removed, so nothing
                 // half-made is left crash-looping.
                 None if posted == Posted::Created => self.remove_created(sw, d, t0).await,
@@ -748,10 +737,14 @@ impl Guard {
             ),
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
+        let effect = match rolled_back {
+            Some(_) => Effect::RolledBack { from: digest },
+            None => Effect::Nothing,
+        };
         let state = self
             .store
             .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), None)
+            .finish(&spec.name, d.id, outcome, Some(&f), effect)
             .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
