@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 
 use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::notify::Priority;
-use crate::rollout::{Guard, WatchError};
+use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Kubernetes, OnFailure, Spec};
-use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 /// The label a Deployment's controller puts on each ReplicaSet's pods.
@@ -395,21 +395,9 @@ impl Guard {
         &self,
         spec: &Spec,
         k: &Kubernetes,
+        Begun { d, t0, before }: Begun,
         (spec_file, toml): (&str, &str),
     ) -> Result<Deployment, WatchError> {
-        let d = self
-            .store
-            .bg()
-            .begin(
-                &spec.name,
-                Kind::Deploy,
-                &spec.image,
-                &spec.version,
-                spec.rollout.failure_limit,
-            )
-            .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
         let t = match Target::new(k).await {
             Ok(t) => t,
             Err(f) => return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await,
@@ -443,7 +431,6 @@ impl Guard {
             Ok(i) => i,
             Err(f) => return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await,
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let prev_revision = revision(&current.metadata);
         if let Err(f) = t.patch(&Patch::Strategic(image_patch(&container, &image))).await {
             return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await;
@@ -489,14 +476,15 @@ impl Guard {
         self.finished(&spec.name, d.id).await
     }
 
-    /// The image by digest, and the digest: as given if it names one, else
-    /// the tag resolved through the Docker Engine; by tag (with a note in
-    /// the timeline) where there is no Engine to ask.
+    /// The image by digest, and the digest (recorded on `d`): as given if
+    /// it names one, else the tag resolved through the Docker Engine; by
+    /// tag (with a note in the timeline) where there is no Engine to ask.
     async fn k8s_image(&self, image: &str, d: &Deployment, t0: Instant) -> Result<(String, String), Failure> {
         if let Some((_, digest)) = image.split_once('@') {
+            let _ = self.store.bg().set_digest(&d.service, d.id, digest).await;
             return Ok((image.to_string(), digest.to_string()));
         }
-        match self.engine.resolve_digest(image).await {
+        match self.resolve(image, d).await {
             Ok(dg) => {
                 let by_digest = format!("{}@{dg}", spec::repository_of(image));
                 self.log(d, t0, &format!("{image} is {dg}"));

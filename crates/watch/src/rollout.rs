@@ -51,6 +51,15 @@ pub(crate) struct Started {
     old: Vec<crate::engine::ContainerSummary>,
 }
 
+/// A deployment the history admitted, as every backend starts it.
+pub(crate) struct Begun {
+    pub(crate) d: Deployment,
+    /// When it started, for the timeline's elapsed times.
+    pub(crate) t0: Instant,
+    /// The service's state before it: what to roll back to.
+    pub(crate) before: ServiceState,
+}
+
 /// The longest pause between two looks at a starting container.
 const GATE_POLL: Duration = Duration::from_millis(500);
 
@@ -64,23 +73,23 @@ impl Guard {
         self.store.bg().event(&d.service, d.id, what, line);
     }
 
-    /// Deploys `spec` (read from `file`, whose text is `toml`).
+    /// Deploys `spec` (read from `file`, whose text is `toml`): the start
+    /// every backend shares (the service's lock, for containers the
+    /// reconciliation of an interrupted deployment, the history's
+    /// admission, which refuses a paused service), then the backend's own.
     pub async fn deploy(&self, spec: &Spec, file: &Path, toml: &str) -> Result<Deployment, WatchError> {
         // Held to the end: a deployment whose process dies releases it.
         let _lock = self.store.bg().lock(&spec.name).await?;
         match &spec.backend {
-            spec::Backend::Containers => {}
-            spec::Backend::Swarm(sw) => return self.deploy_swarm(spec, sw, (&file.display().to_string(), toml)).await,
-            #[cfg(feature = "kubernetes")]
-            spec::Backend::Kubernetes(k) => {
-                return self
-                    .deploy_kubernetes(spec, k, (&file.display().to_string(), toml))
-                    .await
+            spec::Backend::Containers => {
+                self.recover(&spec.name).await?;
             }
+            spec::Backend::Swarm(_) => {}
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(_) => {}
             #[cfg(not(feature = "kubernetes"))]
             spec::Backend::Kubernetes(_) => return Err(WatchError::Unsupported(NO_KUBERNETES.into())),
         }
-        self.recover(&spec.name).await?;
         let d = self
             .store
             .bg()
@@ -92,15 +101,37 @@ impl Guard {
                 spec.rollout.failure_limit,
             )
             .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
+        let begun = Begun {
+            d,
+            t0: Instant::now(),
+            before: self.store.bg().state(&spec.name).await?,
+        };
         let spec_file = file.display().to_string();
+        let source = (spec_file.as_str(), toml);
+        match &spec.backend {
+            spec::Backend::Containers => self.deploy_containers(spec, begun, source).await,
+            spec::Backend::Swarm(sw) => self.deploy_swarm(spec, sw, begun, source).await,
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(k) => self.deploy_kubernetes(spec, k, begun, source).await,
+            #[cfg(not(feature = "kubernetes"))]
+            spec::Backend::Kubernetes(_) => Err(WatchError::Unsupported(NO_KUBERNETES.into())),
+        }
+    }
+
+    /// Deploys `spec` as plain containers: beside the old version (or as a
+    /// canary), gated, switched, verified, rolled back on failure.
+    async fn deploy_containers(
+        &self,
+        spec: &Spec,
+        Begun { d, t0, before }: Begun,
+        (spec_file, toml): (&str, &str),
+    ) -> Result<Deployment, WatchError> {
         if let (Some(c), Some(r), Some(_)) = (&spec.canary, &spec.router, &before.active) {
             return self
-                .deploy_canary(spec, (c, r), &d, t0, &before, (&spec_file, toml))
+                .deploy_canary(spec, (c, r), &d, t0, &before, (spec_file, toml))
                 .await;
         }
-        let outcome = match self.start_version(spec, &d, t0, None, (&spec_file, toml), true).await {
+        let outcome = match self.start_version(spec, &d, t0, None, (spec_file, toml), true).await {
             Err(f) => Err(f),
             Ok(started) => match self.verify(spec, &started, &d, t0).await {
                 Ok(()) => Ok(started.release),
@@ -235,7 +266,10 @@ impl Guard {
                 let from = Effect::RolledBack {
                     from: active.digest.clone(),
                 };
-                self.store.bg().finish(service, d.id, Outcome::Success, None, from).await?;
+                self.store
+                    .bg()
+                    .finish(service, d.id, Outcome::Success, None, from)
+                    .await?;
             }
             Err(f) => {
                 self.alert(
@@ -339,13 +373,15 @@ impl Guard {
     ) -> Result<Started, Failure> {
         let repo = spec::repository_of(&spec.image);
         let digest = match digest {
-            Some(dg) => dg.to_string(),
-            None => match self.engine.resolve_digest(&spec.image).await {
+            Some(dg) => {
+                let _ = self.store.bg().set_digest(&spec.name, d.id, dg).await;
+                dg.to_string()
+            }
+            None => match self.resolve(&spec.image, d).await {
                 Ok(dg) => dg,
                 Err(e) => return Err(self.pull_failure(&spec.image, &e).await),
             },
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let by_digest = format!("{repo}@{digest}");
         self.log(d, t0, &format!("{} is {digest}; pulling {by_digest}", spec.image));
         if let Err(e) = self.engine.pull(&by_digest).await {
@@ -665,7 +701,11 @@ impl Guard {
             },
             None => Effect::Nothing,
         };
-        let state = self.store.bg().finish(&spec.name, d.id, result, Some(&f), effect).await?;
+        let state = self
+            .store
+            .bg()
+            .finish(&spec.name, d.id, result, Some(&f), effect)
+            .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
     }
@@ -816,6 +856,16 @@ impl Guard {
         for id in ids {
             let _ = self.engine.remove(id).await;
         }
+    }
+
+    /// Resolves `image`'s tag to the digest a deployment deploys (the
+    /// registry asked through the Engine) and records it on `d`. The error
+    /// is the caller's to classify: a pull failure, or for Kubernetes no
+    /// Engine to ask.
+    pub(crate) async fn resolve(&self, image: &str, d: &Deployment) -> Result<String, EngineError> {
+        let digest = self.engine.resolve_digest(image).await?;
+        let _ = self.store.bg().set_digest(&d.service, d.id, &digest).await;
+        Ok(digest)
     }
 
     pub(crate) async fn pull_failure(&self, image: &str, e: &EngineError) -> Failure {

@@ -18,9 +18,9 @@ use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::engine::{EngineError, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_SERVICE};
 use crate::health::{self, Check};
 use crate::notify::Priority;
-use crate::rollout::{Guard, WatchError};
+use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Spec, Swarm};
-use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
 
 /// A Swarm service as the Engine keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -361,29 +361,16 @@ impl Guard {
         &self,
         spec: &Spec,
         sw: &Swarm,
+        Begun { d, t0, before }: Begun,
         (spec_file, toml): (&str, &str),
     ) -> Result<Deployment, WatchError> {
-        let d = self
-            .store
-            .bg()
-            .begin(
-                &spec.name,
-                Kind::Deploy,
-                &spec.image,
-                &spec.version,
-                spec.rollout.failure_limit,
-            )
-            .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
-        let digest = match self.engine.resolve_digest(&spec.image).await {
+        let digest = match self.resolve(&spec.image, &d).await {
             Ok(dg) => dg,
             Err(e) => {
                 let f = self.pull_failure(&spec.image, &e).await;
                 return self.swarm_end(spec, sw, &d, t0, &before, f, Posted::Nothing).await;
             }
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let release = Release {
             image: spec.image.clone(),
             digest: digest.clone(),
