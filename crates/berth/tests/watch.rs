@@ -517,9 +517,10 @@ fn webhook() -> (String, std::sync::mpsc::Receiver<String>) {
 
 /// `berth watch run`: an instance that turns unhealthy after its
 /// deployment passed is rolled back by the guard, by digest; /metrics has
-/// the families the shipped rules use; a pull failure's alert reaches a
-/// real Alertmanager with its priority and root cause, and a CloudEvent
-/// reaches the webhook.
+/// the families the shipped rules use, and counts a `timeout` that was
+/// rolled back (fixed host ports: the old version restored) as a
+/// rollback; a pull failure's alert reaches a real Alertmanager with its
+/// priority and root cause, and a CloudEvent reaches the webhook.
 #[test]
 fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     if !docker_available() {
@@ -530,6 +531,7 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     let (hook, events) = webhook();
     let v1 = f.image("v1", &[]);
     let v2 = f.image("v2", &["UNHEALTHY_AFTER=4"]);
+    let never = f.image("v3", &["FAULT=unhealthy"]);
     let notify = format!(
         "[notify]\nalertmanager = \"{}\"\nwebhooks = [\"{hook}\"]\nlabels = {{ region = \"eu\" }}\n",
         am.url
@@ -617,6 +619,28 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
     assert_eq!(last["type"], "io.berth.watch.BerthWatchPullFailed");
     assert_eq!(last["subject"], "watch-guard");
 
+    // A fixed host port: v1 gives it up for the new version, which is
+    // never healthy; berth starts v1 again. A `timeout`, and a rollback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fixed = f.spec("guard-fixed", &v1, "");
+    let text = std::fs::read_to_string(&fixed)
+        .unwrap()
+        .replace("{ container = 80 }", &format!("{{ container = 80, host = {port} }}"));
+    std::fs::write(&fixed, text).unwrap();
+    let (ok, out, err) = f.deploy(&fixed, None);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = f.deploy(&fixed, Some(&never));
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> timeout"), "{out}");
+    assert!(out.contains("nothing serves: restoring v1"), "{out}");
+    assert!(out.contains("restored v1"), "{out}");
+    let health = get(&format!("http://127.0.0.1:{port}/cgi-bin/healthz")).unwrap_or_default();
+    assert!(health.contains(r#""image_version":"v1""#), "{health}");
+
     let m = get(&metrics).expect("metrics");
     for line in [
         r#"berth_watch_deploys_total{region="eu",service="watch-guard",result="success"} 2"#,
@@ -626,6 +650,8 @@ fn watch_guard_rolls_back_exports_metrics_and_alerts() {
         r#"berth_watch_pauses_total{region="eu",service="watch-guard"} 0"#,
         r#"berth_watch_paused{region="eu",service="watch-guard"} 0"#,
         r#"berth_watch_deploy_duration_seconds_count{region="eu",service="watch-guard"} 3"#,
+        r#"berth_watch_deploys_total{region="eu",service="watch-guard-fixed",result="timeout"} 1"#,
+        r#"berth_watch_rollbacks_total{region="eu",service="watch-guard-fixed"} 1"#,
     ] {
         assert!(m.contains(line), "{line} in\n{m}");
     }
@@ -1407,8 +1433,10 @@ impl Drop for Swarm {
 
 /// A real Swarm service: berth creates it, updates it by digest, and when
 /// its own checks fail (a task that exits, a healthy answer from the wrong
-/// version) rolls the service back itself, by digest, and the old version
-/// serves again; three failures in a row pause it.
+/// version, no health within the start timeout) rolls the service back
+/// itself, by digest, to the release that passed before (never to one the
+/// guard rolled back from), and the old version serves again; three
+/// failures in a row pause it; every rollback is counted.
 #[test]
 fn watch_swarm_service_rolled_back_by_berth() {
     if !docker_available() {
@@ -1420,6 +1448,7 @@ fn watch_swarm_service_rolled_back_by_berth() {
     let exits = f.image("v3", &["FAULT=exit"]);
     let wrong = f.image("v4", &["REPORT_VERSION=v2"]);
     let decays = f.image("v5", &["UNHEALTHY_AFTER=6"]);
+    let never = f.image("v6", &["FAULT=unhealthy"]);
     // Declared after the fixture: dropped first, before its images go.
     let mut swarm = Swarm::join();
     swarm.services.push("watch-swarm".into());
@@ -1525,6 +1554,21 @@ fn watch_swarm_service_rolled_back_by_berth() {
     assert!(out.contains("cause: tag_not_found"), "{out}");
     let (ok, _, err) = f.deploy(&file, Some(&v1));
     assert!(!ok && err.contains("berth watch resume watch-swarm"), "{err}");
+    assert!(f.watch(&["resume", "watch-swarm"]).status.success());
+
+    // Never healthy within the start timeout: a `timeout`, rolled back.
+    let (ok, out, _) = f.deploy(&file, Some(&never));
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> timeout"), "{out}");
+    assert!(out.contains("cause: start_timeout"), "{out}");
+    assert!(
+        out.contains(&format!("rolling the Swarm service back to v2 ({d2})")),
+        "{out}"
+    );
+    assert!(
+        get(&health).unwrap().contains(r#""image_version":"v2""#),
+        "v2 serves again"
+    );
 
     // A service made outside berth, with no release that passed under
     // berth: a failed update goes back through Swarm's own previous spec.
@@ -1578,5 +1622,18 @@ fn watch_swarm_service_rolled_back_by_berth() {
     let history = String::from_utf8_lossy(&f.watch(&["history", "watch-swarm"]).stdout).into_owned();
     for line in ["#5 deploy", "cause: exited", "cause: wrong_version", "v2 serves again"] {
         assert!(history.contains(line), "{line} in {history}");
+    }
+
+    // The guard's, exits, wrong_version and the timeout; Swarm's own.
+    let (mut guard, metrics) = start_guard(&f);
+    let m = get(&metrics).expect("metrics");
+    let _ = guard.kill();
+    let _ = guard.wait();
+    for line in [
+        r#"berth_watch_rollbacks_total{region="eu",service="watch-swarm"} 4"#,
+        r#"berth_watch_deploys_total{region="eu",service="watch-swarm",result="timeout"} 1"#,
+        r#"berth_watch_rollbacks_total{region="eu",service="watch-swarm-ext"} 1"#,
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
     }
 }

@@ -34,14 +34,25 @@ struct Patch {
 
 #[derive(Default)]
 struct State {
-    /// The pods fixture the new ReplicaSet shows (`ready` or a failure).
+    /// The pods fixture the new ReplicaSet shows (`ready` or a failure;
+    /// `slow`: ready pods, but a rollout that never finishes).
     case: String,
-    /// 0 before the image patch, 1 rolling, 3 after the undo.
+    /// 0 at revision 1 (V1), 1 rolling out V2, 3 back at V1 after an undo.
     phase: u8,
     paused: bool,
     patches: Vec<Patch>,
     /// Requests without the kubeconfig's token.
     unauthenticated: u32,
+}
+
+impl State {
+    /// The case whose pods and events fixtures are served.
+    fn pods(&self) -> &str {
+        match self.case.as_str() {
+            "slow" => "ready",
+            c => c,
+        }
+    }
 }
 
 struct FakeApi {
@@ -98,7 +109,15 @@ impl FakeApi {
                                 .to_string();
                             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                             match content_type.as_str() {
-                                "application/strategic-merge-patch+json" => s.phase = 1,
+                                "application/strategic-merge-patch+json" => {
+                                    let image = &body["spec"]["template"]["spec"]["containers"][0]["image"];
+                                    s.phase = match (image.as_str(), s.phase) {
+                                        // V1 where V1 runs changes nothing.
+                                        (Some(V1), 0) => 0,
+                                        (Some(V1), _) => 3,
+                                        _ => 1,
+                                    };
+                                }
                                 "application/merge-patch+json" => {
                                     s.paused = body["spec"]["paused"].as_bool().unwrap_or(s.paused)
                                 }
@@ -117,12 +136,12 @@ impl FakeApi {
                         }
                         ("GET", "/apis/apps/v1/namespaces/shop/replicasets") => fixture("replicasets.json"),
                         ("GET", "/api/v1/namespaces/shop/pods") if query.contains("pod-template-hash%3D5f4d8c7b9") => {
-                            fixture(&format!("pods-{}.json", s.case))
+                            fixture(&format!("pods-{}.json", s.pods()))
                         }
                         ("GET", "/api/v1/namespaces/shop/pods") => {
                             json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
                         }
-                        ("GET", "/api/v1/namespaces/shop/events") => fixture(&format!("events-{}.json", s.case)),
+                        ("GET", "/api/v1/namespaces/shop/events") => fixture(&format!("events-{}.json", s.pods())),
                         _ => {
                             return (
                                 StatusCode::NOT_FOUND,
@@ -157,6 +176,10 @@ impl FakeApi {
     fn patches(&self) -> Vec<Patch> {
         self.state.lock().unwrap().patches.clone()
     }
+
+    fn clear_patches(&self) {
+        self.state.lock().unwrap().patches.clear();
+    }
 }
 
 struct Fixture {
@@ -188,22 +211,31 @@ impl Fixture {
         }
     }
 
-    /// `berth watch deploy` of `service` (a name per case: no run of
+    /// `berth watch deploy` of V2 as `service` (a name per case: no run of
     /// failures pauses the next) to the fake cluster.
     fn deploy(&self, service: &str, extra: &str) -> (bool, String, String) {
+        self.deploy_image(service, V2, "v2", extra)
+    }
+
+    fn deploy_image(&self, service: &str, image: &str, version: &str, extra: &str) -> (bool, String, String) {
         let file = self.dir.path().join(format!("{service}.toml"));
         std::fs::write(
             &file,
             format!(
-                "name = \"{service}\"\nimage = \"{V2}\"\nversion = \"v2\"\nbackend = \"kubernetes\"\n\n[rollout]\nstart_timeout = \"5s\"\nverify = \"1s\"\n\n[kubernetes]\nnamespace = \"shop\"\ndeployment = \"web\"\n{extra}"
+                "name = \"{service}\"\nimage = \"{image}\"\nversion = \"{version}\"\nbackend = \"kubernetes\"\n\n[rollout]\nstart_timeout = \"5s\"\nverify = \"1s\"\n\n[kubernetes]\nnamespace = \"shop\"\ndeployment = \"web\"\n{extra}"
             ),
         )
         .unwrap();
+        self.watch(&["deploy", file.to_str().unwrap()])
+    }
+
+    /// `berth watch ARGS` with the kubeconfig of the fake cluster:
+    /// (succeeded, stdout, stderr).
+    fn watch(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_berth"))
             .args(["watch", "--history"])
             .arg(&self.history)
-            .arg("deploy")
-            .arg(&file)
+            .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .output()
@@ -355,4 +387,95 @@ fn watch_kubernetes_classifies_pods_pauses_and_rolls_back() {
         )),
         "{err}"
     );
+}
+
+/// `berth watch rollback` of a Deployment: from v2 back to v1, the release
+/// that passed before, by restoring the pod template of v1's ReplicaSet in
+/// one JSON patch; the history records it, v2 is no longer a rollback
+/// target, and a `timeout` that was rolled back counts as a rollback in
+/// `berth_watch_rollbacks_total`.
+#[test]
+fn watch_kubernetes_rollback_restores_the_previous_template() {
+    let f = Fixture::new();
+    f.api.reset("ready");
+    let (ok, out, err) = f.deploy_image("k8s-undo", V1, "v1", "");
+    assert!(ok && out.contains("-> success"), "{out}{err}");
+    let (ok, out, err) = f.deploy_image("k8s-undo", V2, "v2", "");
+    assert!(ok && out.contains("-> success"), "{out}{err}");
+    let (_, status, _) = f.watch(&["status"]);
+    assert!(status.contains("k8s-undo: active v2 (sha256:2222"), "{status}");
+    assert!(status.contains("rollback target: v1 (sha256:1111"), "{status}");
+
+    f.api.clear_patches();
+    let (ok, out, err) = f.watch(&["rollback", "k8s-undo"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("rollback from v2 to v1"), "{out}");
+    assert!(
+        out.contains("restored the pod template of ReplicaSet web-6b7c9d8f5 (revision 1"),
+        "{out}"
+    );
+    assert!(out.contains("rollout done: 2 of 2 replicas updated"), "{out}");
+    assert_patches(&f.api.patches(), &[("application/json-patch+json", undo_patch())], &out);
+    let (_, history, _) = f.watch(&["history", "k8s-undo"]);
+    assert!(
+        history.contains(&format!("#3 rollback {V1} ")) && history.contains("-> success"),
+        "{history}"
+    );
+    assert!(
+        history.contains("rolling back: restored the pod template of ReplicaSet web-6b7c9d8f5"),
+        "{history}"
+    );
+    let (_, status, _) = f.watch(&["status"]);
+    assert!(status.contains("k8s-undo: active v1 (sha256:1111"), "{status}");
+    assert!(
+        !status.contains("rollback target: v2"),
+        "the release rolled back from is no target: {status}"
+    );
+
+    // Never rolled out within the start timeout, and rolled back: a
+    // `timeout`, and a rollback.
+    f.api.reset("slow");
+    let (ok, out, _) = f.deploy("k8s-slow", "");
+    assert!(!ok, "{out}");
+    assert!(out.contains("-> timeout"), "{out}");
+    assert!(out.contains("cause: start_timeout: not rolled out within 5s"), "{out}");
+    assert!(out.contains("revision 1 serves again"), "{out}");
+    assert_patches(
+        &f.api.patches(),
+        &[
+            ("application/strategic-merge-patch+json", image_patch()),
+            ("application/merge-patch+json", json!({"spec": {"paused": true}})),
+            ("application/json-patch+json", undo_patch()),
+        ],
+        &out,
+    );
+
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", &f.kubeconfig)
+        .env("BERTH_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(guard.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let url = first.split("metrics on ").nth(1).expect(&first).trim().to_string();
+    std::thread::spawn(move || lines.for_each(drop));
+    let metrics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { reqwest::get(&url).await.unwrap().text().await.unwrap() });
+    let _ = guard.kill();
+    let _ = guard.wait();
+    for line in [
+        r#"berth_watch_rollbacks_total{service="k8s-undo"} 1"#,
+        r#"berth_watch_rollbacks_total{service="k8s-slow"} 1"#,
+        r#"berth_watch_deploys_total{service="k8s-slow",result="timeout"} 1"#,
+        r#"berth_watch_deploys_total{service="k8s-slow",result="rolled_back"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 }

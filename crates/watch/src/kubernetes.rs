@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 
 use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::notify::Priority;
-use crate::rollout::{Guard, WatchError};
+use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Kubernetes, OnFailure, Spec};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 /// The label a Deployment's controller puts on each ReplicaSet's pods.
@@ -395,21 +395,9 @@ impl Guard {
         &self,
         spec: &Spec,
         k: &Kubernetes,
+        Begun { d, t0, before }: Begun,
         (spec_file, toml): (&str, &str),
     ) -> Result<Deployment, WatchError> {
-        let d = self
-            .store
-            .bg()
-            .begin(
-                &spec.name,
-                Kind::Deploy,
-                &spec.image,
-                &spec.version,
-                spec.rollout.failure_limit,
-            )
-            .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
         let t = match Target::new(k).await {
             Ok(t) => t,
             Err(f) => return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await,
@@ -443,7 +431,6 @@ impl Guard {
             Ok(i) => i,
             Err(f) => return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await,
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let prev_revision = revision(&current.metadata);
         if let Err(f) = t.patch(&Patch::Strategic(image_patch(&container, &image))).await {
             return self.kubernetes_end(spec, k, None, &d, t0, &before, f).await;
@@ -483,18 +470,21 @@ impl Guard {
         let _ = self.store.bg().set_active(&spec.name, &release).await;
         self.log(&d, t0, &format!("{} rolled out; deployment succeeded", spec.version));
         self.store
-            .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
+            .bg()
+            .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
+            .await?;
         self.finished(&spec.name, d.id).await
     }
 
-    /// The image by digest, and the digest: as given if it names one, else
-    /// the tag resolved through the Docker Engine; by tag (with a note in
-    /// the timeline) where there is no Engine to ask.
+    /// The image by digest, and the digest (recorded on `d`): as given if
+    /// it names one, else the tag resolved through the Docker Engine; by
+    /// tag (with a note in the timeline) where there is no Engine to ask.
     async fn k8s_image(&self, image: &str, d: &Deployment, t0: Instant) -> Result<(String, String), Failure> {
         if let Some((_, digest)) = image.split_once('@') {
+            let _ = self.store.bg().set_digest(&d.service, d.id, digest).await;
             return Ok((image.to_string(), digest.to_string()));
         }
-        match self.engine.resolve_digest(image).await {
+        match self.resolve(image, d).await {
             Ok(dg) => {
                 let by_digest = format!("{}@{dg}", spec::repository_of(image));
                 self.log(d, t0, &format!("{image} is {dg}"));
@@ -599,10 +589,16 @@ impl Guard {
             _ => "BerthWatchDeployFailed",
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
+        let effect = match rolled_back {
+            Some(_) => Effect::RolledBack {
+                from: self.recorded_digest(d).await,
+            },
+            None => Effect::Nothing,
+        };
         let state = self
             .store
             .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), None)
+            .finish(&spec.name, d.id, outcome, Some(&f), effect)
             .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
@@ -628,23 +624,7 @@ impl Guard {
             .or_else(|| rss.iter().find(|r| revision(&r.metadata) < now))
             .ok_or_else(|| Failure::new(Cause::Engine, "no earlier ReplicaSet to roll back to"))?;
         let rev = revision(&target.metadata);
-        let container_images: Vec<String> = target
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.as_ref())
-            .and_then(|t| t.spec.as_ref())
-            .map(|p| p.containers.iter().filter_map(|c| c.image.clone()).collect())
-            .unwrap_or_default();
-        t.json_patch(&undo_patch(target)?).await?;
-        self.log(
-            d,
-            t0,
-            &format!(
-                "rolling back: restored the pod template of ReplicaSet {} (revision {rev}, {}) and resumed",
-                target.metadata.name.as_deref().unwrap_or_default(),
-                container_images.join(", ")
-            ),
-        );
+        self.restore_template(t, target, d, t0).await?;
         let deadline = Instant::now() + timeout;
         loop {
             let d2 = t.get().await?;
@@ -662,8 +642,36 @@ impl Guard {
         }
     }
 
-    /// `berth watch rollback` of a Deployment: the release that passed
-    /// before, by digest, rolled out and followed.
+    /// Restores `rs`'s pod template and resumes the rollout, in one JSON
+    /// patch (what `kubectl rollout undo` sends, plus the resume).
+    async fn restore_template(&self, t: &Target, rs: &ReplicaSet, d: &Deployment, t0: Instant) -> Result<(), Failure> {
+        let images: Vec<String> = rs
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.as_ref())
+            .and_then(|t| t.spec.as_ref())
+            .map(|p| p.containers.iter().filter_map(|c| c.image.clone()).collect())
+            .unwrap_or_default();
+        t.json_patch(&undo_patch(rs)?).await?;
+        self.log(
+            d,
+            t0,
+            &format!(
+                "rolling back: restored the pod template of ReplicaSet {} (revision {}, {}) and resumed",
+                rs.metadata.name.as_deref().unwrap_or_default(),
+                revision(&rs.metadata),
+                images.join(", ")
+            ),
+        );
+        Ok(())
+    }
+
+    /// `berth watch rollback` of a Deployment to the release that passed
+    /// before: the pod template of the newest ReplicaSet that ran it, by
+    /// digest (as `kubectl rollout undo --to-revision` does; a paused
+    /// rollout is resumed), or, if the Deployment keeps no such ReplicaSet
+    /// any more (`revisionHistoryLimit`), its image set by digest; then the
+    /// rollout followed.
     pub(crate) async fn kubernetes_restore(
         &self,
         spec: &Spec,
@@ -691,12 +699,27 @@ impl Guard {
         } else {
             format!("{}@{}", spec::repository_of(&target.image), target.digest)
         };
-        t.patch(&Patch::Strategic(image_patch(&container, &image))).await?;
-        self.log(
-            d,
-            t0,
-            &format!("patched {}: container {container} image {image}", t.what()),
-        );
+        let rss = t.replicasets(&current).await?;
+        let ran = rss.iter().find(|r| {
+            image_of(r.spec.as_ref().and_then(|s| s.template.as_ref()), &container).as_deref() == Some(image.as_str())
+        });
+        match ran {
+            Some(rs) => self.restore_template(&t, rs, d, t0).await?,
+            None => {
+                // Resumed too: an operator's rollback must roll out.
+                let mut p = image_patch(&container, &image);
+                p["spec"]["paused"] = json!(false);
+                t.patch(&Patch::Strategic(p)).await?;
+                self.log(
+                    d,
+                    t0,
+                    &format!(
+                        "no ReplicaSet of {image} is left: patched {}: container {container} image {image}, resumed",
+                        t.what()
+                    ),
+                );
+            }
+        }
         let log = |m: &str| self.log(d, t0, m);
         t.follow(&container, &image, spec.rollout.start_timeout, &log).await?;
         let _ = self.store.bg().set_active(&spec.name, target).await;

@@ -129,7 +129,7 @@ impl Collector for FromHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Kind, Release};
+    use crate::store::{Effect, Kind, Release};
 
     #[test]
     fn families_from_the_history() {
@@ -143,9 +143,16 @@ mod tests {
             spec_file: String::new(),
             spec_toml: String::new(),
         };
-        store.finish("web", d.id, Outcome::Success, None, Some(&r)).unwrap();
+        store
+            .finish("web", d.id, Outcome::Success, None, Effect::Passed(r))
+            .unwrap();
         let d = store.begin("web", Kind::Deploy, "r/web:v2", "v2", 3).unwrap();
-        store.finish("web", d.id, Outcome::Timeout, None, None).unwrap();
+        // Not healthy within its start timeout, and rolled back: a
+        // `timeout` that counts as a rollback.
+        let rolled_back = Effect::RolledBack {
+            from: "sha256:2".into(),
+        };
+        store.finish("web", d.id, Outcome::Timeout, None, rolled_back).unwrap();
         store.count_analysis("web", "inconclusive").unwrap();
         store.count_analysis("web", "inconclusive").unwrap();
         store.pause("web", "by hand").unwrap();
@@ -156,6 +163,7 @@ mod tests {
             r#"berth_watch_deploys_total{region="eu",service="web",result="success"} 1"#,
             r#"berth_watch_deploys_total{region="eu",service="web",result="timeout"} 1"#,
             r#"berth_watch_deploys_total{region="eu",service="web",result="rolled_back"} 0"#,
+            r#"berth_watch_rollbacks_total{region="eu",service="web"} 1"#,
             r#"berth_watch_deploy_duration_seconds_count{region="eu",service="web"} 2"#,
             r#"berth_watch_deploy_duration_seconds_bucket{le="+Inf",region="eu",service="web"} 2"#,
             r#"berth_watch_paused{region="eu",service="web"} 1"#,

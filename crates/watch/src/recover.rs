@@ -25,7 +25,7 @@ use crate::classify::{Cause, Failure};
 use crate::notify::Priority;
 use crate::rollout::{Guard, WatchError};
 use crate::spec;
-use crate::store::{Deployment, Kind, Outcome};
+use crate::store::{Deployment, Effect, Kind, Outcome};
 
 impl Guard {
     /// Reconciles the deployments of `service` left unfinished; the
@@ -66,7 +66,8 @@ impl Guard {
                 && a.digest == d.digest
                 && !state.passed.iter().any(|p| p.digest == a.digest)
         });
-        let (outcome, evidence) = match switched_unverified {
+        let rolled_back = |from: &str| Effect::RolledBack { from: from.to_string() };
+        let (outcome, evidence, effect) = match switched_unverified {
             Some(a) => match state.rollback_target(&a.digest) {
                 Some(target) => {
                     self.log(
@@ -84,6 +85,7 @@ impl Guard {
                                 "interrupted after the switch to {}; rolled back to {} by digest",
                                 a.version, target.version
                             ),
+                            rolled_back(&a.digest),
                         ),
                         Err(f) => (
                             Outcome::Failure,
@@ -91,6 +93,7 @@ impl Guard {
                                 "interrupted after the switch to {}; the rollback to {} failed: {}: {}",
                                 a.version, target.version, f.cause, f.evidence
                             ),
+                            Effect::Nothing,
                         ),
                     }
                 }
@@ -100,9 +103,21 @@ impl Guard {
                         "interrupted after the switch to {}, before its verify period ended; no earlier release passed, so it is left serving",
                         a.version
                     ),
+                    Effect::Nothing,
                 ),
             },
-            None => (Outcome::Failure, self.keep_active(d, t0, &state).await?),
+            None => {
+                let (evidence, restarted) = self.keep_active(d, t0, &state).await?;
+                // The active release started again in place of a
+                // deployment's version is a rollback, as after a failed one
+                // (`fail`); an interrupted rollback's digest is the release
+                // it went to, not one found bad.
+                let effect = match (restarted, d.kind) {
+                    (true, Kind::Deploy) => rolled_back(&d.digest),
+                    _ => Effect::Nothing,
+                };
+                (Outcome::Failure, evidence, effect)
+            }
         };
         self.log(d, t0, &evidence);
         let f = Failure::new(Cause::Interrupted, evidence);
@@ -120,18 +135,19 @@ impl Guard {
             )
             .await;
         }
-        self.store.bg().finish(service, d.id, outcome, Some(&f), None).await?;
+        self.store.bg().finish(service, d.id, outcome, Some(&f), effect).await?;
         Ok(())
     }
 
     /// The active release keeps serving: other instances go, the active
     /// one is started again if none of it runs, nginx routes to it alone.
+    /// Returns what was done, and whether the active one was started again.
     async fn keep_active(
         &self,
         d: &Deployment,
         t0: Instant,
         state: &crate::store::ServiceState,
-    ) -> Result<String, WatchError> {
+    ) -> Result<(String, bool), WatchError> {
         let service = d.service.as_str();
         let active = state.active.as_ref();
         let mut removed = Vec::new();
@@ -148,9 +164,12 @@ impl Guard {
             removed.push(c.name);
         }
         let Some(active) = active else {
-            return Ok(format!(
-                "interrupted before anything was deployed; removed {} instance(s)",
-                removed.len()
+            return Ok((
+                format!(
+                    "interrupted before anything was deployed; removed {} instance(s)",
+                    removed.len()
+                ),
+                false,
             ));
         };
         let mut serving: Vec<String> = self
@@ -162,6 +181,7 @@ impl Guard {
             .map(|c| c.id)
             .collect();
         let mut restored = String::new();
+        let mut restarted = false;
         if serving.is_empty() {
             self.log(
                 d,
@@ -173,6 +193,7 @@ impl Guard {
                 Ok(s) => {
                     serving = s.ids;
                     restored = format!("; {} started again", active.version);
+                    restarted = true;
                 }
                 Err(f) => {
                     restored = format!(
@@ -202,7 +223,7 @@ impl Guard {
                 }
             }
         }
-        Ok(format!(
+        let evidence = format!(
             "interrupted before its version passed; removed {}{restored}; {} ({}) serves",
             if removed.is_empty() {
                 "nothing".to_string()
@@ -211,6 +232,7 @@ impl Guard {
             },
             active.version,
             active.digest
-        ))
+        );
+        Ok((evidence, restarted))
     }
 }

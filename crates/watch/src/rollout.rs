@@ -14,7 +14,7 @@ use crate::engine::{ContainerConfig, Engine, EngineError, LABEL_DEPLOYMENT, LABE
 use crate::health::{self, Check};
 use crate::notify::{self, Alert, Priority};
 use crate::spec::{self, Spec, SpecError};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState, Store, StoreError};
+use crate::store::{Deployment, Effect, Kind, Outcome, Release, ServiceState, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -51,6 +51,15 @@ pub(crate) struct Started {
     old: Vec<crate::engine::ContainerSummary>,
 }
 
+/// A deployment the history admitted, as every backend starts it.
+pub(crate) struct Begun {
+    pub(crate) d: Deployment,
+    /// When it started, for the timeline's elapsed times.
+    pub(crate) t0: Instant,
+    /// The service's state before it: what to roll back to.
+    pub(crate) before: ServiceState,
+}
+
 /// The longest pause between two looks at a starting container.
 const GATE_POLL: Duration = Duration::from_millis(500);
 
@@ -64,23 +73,23 @@ impl Guard {
         self.store.bg().event(&d.service, d.id, what, line);
     }
 
-    /// Deploys `spec` (read from `file`, whose text is `toml`).
+    /// Deploys `spec` (read from `file`, whose text is `toml`): the start
+    /// every backend shares (the service's lock, for containers the
+    /// reconciliation of an interrupted deployment, the history's
+    /// admission, which refuses a paused service), then the backend's own.
     pub async fn deploy(&self, spec: &Spec, file: &Path, toml: &str) -> Result<Deployment, WatchError> {
         // Held to the end: a deployment whose process dies releases it.
         let _lock = self.store.bg().lock(&spec.name).await?;
         match &spec.backend {
-            spec::Backend::Containers => {}
-            spec::Backend::Swarm(sw) => return self.deploy_swarm(spec, sw, (&file.display().to_string(), toml)).await,
-            #[cfg(feature = "kubernetes")]
-            spec::Backend::Kubernetes(k) => {
-                return self
-                    .deploy_kubernetes(spec, k, (&file.display().to_string(), toml))
-                    .await
+            spec::Backend::Containers => {
+                self.recover(&spec.name).await?;
             }
+            spec::Backend::Swarm(_) => {}
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(_) => {}
             #[cfg(not(feature = "kubernetes"))]
             spec::Backend::Kubernetes(_) => return Err(WatchError::Unsupported(NO_KUBERNETES.into())),
         }
-        self.recover(&spec.name).await?;
         let d = self
             .store
             .bg()
@@ -92,15 +101,37 @@ impl Guard {
                 spec.rollout.failure_limit,
             )
             .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
+        let begun = Begun {
+            d,
+            t0: Instant::now(),
+            before: self.store.bg().state(&spec.name).await?,
+        };
         let spec_file = file.display().to_string();
+        let source = (spec_file.as_str(), toml);
+        match &spec.backend {
+            spec::Backend::Containers => self.deploy_containers(spec, begun, source).await,
+            spec::Backend::Swarm(sw) => self.deploy_swarm(spec, sw, begun, source).await,
+            #[cfg(feature = "kubernetes")]
+            spec::Backend::Kubernetes(k) => self.deploy_kubernetes(spec, k, begun, source).await,
+            #[cfg(not(feature = "kubernetes"))]
+            spec::Backend::Kubernetes(_) => Err(WatchError::Unsupported(NO_KUBERNETES.into())),
+        }
+    }
+
+    /// Deploys `spec` as plain containers: beside the old version (or as a
+    /// canary), gated, switched, verified, rolled back on failure.
+    async fn deploy_containers(
+        &self,
+        spec: &Spec,
+        Begun { d, t0, before }: Begun,
+        (spec_file, toml): (&str, &str),
+    ) -> Result<Deployment, WatchError> {
         if let (Some(c), Some(r), Some(_)) = (&spec.canary, &spec.router, &before.active) {
             return self
-                .deploy_canary(spec, (c, r), &d, t0, &before, (&spec_file, toml))
+                .deploy_canary(spec, (c, r), &d, t0, &before, (spec_file, toml))
                 .await;
         }
-        let outcome = match self.start_version(spec, &d, t0, None, (&spec_file, toml), true).await {
+        let outcome = match self.start_version(spec, &d, t0, None, (spec_file, toml), true).await {
             Err(f) => Err(f),
             Ok(started) => match self.verify(spec, &started, &d, t0).await {
                 Ok(()) => Ok(started.release),
@@ -129,7 +160,15 @@ impl Guard {
                                     let state = self
                                         .store
                                         .bg()
-                                        .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                                        .finish(
+                                            &spec.name,
+                                            d.id,
+                                            Outcome::RolledBack,
+                                            Some(&f),
+                                            Effect::RolledBack {
+                                                from: started.release.digest.clone(),
+                                            },
+                                        )
                                         .await?;
                                     self.after_failure(spec, &state, &before).await;
                                     return self.finished(&spec.name, d.id).await;
@@ -160,7 +199,7 @@ impl Guard {
                 self.log(&d, t0, &format!("{} passed; deployment succeeded", release.version));
                 self.store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))
+                    .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
                     .await?;
             }
             Err(f) => return self.fail(spec, &d, t0, &before, f).await,
@@ -223,9 +262,13 @@ impl Guard {
                     &f,
                 )
                 .await;
+                // The release found bad is no longer a rollback target.
+                let from = Effect::RolledBack {
+                    from: active.digest.clone(),
+                };
                 self.store
                     .bg()
-                    .finish(service, d.id, Outcome::Success, None, None)
+                    .finish(service, d.id, Outcome::Success, None, from)
                     .await?;
             }
             Err(f) => {
@@ -239,11 +282,19 @@ impl Guard {
                 .await;
                 self.store
                     .bg()
-                    .finish(service, d.id, Outcome::Failure, Some(&f), None)
+                    .finish(service, d.id, Outcome::Failure, Some(&f), Effect::Nothing)
                     .await?;
             }
         }
         self.finished(service, d.id).await
+    }
+
+    /// The digest `d` recorded once it resolved its image (empty before).
+    pub(crate) async fn recorded_digest(&self, d: &Deployment) -> String {
+        self.finished(&d.service, d.id)
+            .await
+            .map(|x| x.digest)
+            .unwrap_or_default()
     }
 
     pub(crate) async fn finished(&self, service: &str, id: u64) -> Result<Deployment, WatchError> {
@@ -322,13 +373,15 @@ impl Guard {
     ) -> Result<Started, Failure> {
         let repo = spec::repository_of(&spec.image);
         let digest = match digest {
-            Some(dg) => dg.to_string(),
-            None => match self.engine.resolve_digest(&spec.image).await {
+            Some(dg) => {
+                let _ = self.store.bg().set_digest(&spec.name, d.id, dg).await;
+                dg.to_string()
+            }
+            None => match self.resolve(&spec.image, d).await {
                 Ok(dg) => dg,
                 Err(e) => return Err(self.pull_failure(&spec.image, &e).await),
             },
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let by_digest = format!("{repo}@{digest}");
         self.log(d, t0, &format!("{} is {digest}; pulling {by_digest}", spec.image));
         if let Err(e) = self.engine.pull(&by_digest).await {
@@ -526,7 +579,13 @@ impl Guard {
                 );
                 self.store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::Success, None, Some(&started.release))
+                    .finish(
+                        &spec.name,
+                        d.id,
+                        Outcome::Success,
+                        None,
+                        Effect::Passed(started.release.clone()),
+                    )
                     .await?;
             }
             Err(f) => {
@@ -560,7 +619,15 @@ impl Guard {
                 let state = self
                     .store
                     .bg()
-                    .finish(&spec.name, d.id, Outcome::RolledBack, Some(&f), None)
+                    .finish(
+                        &spec.name,
+                        d.id,
+                        Outcome::RolledBack,
+                        Some(&f),
+                        Effect::RolledBack {
+                            from: started.release.digest.clone(),
+                        },
+                    )
                     .await?;
                 if pause {
                     self.store
@@ -592,31 +659,53 @@ impl Guard {
         before: &ServiceState,
         f: Failure,
     ) -> Result<Deployment, WatchError> {
-        self.restore(before, d, t0).await;
-        let result = if f.cause == Cause::StartTimeout {
-            Outcome::Timeout
-        } else {
-            Outcome::Failure
+        // Restoring the version this deployment took the place of is a
+        // rollback, as Swarm's is.
+        let restored = self.restore(before, d, t0).await;
+        let result = match (f.cause, &restored) {
+            (Cause::StartTimeout, _) => Outcome::Timeout,
+            (_, Some(_)) => Outcome::RolledBack,
+            _ => Outcome::Failure,
         };
-        let (name, summary) = match f.cause {
-            Cause::StartTimeout => (
+        let (name, summary) = match (f.cause, &restored) {
+            (Cause::StartTimeout, _) => (
                 "BerthWatchDeployTimeout",
                 format!(
-                    "{}: {} was not Running and healthy within {:?}",
-                    spec.name, spec.version, spec.rollout.start_timeout
+                    "{}: {} was not Running and healthy within {:?}{}",
+                    spec.name,
+                    spec.version,
+                    spec.rollout.start_timeout,
+                    restored.as_ref().map_or(String::new(), |v| format!("; restored {v}"))
                 ),
             ),
-            c if c.is_pull() => (
+            (c, Some(v)) => (
+                "BerthWatchRolledBack",
+                format!(
+                    "{}: deployment of {} failed ({c}) with nothing left serving; restored {v} by digest",
+                    spec.name, spec.version
+                ),
+            ),
+            (c, None) if c.is_pull() => (
                 "BerthWatchPullFailed",
                 format!("{}: pulling {} failed: {c}", spec.name, spec.image),
             ),
-            c => (
+            (c, None) => (
                 "BerthWatchDeployFailed",
                 format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
             ),
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
-        let state = self.store.bg().finish(&spec.name, d.id, result, Some(&f), None).await?;
+        let effect = match restored {
+            Some(_) => Effect::RolledBack {
+                from: self.recorded_digest(d).await,
+            },
+            None => Effect::Nothing,
+        };
+        let state = self
+            .store
+            .bg()
+            .finish(&spec.name, d.id, result, Some(&f), effect)
+            .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
     }
@@ -729,15 +818,18 @@ impl Guard {
 
     /// After a failed deployment: if nothing of the service runs any more
     /// (the old version gave up its fixed host ports), start the version
-    /// that was active again, by digest.
-    async fn restore(&self, before: &ServiceState, d: &Deployment, t0: Instant) {
-        let Some(active) = &before.active else { return };
-        let running = match self.engine.list(&d.service).await {
-            Ok(l) => l.iter().any(|c| c.state == "running"),
-            Err(_) => return,
-        };
+    /// that was active again, by digest. Returns its version if it did.
+    async fn restore(&self, before: &ServiceState, d: &Deployment, t0: Instant) -> Option<String> {
+        let active = before.active.as_ref()?;
+        let running = self
+            .engine
+            .list(&d.service)
+            .await
+            .ok()?
+            .iter()
+            .any(|c| c.state == "running");
         if running {
-            return;
+            return None;
         }
         self.log(
             d,
@@ -745,12 +837,18 @@ impl Guard {
             &format!("nothing serves: restoring {} ({})", active.version, active.digest),
         );
         match self.start_release(active, d, t0).await {
-            Ok(_) => self.log(d, t0, &format!("restored {}", active.version)),
-            Err(f) => self.log(
-                d,
-                t0,
-                &format!("restoring {} failed: {}: {}", active.version, f.cause, f.evidence),
-            ),
+            Ok(_) => {
+                self.log(d, t0, &format!("restored {}", active.version));
+                Some(active.version.clone())
+            }
+            Err(f) => {
+                self.log(
+                    d,
+                    t0,
+                    &format!("restoring {} failed: {}: {}", active.version, f.cause, f.evidence),
+                );
+                None
+            }
         }
     }
 
@@ -758,6 +856,16 @@ impl Guard {
         for id in ids {
             let _ = self.engine.remove(id).await;
         }
+    }
+
+    /// Resolves `image`'s tag to the digest a deployment deploys (the
+    /// registry asked through the Engine) and records it on `d`. The error
+    /// is the caller's to classify: a pull failure, or for Kubernetes no
+    /// Engine to ask.
+    pub(crate) async fn resolve(&self, image: &str, d: &Deployment) -> Result<String, EngineError> {
+        let digest = self.engine.resolve_digest(image).await?;
+        let _ = self.store.bg().set_digest(&d.service, d.id, &digest).await;
+        Ok(digest)
     }
 
     pub(crate) async fn pull_failure(&self, image: &str, e: &EngineError) -> Failure {

@@ -185,9 +185,29 @@ pub struct Pause {
     pub reason: String,
 }
 
+/// What a finished deployment or rollback did to the service, for
+/// [`Store::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing that changes where a rollback goes.
+    Nothing,
+    /// This release passed its checks: a rollback target from now on.
+    Passed(Release),
+    /// berth rolled the service back from the release with digest `from`
+    /// (the failed deployment's own, or the active one for a rollback by
+    /// hand or by the guard): one rollback counted, whatever the outcome
+    /// (a `timeout` can be rolled back too), and that release, found bad,
+    /// is no longer a rollback target, unless it is the active one after
+    /// the rollback (a deployment of the active release's digest failed
+    /// and the same release was started again). An empty digest (a
+    /// Kubernetes image deployed by tag) removes nothing.
+    RolledBack { from: String },
+}
+
 impl ServiceState {
     /// The newest release that passed and is not `digest`: where a
-    /// rollback goes.
+    /// rollback goes. A release berth rolled back from has left `passed`
+    /// ([`Effect::RolledBack`]), so every backend can take this alone.
     pub fn rollback_target(&self, digest: &str) -> Option<&Release> {
         self.passed.iter().rev().find(|r| r.digest != digest)
     }
@@ -494,17 +514,19 @@ impl Store {
         })
     }
 
-    /// Records how a deployment ended and updates the service: a success
-    /// joins the releases that passed and ends a run of failures; a failed
-    /// deployment extends the run, and the run reaching the limit pauses
-    /// the service. Returns the service's new state.
+    /// Records how a deployment ended and updates the service in the same
+    /// transaction: a release that passed joins the rollback targets, one
+    /// rolled back from leaves them and the rollback is counted
+    /// ([`Effect`]); a successful deployment ends a run of failures, a
+    /// failed one extends it, and the run reaching the limit pauses the
+    /// service. Returns the service's new state.
     pub fn finish(
         &self,
         service: &str,
         id: u64,
         outcome: Outcome,
         failure: Option<&Failure>,
-        passed: Option<&Release>,
+        effect: Effect,
     ) -> Result<ServiceState, StoreError> {
         self.write(|s, w| {
             let mut d = s.get_deployment(w, service, id)?;
@@ -520,22 +542,25 @@ impl Store {
             s.put_deployment(w, &d)?;
             let mut state = s.get_state(w, service)?;
             state.in_progress_since_ms = None;
-            match d.kind {
-                Kind::Deploy => {
-                    *state.counts.deploys.entry(outcome.as_str().to_string()).or_default() += 1;
-                    state.counts.observe(now.saturating_sub(d.started_ms) as f64 / 1000.0);
-                    if outcome == Outcome::RolledBack {
-                        state.counts.rollbacks += 1;
+            if d.kind == Kind::Deploy {
+                *state.counts.deploys.entry(outcome.as_str().to_string()).or_default() += 1;
+                state.counts.observe(now.saturating_sub(d.started_ms) as f64 / 1000.0);
+            }
+            match effect {
+                Effect::Nothing => {}
+                Effect::Passed(r) => {
+                    state.passed.retain(|p| p.digest != r.digest);
+                    state.passed.push(r);
+                    if state.passed.len() > PASSED_KEPT {
+                        state.passed.remove(0);
                     }
                 }
-                Kind::Rollback if outcome == Outcome::Success => state.counts.rollbacks += 1,
-                Kind::Rollback => {}
-            }
-            if let Some(r) = passed {
-                state.passed.retain(|p| p.digest != r.digest);
-                state.passed.push(r.clone());
-                if state.passed.len() > PASSED_KEPT {
-                    state.passed.remove(0);
+                Effect::RolledBack { from } => {
+                    state.counts.rollbacks += 1;
+                    let serves = state.active.as_ref().is_some_and(|a| a.digest == from);
+                    if !from.is_empty() && !serves {
+                        state.passed.retain(|p| p.digest != from);
+                    }
                 }
             }
             // A deployment whose process died says nothing about the image.
@@ -716,11 +741,11 @@ impl Bg<'_> {
         id: u64,
         outcome: Outcome,
         failure: Option<&Failure>,
-        passed: Option<&Release>,
+        effect: Effect,
     ) -> Result<ServiceState, StoreError> {
-        let (service, failure, passed) = (service.to_string(), failure.cloned(), passed.cloned());
+        let (service, failure) = (service.to_string(), failure.cloned());
         self.0
-            .run(move |s| s.finish(&service, id, outcome, failure.as_ref(), passed.as_ref()))
+            .run(move |s| s.finish(&service, id, outcome, failure.as_ref(), effect))
             .await
     }
 
@@ -777,20 +802,29 @@ mod tests {
         let s = Store::new(&dir.path().join("h.redb"));
         let d = s.begin("a", Kind::Deploy, "r/a:v1", "v1", 3).unwrap();
         let st = s
-            .finish("a", d.id, Outcome::Success, None, Some(&release("v1")))
+            .finish("a", d.id, Outcome::Success, None, Effect::Passed(release("v1")))
             .unwrap();
         assert_eq!(st.consecutive_failures, 0);
         for i in 0..3 {
             let d = s.begin("a", Kind::Deploy, "r/a:v2", "v2", 3).unwrap();
             let f = Failure::new(Cause::Exited, "exit 1");
-            let st = s.finish("a", d.id, Outcome::Failure, Some(&f), None).unwrap();
+            let st = s
+                .finish("a", d.id, Outcome::Failure, Some(&f), Effect::Nothing)
+                .unwrap();
             assert_eq!(st.paused.is_some(), i == 2);
         }
         let e = s.begin("a", Kind::Deploy, "r/a:v3", "v3", 3).unwrap_err();
         assert!(e.to_string().contains("berth watch resume a"), "{e}");
         // A manual rollback is still admitted.
         let r = s.begin("a", Kind::Rollback, "r/a:v1", "v1", 3).unwrap();
-        s.finish("a", r.id, Outcome::Success, None, None).unwrap();
+        s.finish(
+            "a",
+            r.id,
+            Outcome::Success,
+            None,
+            Effect::RolledBack { from: "v2".into() },
+        )
+        .unwrap();
         s.resume("a").unwrap();
         s.begin("a", Kind::Deploy, "r/a:v3", "v3", 3).unwrap();
         let all = s.deployments(Some("a"), 0).unwrap();
@@ -800,7 +834,119 @@ mod tests {
         assert_eq!(st.counts.deploys["failure"], 3);
         assert_eq!(st.counts.deploys["success"], 1);
         assert_eq!(st.counts.pauses, 1);
+        assert_eq!(st.counts.rollbacks, 1, "the manual rollback");
         assert_eq!(st.counts.duration_buckets.iter().sum::<u64>(), 4);
+    }
+
+    /// v1 and v2 pass; v2 turns bad and berth rolls back from it to v1;
+    /// v3 then fails: its rollback goes to v1, never to v2.
+    #[test]
+    fn a_release_rolled_back_from_is_no_longer_a_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(&dir.path().join("h.redb"));
+        for v in ["v1", "v2"] {
+            let d = s.begin("a", Kind::Deploy, v, v, 3).unwrap();
+            s.finish("a", d.id, Outcome::Success, None, Effect::Passed(release(v)))
+                .unwrap();
+            s.set_active("a", &release(v)).unwrap();
+        }
+        assert_eq!(s.state("a").unwrap().rollback_target("v3").unwrap().digest, "v2");
+        // The guard's rollback from v2 (the active release) to v1.
+        let st = s.state("a").unwrap();
+        let target = st.rollback_target("v2").unwrap().clone();
+        assert_eq!(target.digest, "v1");
+        let r = s.begin("a", Kind::Rollback, &target.image, &target.version, 3).unwrap();
+        s.set_active("a", &target).unwrap();
+        let st = s
+            .finish(
+                "a",
+                r.id,
+                Outcome::Success,
+                None,
+                Effect::RolledBack { from: "v2".into() },
+            )
+            .unwrap();
+        assert_eq!(st.passed.iter().map(|p| p.digest.as_str()).collect::<Vec<_>>(), ["v1"]);
+        // v3 fails after its switch: it goes back to v1.
+        let d = s.begin("a", Kind::Deploy, "v3", "v3", 3).unwrap();
+        assert_eq!(st.rollback_target("v3").map(|r| r.digest.as_str()), Some("v1"));
+        let f = Failure::new(Cause::Unhealthy, "3 consecutive failed health checks");
+        let st = s
+            .finish(
+                "a",
+                d.id,
+                Outcome::RolledBack,
+                Some(&f),
+                Effect::RolledBack { from: "v3".into() },
+            )
+            .unwrap();
+        assert_eq!(st.rollback_target("v3").map(|r| r.digest.as_str()), Some("v1"));
+        assert_eq!(st.counts.rollbacks, 2);
+        // v2 deployed again and passing is a rollback target again.
+        let d = s.begin("a", Kind::Deploy, "v2", "v2", 3).unwrap();
+        let st = s
+            .finish("a", d.id, Outcome::Success, None, Effect::Passed(release("v2")))
+            .unwrap();
+        assert_eq!(st.rollback_target("v4").map(|r| r.digest.as_str()), Some("v2"));
+        // An unknown digest (a Kubernetes tag) counts, and removes nothing.
+        let d = s.begin("a", Kind::Deploy, "v5", "v5", 3).unwrap();
+        let st = s
+            .finish(
+                "a",
+                d.id,
+                Outcome::RolledBack,
+                Some(&f),
+                Effect::RolledBack { from: String::new() },
+            )
+            .unwrap();
+        assert_eq!((st.passed.len(), st.counts.rollbacks), (2, 3));
+        // A deployment of the active release's own digest that failed and
+        // was started again: what serves stays a target.
+        assert_eq!(st.active.as_ref().map(|a| a.digest.as_str()), Some("v1"));
+        let d = s.begin("a", Kind::Deploy, "v1", "v1", 3).unwrap();
+        let st = s
+            .finish(
+                "a",
+                d.id,
+                Outcome::RolledBack,
+                Some(&f),
+                Effect::RolledBack { from: "v1".into() },
+            )
+            .unwrap();
+        assert_eq!(st.rollback_target("v2").map(|r| r.digest.as_str()), Some("v1"));
+    }
+
+    /// A rollback counts once whatever the outcome: a deployment not
+    /// healthy within its start timeout and rolled back stays a `timeout`.
+    #[test]
+    fn every_rollback_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::new(&dir.path().join("h.redb"));
+        let d = s.begin("a", Kind::Deploy, "v1", "v1", 5).unwrap();
+        s.finish("a", d.id, Outcome::Success, None, Effect::Passed(release("v1")))
+            .unwrap();
+        let timeout = Failure::new(Cause::StartTimeout, "not Running and healthy within 5s");
+        let d = s.begin("a", Kind::Deploy, "v2", "v2", 5).unwrap();
+        let st = s
+            .finish(
+                "a",
+                d.id,
+                Outcome::Timeout,
+                Some(&timeout),
+                Effect::RolledBack { from: "v2".into() },
+            )
+            .unwrap();
+        assert_eq!((st.counts.deploys["timeout"], st.counts.rollbacks), (1, 1));
+        // A timeout with nothing undone, and a rollback that failed, do not.
+        let d = s.begin("a", Kind::Deploy, "v3", "v3", 5).unwrap();
+        s.finish("a", d.id, Outcome::Timeout, Some(&timeout), Effect::Nothing)
+            .unwrap();
+        let r = s.begin("a", Kind::Rollback, "v1", "v1", 5).unwrap();
+        let st = s
+            .finish("a", r.id, Outcome::Failure, Some(&timeout), Effect::Nothing)
+            .unwrap();
+        assert_eq!((st.counts.deploys["timeout"], st.counts.rollbacks), (2, 1));
+        assert_eq!(st.rollback_target("v2").map(|r| r.digest.as_str()), Some("v1"));
     }
 
     #[test]
@@ -825,7 +971,9 @@ mod tests {
         for _ in 0..3 {
             let d = s.begin("a", Kind::Deploy, "r/a:v2", "v2", 2).unwrap();
             let f = Failure::new(Cause::Interrupted, "killed");
-            let st = s.finish("a", d.id, Outcome::Failure, Some(&f), None).unwrap();
+            let st = s
+                .finish("a", d.id, Outcome::Failure, Some(&f), Effect::Nothing)
+                .unwrap();
             assert_eq!((st.consecutive_failures, st.paused.is_some()), (0, false));
             assert!(st.in_progress_since_ms.is_none());
         }
@@ -843,7 +991,10 @@ mod tests {
         }
         let on = s.run(move |_| Ok(std::thread::current().id())).await.unwrap();
         assert_ne!(on, main, "not on the runtime's thread");
-        s.bg().finish("a", d.id, Outcome::Success, None, None).await.unwrap();
+        s.bg()
+            .finish("a", d.id, Outcome::Success, None, Effect::Nothing)
+            .await
+            .unwrap();
         let d = &s.bg().deployments(Some("a"), 0).await.unwrap()[0];
         let events: Vec<&str> = d.events.iter().map(|e| e.what.as_str()).collect();
         assert_eq!(events.len(), 52, "{events:?}");

@@ -18,9 +18,9 @@ use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::engine::{EngineError, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_SERVICE};
 use crate::health::{self, Check};
 use crate::notify::Priority;
-use crate::rollout::{Guard, WatchError};
+use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Spec, Swarm};
-use crate::store::{Deployment, Kind, Outcome, Release, ServiceState};
+use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
 
 /// A Swarm service as the Engine keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -361,29 +361,16 @@ impl Guard {
         &self,
         spec: &Spec,
         sw: &Swarm,
+        Begun { d, t0, before }: Begun,
         (spec_file, toml): (&str, &str),
     ) -> Result<Deployment, WatchError> {
-        let d = self
-            .store
-            .bg()
-            .begin(
-                &spec.name,
-                Kind::Deploy,
-                &spec.image,
-                &spec.version,
-                spec.rollout.failure_limit,
-            )
-            .await?;
-        let t0 = Instant::now();
-        let before = self.store.bg().state(&spec.name).await?;
-        let digest = match self.engine.resolve_digest(&spec.image).await {
+        let digest = match self.resolve(&spec.image, &d).await {
             Ok(dg) => dg,
             Err(e) => {
                 let f = self.pull_failure(&spec.image, &e).await;
                 return self.swarm_end(spec, sw, &d, t0, &before, f, Posted::Nothing).await;
             }
         };
-        let _ = self.store.bg().set_digest(&spec.name, d.id, &digest).await;
         let release = Release {
             image: spec.image.clone(),
             digest: digest.clone(),
@@ -418,7 +405,9 @@ impl Guard {
         }
         self.log(&d, t0, &format!("{} passed; deployment succeeded", spec.version));
         self.store
-            .finish(&spec.name, d.id, Outcome::Success, None, Some(&release))?;
+            .bg()
+            .finish(&spec.name, d.id, Outcome::Success, None, Effect::Passed(release))
+            .await?;
         self.finished(&spec.name, d.id).await
     }
 
@@ -676,22 +665,9 @@ impl Guard {
     ) -> Result<Deployment, WatchError> {
         self.log(d, t0, &format!("check failed: {}: {}", f.cause, f.evidence));
         let mut rolled_back: Option<String> = None;
+        let digest = self.recorded_digest(d).await;
         if posted != Posted::Nothing {
-            let new = self
-                .store
-                .deployments(Some(&spec.name), 0)?
-                .into_iter()
-                .find(|x| x.id == d.id);
-            let digest = new.map(|x| x.digest).unwrap_or_default();
-            // What served before this deployment, if it passed; else the
-            // newest release that passed. (A release the guard rolled back
-            // from is still among those that passed, but no longer serves.)
-            let target = before
-                .active
-                .as_ref()
-                .filter(|a| a.digest != digest && before.passed.iter().any(|p| p.digest == a.digest))
-                .or_else(|| before.rollback_target(&digest));
-            match target {
+            match before.rollback_target(&digest) {
                 // Made by this deployment, never passed: removed, so nothing
                 // half-made is left crash-looping.
                 None if posted == Posted::Created => self.remove_created(sw, d, t0).await,
@@ -748,10 +724,14 @@ impl Guard {
             ),
         };
         self.alert(spec, name, Priority::P1, summary, &f).await;
+        let effect = match rolled_back {
+            Some(_) => Effect::RolledBack { from: digest },
+            None => Effect::Nothing,
+        };
         let state = self
             .store
             .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), None)
+            .finish(&spec.name, d.id, outcome, Some(&f), effect)
             .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await
