@@ -173,6 +173,11 @@ impl FakeApi {
         };
     }
 
+    /// Changes what the pods show, keeping the rollout where it is.
+    fn set_case(&self, case: &str) {
+        self.state.lock().unwrap().case = case.to_string();
+    }
+
     fn patches(&self) -> Vec<Patch> {
         self.state.lock().unwrap().patches.clone()
     }
@@ -478,4 +483,49 @@ fn watch_kubernetes_rollback_restores_the_previous_template() {
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
+}
+
+#[test]
+fn the_guard_rolls_back_a_deployment_whose_pods_start_failing() {
+    // `berth watch run` watches the active release's pods: a crash loop
+    // seen in `health.threshold` consecutive checks rolls the Deployment
+    // back to the release before.
+    let f = Fixture::new();
+    f.api.reset("ready");
+    let health = "\n[health]\ninterval = \"200ms\"\nthreshold = 2\n";
+    let (ok, out, err) = f.deploy_image("k8s-guard", V1, "v1", health);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = f.deploy_image("k8s-guard", V2, "v2", health);
+    assert!(ok, "{out}{err}");
+    f.api.clear_patches();
+    f.api.set_case("CrashLoopBackOff");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["watch", "--history"])
+        .arg(&f.history)
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", &f.kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let history = loop {
+        let (_, h, _) = f.watch(&["history", "k8s-guard"]);
+        if h.contains("#3 rollback") && h.contains("-> success") || std::time::Instant::now() > deadline {
+            break h;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = guard.kill();
+    let _ = guard.wait();
+    assert!(history.contains(&format!("#3 rollback {V1} ")), "{history}");
+    assert!(history.contains("guard: restarting"), "{history}");
+    assert_patches(
+        &f.api.patches(),
+        &[("application/json-patch+json", undo_patch())],
+        &history,
+    );
+    let (_, status, _) = f.watch(&["status"]);
+    assert!(status.contains("k8s-guard: active v1 (sha256:1111"), "{status}");
 }

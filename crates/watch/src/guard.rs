@@ -120,8 +120,25 @@ async fn watch_service(g: Arc<Guard>, name: String) {
                 )
                 .await
             }
-            // A Deployment's pods are the cluster's to restart; berth
-            // watches it while it deploys.
+            // The cluster restarts the pods; berth rolls the Deployment
+            // back when they keep failing.
+            #[cfg(feature = "kubernetes")]
+            crate::spec::Backend::Kubernetes(k) => {
+                if busy {
+                    tokio::time::sleep(spec.health.interval.max(RESCAN)).await;
+                    continue;
+                }
+                let until = Instant::now() + spec.health.interval * 10;
+                g.kubernetes_watch(
+                    &spec,
+                    k,
+                    &active,
+                    until,
+                    &|m| tracing::warn!(service = %name, "guard: {m}"),
+                )
+                .await
+            }
+            #[cfg(not(feature = "kubernetes"))]
             crate::spec::Backend::Kubernetes(_) => return,
         };
         let Err(f) = failed else { continue };

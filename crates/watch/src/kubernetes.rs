@@ -476,6 +476,67 @@ impl Guard {
         self.finished(&spec.name, d.id).await
     }
 
+    /// `berth watch run` for a Deployment: once per health interval, the
+    /// pods of the ReplicaSet that runs `release`; a failure (crash loop,
+    /// pull error, unschedulable...) seen in `threshold` consecutive checks
+    /// is returned for the guard to roll back. Returns `Ok` at `until`, or
+    /// when no ReplicaSet runs the release any more (someone else changed
+    /// the Deployment; the guard reads the history again).
+    pub(crate) async fn kubernetes_watch(
+        &self,
+        spec: &Spec,
+        k: &Kubernetes,
+        release: &Release,
+        until: Instant,
+        on_failed_check: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(), Failure> {
+        let image = if release.digest.is_empty() {
+            release.image.clone()
+        } else {
+            format!("{}@{}", spec::repository_of(&release.image), release.digest)
+        };
+        let t = Target::new(k).await?;
+        let mut failed = 0;
+        while Instant::now() < until {
+            tokio::time::sleep(spec.health.interval).await;
+            let d = t.get().await?;
+            let container = match k.container.clone().or_else(|| {
+                d.spec
+                    .as_ref()
+                    .and_then(|s| s.template.spec.as_ref())
+                    .and_then(|p| p.containers.first())
+                    .map(|c| c.name.clone())
+            }) {
+                Some(c) => c,
+                None => return Ok(()),
+            };
+            let rss = t.replicasets(&d).await?;
+            let Some(rs) = rss.iter().find(|r| {
+                image_of(r.spec.as_ref().and_then(|s| s.template.as_ref()), &container).as_deref()
+                    == Some(image.as_str())
+            }) else {
+                return Ok(());
+            };
+            match t.pods_failure(rs).await? {
+                None => failed = 0,
+                Some(f) => {
+                    failed += 1;
+                    on_failed_check(&format!(
+                        "pods of {} failing ({failed}/{}): {}: {}",
+                        t.what(),
+                        spec.health.threshold,
+                        f.cause,
+                        f.evidence
+                    ));
+                    if failed >= spec.health.threshold {
+                        return Err(f);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The image by digest, and the digest (recorded on `d`): as given if
     /// it names one, else the tag resolved through the Docker Engine; by
     /// tag (with a note in the timeline) where there is no Engine to ask.

@@ -333,7 +333,10 @@ struct RawPort {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
-    port: Spanned<i64>,
+    /// Not for Kubernetes, whose readiness probes are the cluster's: there
+    /// only `interval` and `threshold` apply (the guard's checks of pods).
+    port: Option<Spanned<i64>>,
+    #[serde(default = "root_path")]
     path: Spanned<String>,
     interval: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
@@ -456,8 +459,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
             // Readiness is the cluster's (the pods' probes); berth's own
             // health settings are unused there.
             default_health = RawHealth {
-                port: Spanned::new(0..0, 0),
-                path: Spanned::new(0..0, "/".into()),
+                port: None,
+                path: root_path(),
                 interval: None,
                 timeout: None,
                 threshold: None,
@@ -472,14 +475,21 @@ pub fn parse(file: &Path, text: &str) -> Result<Spec, SpecError> {
             ))
         }
     };
-    let health_port = if raw.health.is_none() {
-        0
-    } else {
-        bounded(&h.port, 1, 65535).map_err(|m| at(h.port.span(), "health.port", m))? as u16
+    let health_span = raw.health.as_ref().map_or(0..0, |h| h.span());
+    let health_port = match (&h.port, backend_name == "kubernetes") {
+        (_, true) => 0,
+        (None, false) => {
+            return Err(at(
+                health_span,
+                "health.port",
+                "missing: the container port of the instances' health endpoint".into(),
+            ))
+        }
+        (Some(p), false) => bounded(p, 1, 65535).map_err(|m| at(p.span(), "health.port", m))? as u16,
     };
-    if raw.health.is_some() && !ports.iter().any(|p| p.container == health_port) {
+    if backend_name != "kubernetes" && !ports.iter().any(|p| p.container == health_port) {
         return Err(at(
-            h.port.span(),
+            h.port.as_ref().map_or(0..0, |p| p.span()),
             "health.port",
             format!("port {health_port} is not in `ports`; add {{ container = {health_port} }} there"),
         ));
@@ -930,6 +940,10 @@ fn key_at(text: &str, span: &Range<usize>) -> String {
         Some((k, _)) if bare(k.trim()) => k.trim().to_string(),
         _ => String::new(),
     }
+}
+
+fn root_path() -> Spanned<String> {
+    Spanned::new(0..0, "/".into())
 }
 
 #[cfg(test)]
