@@ -36,6 +36,7 @@ mod migrate;
 mod secrets;
 mod serve;
 mod server;
+mod storage_location;
 mod watch;
 mod write_deadline;
 mod zero_copy;
