@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # berth on S3 against CNCF distribution (Debian's docker-registry, its `s3` storage driver) on the same
 # SeaweedFS, in one run: blob push, blob pull and manifest GET, measured with `berth bench`, rounds
-# alternating between the two. Prints medians per target and the berth/distribution ratios. Not a test.
+# alternating between the two; manifest GET also on a second berth without its manifest cache
+# (`berth-cold`: redb, then the manifest's bytes from S3, on every GET). Prints medians per target and the
+# berth/distribution ratios. Not a test.
 #
 #   bench/s3.sh                            DUR=10 ROUNDS=2 LAYER=64MiB, about 4 minutes
 #   BERTH=target/debug/berth bench/s3.sh   another build (default: a release build, made if missing)
@@ -71,8 +73,8 @@ env -u AWS_CA_BUNDLE -u SSL_CERT_FILE "$WEED" mini -dir="$T/weed" -ip=127.0.0.1 
     -webdav=false -admin.ui=false -bucket=registry -master.telemetry=false >"$OUT/weed.log" 2>&1 &
 pids+=($!)
 
-P_BERTH=$(free_port) P_DIST=$(free_port)
-BERTH_URL=http://127.0.0.1:$P_BERTH DIST_URL=http://127.0.0.1:$P_DIST
+P_BERTH=$(free_port) P_DIST=$(free_port) P_COLD=$(free_port)
+BERTH_URL=http://127.0.0.1:$P_BERTH DIST_URL=http://127.0.0.1:$P_DIST COLD_URL=http://127.0.0.1:$P_COLD
 wait_up() { # url log
     for _ in $(seq 300); do curl -sf -o /dev/null "$1/v2/" && return 0; sleep 0.2; done
     echo "$1 did not come up:" >&2; tail -20 "$2" >&2; exit 1
@@ -80,23 +82,27 @@ wait_up() { # url log
 
 say "starting berth (blobs in s3://registry/berth) and distribution (rootdirectory /distribution)"
 # berth refuses to start until SeaweedFS has made the bucket: start it again until it serves.
-start_berth() {
-    local pid
+start_berth() { # name port extra-args...
+    local name=$1 port=$2 pid
+    shift 2
     for _ in $(seq 60); do
-        env AWS_ACCESS_KEY_ID=$AK AWS_SECRET_ACCESS_KEY=$SK "$BERTH" serve --listen "127.0.0.1:$P_BERTH" \
-            --data-dir "$T/berth" --storage "s3://registry/berth?endpoint=$S3" --gc-interval 0 \
-            --access-log=false --log warn >"$OUT/berth.log" 2>&1 &
+        env AWS_ACCESS_KEY_ID=$AK AWS_SECRET_ACCESS_KEY=$SK "$BERTH" serve --listen "127.0.0.1:$port" \
+            --data-dir "$T/$name" --storage "s3://registry/$name?endpoint=$S3" --gc-interval 0 \
+            --access-log=false --log warn "$@" >"$OUT/$name.log" 2>&1 &
         pid=$!
         for _ in $(seq 100); do
-            if curl -sf -o /dev/null "$BERTH_URL/v2/"; then pids+=("$pid"); return 0; fi
+            if curl -sf -o /dev/null "http://127.0.0.1:$port/v2/"; then pids+=("$pid"); return 0; fi
             kill -0 $pid 2>/dev/null || break
             sleep 0.2
         done
         sleep 0.5
     done
-    echo "berth did not start:" >&2; tail -20 "$OUT/berth.log" >&2; exit 1
+    echo "berth $name did not start:" >&2; tail -20 "$OUT/$name.log" >&2; exit 1
 }
-start_berth
+start_berth berth "$P_BERTH"
+# A second berth without its manifest cache, so each GET reads redb and the manifest's bytes from S3 (as
+# distribution reads its files there): the cost of the backend rather than of the cache.
+start_berth berth-cold "$P_COLD" --manifest-cache-size 0
 cat >"$T/distribution.yml" <<YML
 version: 0.1
 log: { level: warn, accesslog: { disabled: true } }
@@ -124,12 +130,12 @@ for url in "$BERTH_URL" "$DIST_URL"; do
     "$BERTH" bench --registry "$url" --seed 20 --connections 4 2>>"$OUT/seed.log"
     "$BERTH" bench --registry "$url" --seed 1 --seed-prefix bench/big --seed-layer-size "$LAYER" 2>>"$OUT/seed.log"
 done
+"$BERTH" bench --registry "$COLD_URL" --seed 20 --connections 4 2>>"$OUT/seed.log"
 
 run() { # scenario target round args...
     local name=$1 target=$2 round=$3 url
     shift 3
-    url=$BERTH_URL
-    [[ $target == distribution ]] && url=$DIST_URL
+    case $target in berth) url=$BERTH_URL ;; berth-cold) url=$COLD_URL ;; *) url=$DIST_URL ;; esac
     "$BERTH" bench --registry "$url" --json "$@" >"$OUT/$name.$target.$round.json" 2>>"$OUT/bench.log" ||
         echo "{\"run_failed\": true}" >"$OUT/$name.$target.$round.json"
 }
@@ -143,30 +149,37 @@ for r in $(seq "$ROUNDS"); do
         run blob-get "$t" "$r" blob-get --image bench/big00000:latest -c 4 -d "${DUR}s" --warmup "${WARM}s" --timeout 120s
         run push "$t" "$r" push --layer-size "$LAYER" -c 2 -d "${DUR}s" --timeout 120s
     done
+    say "round $r: berth-cold"
+    run manifest-get berth-cold "$r" manifest-get -c 32 -d "${DUR}s" --warmup "${WARM}s"
 done
 
 python3 - "$OUT" "$ROUNDS" <<'PY' | tee "$OUT/table.md"
 import json, sys, statistics
 out, rounds = sys.argv[1], int(sys.argv[2])
 rows = {}
-for name in ("manifest-get", "blob-get", "push"):
-    for target in ("berth", "distribution"):
-        rs = [json.load(open(f"{out}/{name}.{target}.{r}.json")) for r in range(1, rounds + 1)]
-        bad = [r for r in rs if r.get("run_failed") or r.get("failed")]
-        if bad:
-            raise SystemExit(f"{name} on {target}: failed runs or requests: {bad[0].get('errors', bad[0])}")
-        med = lambda f: statistics.median(f(r) for r in rs)
-        rows[name, target] = (med(lambda r: r["qps"]), med(lambda r: r["mb_per_s"]),
-                              med(lambda r: r["latency_ms"]["p50"]), med(lambda r: r["latency_ms"]["p99"]))
+runs = [("manifest-get", "berth"), ("manifest-get", "berth-cold"), ("manifest-get", "distribution")]
+runs += [(n, t) for n in ("blob-get", "push") for t in ("berth", "distribution")]
+for name, target in runs:
+    rs = [json.load(open(f"{out}/{name}.{target}.{r}.json")) for r in range(1, rounds + 1)]
+    bad = [r for r in rs if r.get("run_failed") or r.get("failed")]
+    if bad:
+        raise SystemExit(f"{name} on {target}: failed runs or requests: {bad[0].get('errors', bad[0])}")
+    med = lambda f: statistics.median(f(r) for r in rs)
+    rows[name, target] = (med(lambda r: r["qps"]), med(lambda r: r["mb_per_s"]),
+                          med(lambda r: r["latency_ms"]["p50"]), med(lambda r: r["latency_ms"]["p99"]))
 print("| scenario | target | ops/s | MB/s | p50 ms | p99 ms |")
 print("|---|---|---|---|---|---|")
-for name in ("manifest-get", "blob-get", "push"):
-    for target in ("berth", "distribution"):
-        q, mb, p50, p99 = rows[name, target]
-        print(f"| {name} | {target} | {q:,.1f} | {mb:,.1f} | {p50:.2f} | {p99:.2f} |")
-    (bq, bmb, b50, b99), (dq, dmb, d50, d99) = rows[name, "berth"], rows[name, "distribution"]
+def ratio(name, a):
+    (bq, bmb, b50, b99), (dq, dmb, d50, d99) = rows[name, a], rows[name, "distribution"]
     mb_ratio = f"{bmb / dmb:.2f}x" if dmb else "-"
-    print(f"| {name} | berth / distribution | {bq / dq:.2f}x | {mb_ratio} | {b50 / d50:.2f}x | {b99 / d99:.2f}x |")
+    print(f"| {name} | {a} / distribution | {bq / dq:.2f}x | {mb_ratio} | {b50 / d50:.2f}x | {b99 / d99:.2f}x |")
+for name, target in runs:
+    q, mb, p50, p99 = rows[name, target]
+    print(f"| {name} | {target} | {q:,.1f} | {mb:,.1f} | {p50:.2f} | {p99:.2f} |")
+    if target == "distribution":
+        ratio(name, "berth")
+        if name == "manifest-get":
+            ratio(name, "berth-cold")
 PY
 {
     echo

@@ -263,8 +263,8 @@ async fn open_s3(
 const NO_S3: &str = "this berth was built without S3 support; build it with `cargo build --release --features \
                      berth/s3` (on by default), or keep the blobs in the data directory (leave --storage unset)";
 
-/// An error and its sources, each once: object_store's errors repeat their
-/// source in their own text.
+/// An error and its sources, each once (object_store's errors repeat their
+/// source in their own text), on one line (they quote the server's XML).
 #[cfg(feature = "s3")]
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
@@ -277,7 +277,7 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
         }
         next = s.source();
     }
-    out
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
