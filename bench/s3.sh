@@ -38,6 +38,12 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$T"
+    # The Unix sockets SeaweedFS names after its ports, which it leaves behind.
+    if [[ -n ${base:-} ]]; then
+        for k in 0 1 2 3 4; do
+            rm -f /tmp/seaweedfs-*-$((base + k)).sock /tmp/seaweedfs-*-$((base + k + 10000)).sock
+        done
+    fi
 }
 trap cleanup EXIT
 rm -rf "$OUT" && mkdir -p "$OUT"
