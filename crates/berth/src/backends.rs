@@ -1,10 +1,11 @@
 //! The one place that builds the storage backends from the configuration,
 //! for `berth serve` and every offline command (`gc`, `retention`, `fsck`,
 //! `du`, the account commands, `migrate`). Blobs are in the fs store of the
-//! data directory; metadata (with the accounts) is in the embedded redb
-//! database there (`meta.redb`, the default) or, with `--metadata
-//! postgres://...` and the `postgres` feature, in PostgreSQL. The callers
-//! only see the traits.
+//! data directory (the default) or, with `--storage s3://...` and the `s3`
+//! feature, in an S3 bucket (`storage_location`); metadata (with the
+//! accounts) is in the embedded redb database in the data directory
+//! (`meta.redb`, the default) or, with `--metadata postgres://...` and the
+//! `postgres` feature, in PostgreSQL. The callers only see the traits.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -12,6 +13,8 @@ use std::sync::Arc;
 
 use metadata::{IdentityStore, MetadataStore, RedbMetadata};
 use storage::{BlobStore, FsBlobStore};
+
+use crate::storage_location::StorageLocation;
 
 /// Where the metadata lives (`--metadata`, `BERTH_METADATA`, the `metadata`
 /// key of the config file).
@@ -124,11 +127,13 @@ pub struct Backends {
 
 /// Whether `data_dir` holds a registry at all (offline commands refuse an
 /// empty directory rather than create one). With PostgreSQL, the database
-/// says: the data directory only holds blobs.
-pub fn exists(data_dir: &Path, location: &MetadataLocation) -> bool {
-    match location {
-        MetadataLocation::Embedded => data_dir.join(METADATA_FILE).exists(),
-        MetadataLocation::Postgres(_) => data_dir.exists(),
+/// says: the data directory only holds blobs, or nothing when they are in
+/// S3.
+pub fn exists(data_dir: &Path, location: &MetadataLocation, blobs: &BlobLocation) -> bool {
+    match (location, &blobs.location) {
+        (MetadataLocation::Embedded, _) => data_dir.join(METADATA_FILE).exists(),
+        (MetadataLocation::Postgres(_), StorageLocation::DataDir) => data_dir.exists(),
+        (MetadataLocation::Postgres(_), StorageLocation::S3(_)) => true,
     }
 }
 
@@ -152,6 +157,14 @@ pub fn open_metadata(data_dir: &Path, runtime: Option<tokio::runtime::Handle>) -
     })
 }
 
+/// Where the blobs are, and the credentials file for S3
+/// (`--storage-credentials`; `None`: the environment's).
+#[derive(Clone, Debug, Default)]
+pub struct BlobLocation {
+    pub location: StorageLocation,
+    pub credentials: Option<std::path::PathBuf>,
+}
+
 /// Opens both stores of `data_dir`. The metadata first: its lock says
 /// whether another berth runs there, and opening the blob store cleans up
 /// interrupted writes, which must not happen under a running server.
@@ -160,6 +173,7 @@ pub fn open_metadata(data_dir: &Path, runtime: Option<tokio::runtime::Handle>) -
 pub async fn open(
     data_dir: &Path,
     location: &MetadataLocation,
+    blobs: &BlobLocation,
     runtime: Option<tokio::runtime::Handle>,
     busy_hint: &str,
 ) -> Result<Backends, String> {
@@ -170,14 +184,100 @@ pub async fn open(
             e
         }
     })?;
-    let blobs = FsBlobStore::open(data_dir)
-        .await
-        .map_err(|e| format!("cannot open blob storage in {}: {e}", data_dir.display()))?;
     Ok(Backends {
-        blobs: Arc::new(blobs),
+        blobs: open_blobs(data_dir, blobs).await?,
         meta: stores.meta,
         identity: stores.identity,
     })
+}
+
+/// Opens the blob store wherever it is. An S3 bucket is checked at once
+/// (that it exists and takes the credentials), so a mistake fails the
+/// start rather than the first push.
+pub async fn open_blobs(data_dir: &Path, blobs: &BlobLocation) -> Result<Arc<dyn BlobStore>, String> {
+    match &blobs.location {
+        StorageLocation::DataDir => {
+            let store = FsBlobStore::open(data_dir)
+                .await
+                .map_err(|e| format!("cannot open blob storage in {}: {e}", data_dir.display()))?;
+            Ok(Arc::new(store))
+        }
+        StorageLocation::S3(s3) => open_s3(s3, blobs.credentials.as_deref()).await,
+    }
+}
+
+#[cfg(feature = "s3")]
+async fn open_s3(
+    s3: &crate::storage_location::S3Location,
+    credentials: Option<&Path>,
+) -> Result<Arc<dyn BlobStore>, String> {
+    use storage::s3::{OpenError, S3BlobStore, S3Credentials, S3Options};
+    let c = crate::storage_location::credentials(credentials)?;
+    let opts = S3Options {
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        endpoint: s3.endpoint.clone(),
+        region: s3.region.clone(),
+        credentials: S3Credentials {
+            access_key_id: c.access_key_id,
+            secret_access_key: c.secret_access_key,
+            session_token: c.session_token,
+        },
+    };
+    let creds = if credentials.is_some() {
+        "the --storage-credentials file"
+    } else {
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    };
+    match S3BlobStore::open(opts).await {
+        Ok(store) => Ok(Arc::new(store)),
+        Err(e @ OpenError::NoSuchBucket { .. }) => Err(format!(
+            "{e}: create it (for example `aws s3 mb s3://{}{}`), or name an existing bucket in --storage",
+            s3.bucket,
+            s3.endpoint
+                .as_deref()
+                .map(|u| format!(" --endpoint-url {u}"))
+                .unwrap_or_default()
+        )),
+        Err(e @ OpenError::Refused { .. }) => Err(format!(
+            "{}; check {creds}, and that the key may read and write the bucket",
+            error_text(&e)
+        )),
+        Err(e @ OpenError::Unavailable { .. }) => Err(format!(
+            "{}; check the endpoint and region in --storage, and that the server is up",
+            error_text(&e)
+        )),
+        Err(e @ OpenError::Settings(_)) => Err(format!("{} (from --storage)", error_text(&e))),
+    }
+}
+
+#[cfg(not(feature = "s3"))]
+async fn open_s3(
+    _s3: &crate::storage_location::S3Location,
+    _credentials: Option<&Path>,
+) -> Result<Arc<dyn BlobStore>, String> {
+    Err(NO_S3.to_string())
+}
+
+#[cfg(not(feature = "s3"))]
+const NO_S3: &str = "this berth was built without S3 support; build it with `cargo build --release --features \
+                     berth/s3` (on by default), or keep the blobs in the data directory (leave --storage unset)";
+
+/// An error and its sources, each once (object_store's errors repeat their
+/// source in their own text), on one line (they quote the server's XML).
+#[cfg(feature = "s3")]
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -188,10 +288,13 @@ mod tests {
     async fn one_berth_per_data_directory_and_the_hint_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let embedded = MetadataLocation::Embedded;
-        assert!(!exists(dir.path(), &embedded));
-        let first = open(dir.path(), &embedded, None, ". Stop berth first").await.unwrap();
-        assert!(exists(dir.path(), &embedded));
-        let Err(e) = open(dir.path(), &embedded, None, ". Stop berth first").await else {
+        assert!(!exists(dir.path(), &embedded, &BlobLocation::default()));
+        let fs = BlobLocation::default();
+        let first = open(dir.path(), &embedded, &fs, None, ". Stop berth first")
+            .await
+            .unwrap();
+        assert!(exists(dir.path(), &embedded, &BlobLocation::default()));
+        let Err(e) = open(dir.path(), &embedded, &fs, None, ". Stop berth first").await else {
             panic!("a second open of a data directory in use must fail");
         };
         assert!(
@@ -199,7 +302,7 @@ mod tests {
             "{e}"
         );
         drop(first);
-        open(dir.path(), &embedded, None, "").await.unwrap();
+        open(dir.path(), &embedded, &fs, None, "").await.unwrap();
     }
 
     #[test]

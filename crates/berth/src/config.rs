@@ -51,6 +51,23 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_METADATA", value_name = "URL")]
     pub metadata: Option<String>,
 
+    /// Where the blobs (layers, configs, manifests' bytes) and uploads in
+    /// progress live: `fs`, the data directory, or an S3 bucket,
+    /// `s3://BUCKET[/PREFIX][?endpoint=URL&region=REGION]`, which several
+    /// berth nodes can share (with --metadata postgres://...). `endpoint`
+    /// is an S3-compatible server's `http(s)://HOST:PORT` (path-style
+    /// requests); without it, AWS. The credentials come from
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or
+    /// --storage-credentials. [default: fs]
+    #[arg(long, env = "BERTH_STORAGE", value_name = "URL")]
+    pub storage: Option<String>,
+
+    /// An AWS credentials file (`[default]` with `aws_access_key_id` and
+    /// `aws_secret_access_key`, or the profile AWS_PROFILE names) for the
+    /// --storage bucket, instead of the environment's keys. Keep it 0600.
+    #[arg(long, env = "BERTH_STORAGE_CREDENTIALS", value_name = "FILE")]
+    pub storage_credentials: Option<PathBuf>,
+
     /// Accept image indexes whose child manifests are not in the repository.
     #[arg(long, env = "BERTH_SPARSE_INDEX", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub sparse_index: Option<bool>,
@@ -207,6 +224,8 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     metadata: Option<String>,
+    storage: Option<String>,
+    storage_credentials: Option<PathBuf>,
     sparse_index: Option<bool>,
     max_manifest_size: Option<usize>,
     manifest_cache_size: Option<usize>,
@@ -263,6 +282,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub metadata: crate::backends::MetadataLocation,
+    pub blobs: crate::backends::BlobLocation,
     pub sparse_index: bool,
     pub max_manifest_size: usize,
     pub manifest_cache_size: usize,
@@ -392,8 +412,18 @@ impl ServeArgs {
             .map(|m| m.parse())
             .transpose()?
             .unwrap_or_default();
+        let blobs = crate::backends::BlobLocation {
+            location: self
+                .storage
+                .or(file.storage)
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or_default(),
+            credentials: self.storage_credentials.or(file.storage_credentials),
+        };
         Ok(ServeConfig {
             metadata,
+            blobs,
             retention,
             quotas,
             disk_watermark,
@@ -604,6 +634,48 @@ backoff_initial = "100ms"
         .resolve()
         .unwrap_err();
         assert!(err.contains("postgres://USER"), "{err}");
+    }
+
+    #[test]
+    fn storage_location_from_flag_or_file() {
+        use crate::storage_location::StorageLocation;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(
+            &path,
+            "storage = \"s3://registry/berth?endpoint=http://127.0.0.1:9000\"\nstorage_credentials = \"/etc/berth/s3\"\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let StorageLocation::S3(s3) = &c.blobs.location else {
+            panic!("{:?}", c.blobs)
+        };
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("registry", "berth"));
+        assert_eq!(c.blobs.credentials, Some(PathBuf::from("/etc/berth/s3")));
+        let c = ServeArgs {
+            config: Some(path),
+            storage: Some("fs".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.blobs.location, StorageLocation::DataDir, "the flag beats the file");
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().blobs.location,
+            StorageLocation::DataDir
+        );
+        let err = ServeArgs {
+            storage: Some("s3://registry?endpoint=localhost:9000".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.starts_with("--storage: ") && err.contains("http://"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct FsckArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
+    #[command(flatten)]
+    pub storage: crate::storage_location::StorageArgs,
     /// Fix what is safe to fix: drop records and links of missing or corrupt
     /// blobs (clients then push them again) and tags of missing manifests.
     #[arg(long)]
@@ -21,12 +23,15 @@ pub struct FsckArgs {
 pub struct DuArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
+    #[command(flatten)]
+    pub storage: crate::storage_location::StorageArgs,
 }
 
 /// Exits with failure when anything is found (and not repaired), so scripts
 /// can act on it.
 pub fn fsck(args: FsckArgs) -> Result<(), BoxError> {
-    let (rt, registry) = crate::gc::open_offline(&args.store, "fsck", registry::RegistryConfig::default())?;
+    let (rt, registry) =
+        crate::gc::open_offline(&args.store, &args.storage, "fsck", registry::RegistryConfig::default())?;
     let tty = std::io::stderr().is_terminal();
     let progress = move |done: u64, total: u64| {
         // A counter line, only for a person watching.
@@ -70,7 +75,8 @@ pub fn fsck(args: FsckArgs) -> Result<(), BoxError> {
 }
 
 pub fn du(args: DuArgs) -> Result<(), BoxError> {
-    let (rt, registry) = crate::gc::open_offline(&args.store, "du", registry::RegistryConfig::default())?;
+    let (rt, registry) =
+        crate::gc::open_offline(&args.store, &args.storage, "du", registry::RegistryConfig::default())?;
     let u = rt.block_on(registry.usage()).map_err(|e| format!("du failed: {e}"))?;
     println!("{:>14}  project", "bytes");
     for (p, n) in &u.projects {

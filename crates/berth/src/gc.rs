@@ -103,6 +103,8 @@ impl GcTuning {
 pub struct RetentionArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
+    #[command(flatten)]
+    pub storage: crate::storage_location::StorageArgs,
     /// A retention rule,
     /// `PROJECT:keep-last=N:pattern=GLOB:pushed-within-days=D:pulled-within-days=D:protect=GLOB`
     /// (repeatable; keep-last, pushed-within-days or pulled-within-days
@@ -134,7 +136,7 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
         immutable_tags,
         ..RegistryConfig::default()
     };
-    let (rt, registry) = open_offline(&args.store, "retention", config)?;
+    let (rt, registry) = open_offline(&args.store, &args.storage, "retention", config)?;
     let tags = rt
         .block_on(registry.retention(&rules, args.dry_run))
         .map_err(|e| format!("retention failed: {e}"))?;
@@ -150,6 +152,8 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
 pub struct GcArgs {
     #[command(flatten)]
     pub store: crate::accounts::Store,
+    #[command(flatten)]
+    pub storage: crate::storage_location::StorageArgs,
     #[command(flatten)]
     pub tuning: GcTuning,
     /// Report what would be removed; remove nothing.
@@ -170,7 +174,7 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
         dry_run: args.dry_run,
         ..args.tuning.resolve(&offline)?
     };
-    let (rt, registry) = open_offline(&args.store, "gc", RegistryConfig::default())?;
+    let (rt, registry) = open_offline(&args.store, &args.storage, "gc", RegistryConfig::default())?;
     let report = rt
         .block_on(registry.gc(&opts))
         .map_err(|e| format!("garbage collection failed: {e}"))?;
@@ -183,13 +187,18 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
 /// tasks carry PostgreSQL's connections). Refuses while berth runs on it.
 pub fn open_offline(
     store: &crate::accounts::Store,
+    storage: &crate::storage_location::StorageArgs,
     command: &str,
     config: RegistryConfig,
 ) -> Result<(tokio::runtime::Runtime, Registry), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let dir = store.data_dir.clone().unwrap_or_else(crate::config::default_data_dir);
     let location = store.location()?;
-    if !crate::backends::exists(&dir, &location) {
+    let blobs = crate::backends::BlobLocation {
+        location: storage.location()?,
+        credentials: storage.storage_credentials.clone(),
+    };
+    if !crate::backends::exists(&dir, &location, &blobs) {
         return Err(format!(
             "{} holds no registry (no meta.redb); pass the data directory of berth serve with --data-dir",
             dir.display()
@@ -201,7 +210,7 @@ pub fn open_offline(
     } else {
         format!(". Stop berth to run berth {command}")
     };
-    let b = rt.block_on(crate::backends::open(&dir, &location, None, &hint))?;
+    let b = rt.block_on(crate::backends::open(&dir, &location, &blobs, None, &hint))?;
     Ok((rt, Registry::new(b.blobs, b.meta, config)))
 }
 

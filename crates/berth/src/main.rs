@@ -37,6 +37,7 @@ mod secrets;
 mod serve;
 mod server;
 mod signature_config;
+mod storage_location;
 mod watch;
 mod write_deadline;
 mod zero_copy;

@@ -60,13 +60,20 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     let Backends { blobs, meta, identity } = crate::backends::open(
         &cfg.data_dir,
         &cfg.metadata,
+        &cfg.blobs,
         Some(tokio::runtime::Handle::current()),
         "",
     )
     .await?;
-    if let crate::backends::MetadataLocation::Postgres(_) = cfg.metadata {
-        tracing::info!("metadata in PostgreSQL; blobs in {}", cfg.data_dir.display());
-    }
+    let blobs_at = match &cfg.blobs.location {
+        crate::storage_location::StorageLocation::DataDir => cfg.data_dir.display().to_string(),
+        crate::storage_location::StorageLocation::S3(s3) => s3.to_string(),
+    };
+    let meta_at = match cfg.metadata {
+        crate::backends::MetadataLocation::Postgres(_) => "PostgreSQL".to_string(),
+        crate::backends::MetadataLocation::Embedded => cfg.data_dir.display().to_string(),
+    };
+    tracing::info!("blobs in {blobs_at}; metadata in {meta_at}");
     let metrics = Arc::new(Metrics::new());
     let conns = metrics.connections.clone();
     let health = Arc::new(Health::new(cfg.health.failure_threshold));

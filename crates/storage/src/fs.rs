@@ -1065,6 +1065,15 @@ mod tests {
         crate::testsuite::run_all(&store).await;
     }
 
+    /// Two stores on one directory, as two berth nodes on a shared volume.
+    #[tokio::test]
+    async fn two_handles_share_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FsBlobStore::open(dir.path()).await.unwrap();
+        let b = FsBlobStore::open(dir.path()).await.unwrap();
+        crate::testsuite::shared_uploads(&a, &b).await;
+    }
+
     /// The filesystem backend without its own `upload_append_hashing`, so
     /// the suite checks the trait's default too.
     struct DefaultHashing(FsBlobStore);

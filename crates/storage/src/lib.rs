@@ -15,9 +15,15 @@ use futures_util::Stream;
 use oci::{Digest, Hasher, UploadId};
 
 pub mod fs;
+#[cfg(feature = "s3")]
+pub mod s3;
+#[cfg(feature = "s3")]
+pub mod seaweedfs;
 pub mod testsuite;
 
 pub use fs::FsBlobStore;
+#[cfg(feature = "s3")]
+pub use s3::S3BlobStore;
 
 /// A stream of blob bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;

@@ -31,6 +31,7 @@ pub async fn run_all(store: &dyn BlobStore) {
     upload_read_while_growing(store).await;
     hashing_appends(store).await;
     large_appends(store).await;
+    many_part_uploads(store).await;
     failed_appends(store).await;
     missing_things(store).await;
     listing(store).await;
@@ -206,11 +207,105 @@ pub async fn large_appends(store: &dyn BlobStore) {
     store.delete(&d).await.unwrap();
 }
 
+/// Appends and a commit larger than a backend's unit of writing (the S3
+/// backend's 8 MiB parts): an append of several units, appends that end
+/// mid-unit, reads from offsets inside and at the edges of appends, and a
+/// commit of an upload of several appends, then the same content committed
+/// again.
+pub async fn many_part_uploads(store: &dyn BlobStore) {
+    let data = pattern((17 << 20) + 3);
+    let cuts = [0, (9 << 20) + 1, (9 << 20) + 2, data.len()];
+    let id = upload_id(33);
+    store.upload_create(&id).await.unwrap();
+    for w in cuts.windows(2) {
+        let n = store
+            .upload_append(&id, chunked(&data[w[0]..w[1]], &[1 << 20, 65_537, 3]))
+            .await
+            .unwrap();
+        assert_eq!(n, w[1] as u64);
+    }
+    assert_eq!(store.upload_size(&id).await.unwrap(), Some(data.len() as u64));
+    for at in [
+        0,
+        1,
+        (8 << 20) + 5,
+        (9 << 20) + 1,
+        (9 << 20) + 2,
+        data.len() - 1,
+        data.len(),
+    ] {
+        let got = collect(store.upload_read_at(&id, at as u64).await.unwrap()).await;
+        assert!(got == data[at..], "upload read from {at}: {} bytes", got.len());
+    }
+    let d = Digest::sha256(&data);
+    assert_eq!(store.upload_commit(&id, &d).await.unwrap(), data.len() as u64);
+    assert_eq!(store.upload_size(&id).await.unwrap(), None);
+    assert_eq!(store.stat(&d).await.unwrap(), Some(data.len() as u64));
+    assert!(collect(store.get(&d, None).await.unwrap()).await == data);
+    let r = (8 << 20) - 3..(9 << 20) + 7;
+    let got = collect(store.get(&d, Some(r.start as u64..r.end as u64)).await.unwrap()).await;
+    assert!(got == data[r], "range across a part boundary");
+
+    // The same layer pushed again, in one append this time.
+    let id2 = upload_id(34);
+    store.upload_create(&id2).await.unwrap();
+    store.upload_append(&id2, chunked(&data, &[3 << 20])).await.unwrap();
+    assert_eq!(store.upload_commit(&id2, &d).await.unwrap(), data.len() as u64);
+    assert_eq!(store.upload_size(&id2).await.unwrap(), None);
+    assert!(collect(store.get(&d, None).await.unwrap()).await == data);
+    store.delete(&d).await.unwrap();
+}
+
+/// Two handles on one storage (two berth nodes on one bucket, or on one
+/// shared directory): an upload one started and appended to, the other
+/// continues, reads back, and commits; each sees the other's blobs and
+/// deletions. The upload's bytes all live in the store, so a node that saw
+/// none of the appends reads and hashes them from there.
+pub async fn shared_uploads(a: &dyn BlobStore, b: &dyn BlobStore) {
+    let data = pattern((9 << 20) + 77);
+    let (first, rest) = data.split_at((4 << 20) + 1);
+    let id = upload_id(50);
+    a.upload_create(&id).await.unwrap();
+    assert_eq!(
+        a.upload_append(&id, chunked(first, &[65_536])).await.unwrap(),
+        first.len() as u64
+    );
+    assert_eq!(b.upload_size(&id).await.unwrap(), Some(first.len() as u64));
+    assert_eq!(
+        b.upload_append(&id, chunked(rest, &[1 << 20])).await.unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(a.upload_size(&id).await.unwrap(), Some(data.len() as u64));
+    let mut hasher = Algorithm::Sha256.hasher();
+    hasher.update(&collect(a.upload_read(&id).await.unwrap()).await);
+    let d = hasher.finish();
+    assert_eq!(d, Digest::sha256(&data));
+    assert_eq!(a.upload_commit(&id, &d).await.unwrap(), data.len() as u64);
+    assert_eq!(b.upload_size(&id).await.unwrap(), None);
+    assert_eq!(b.stat(&d).await.unwrap(), Some(data.len() as u64));
+    assert!(collect(b.get(&d, None).await.unwrap()).await == data);
+    b.delete(&d).await.unwrap();
+    assert_eq!(a.stat(&d).await.unwrap(), None);
+
+    // A cancel through one handle is seen by the other.
+    let id2 = upload_id(51);
+    b.upload_create(&id2).await.unwrap();
+    a.upload_append(&id2, chunks(&[b"abc"])).await.unwrap();
+    b.upload_delete(&id2).await.unwrap();
+    assert_eq!(a.upload_size(&id2).await.unwrap(), None);
+    assert!(matches!(
+        a.upload_append(&id2, chunks(&[b"x"])).await,
+        Err(StorageError::NotFound)
+    ));
+}
+
 /// A stream that fails (a client that went away) fails the append; what was
-/// stored is a prefix of what was sent, and `upload_size` says how much.
+/// stored is a prefix of what was sent, and `upload_size` says how much;
+/// an append after it goes on from there. Cuts inside a first small batch,
+/// after a few MiB, and after more than one of the S3 backend's 8 MiB parts.
 pub async fn failed_appends(store: &dyn BlobStore) {
-    let data = pattern(3 << 20);
-    for (n, cut) in [(40, 1000), (41, (2 << 20) + 3)] {
+    let data = pattern(10 << 20);
+    for (n, cut) in [(40, 1000), (41, (2 << 20) + 3), (42, (9 << 20) + 5)] {
         let id = upload_id(n);
         store.upload_create(&id).await.unwrap();
         let parts: Vec<std::io::Result<Bytes>> = vec![
@@ -229,7 +324,14 @@ pub async fn failed_appends(store: &dyn BlobStore) {
         }
         let size = store.upload_size(&id).await.unwrap().unwrap() as usize;
         assert!(size <= cut, "{size} bytes stored of {cut} sent");
-        assert_eq!(collect(store.upload_read(&id).await.unwrap()).await, &data[..size]);
+        assert!(collect(store.upload_read(&id).await.unwrap()).await == data[..size]);
+        // The client resumes from what was stored.
+        let n = store
+            .upload_append(&id, chunked(&data[size..], &[1 << 20]))
+            .await
+            .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert!(collect(store.upload_read(&id).await.unwrap()).await == data);
         store.upload_delete(&id).await.unwrap();
     }
 }
