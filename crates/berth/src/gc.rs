@@ -137,8 +137,9 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
     };
     let (rt, registry) = open_offline(&args.store, "retention", config)?;
     let tags = rt
-        .block_on(registry.retention(&rules, args.dry_run))
-        .map_err(|e| format!("retention failed: {e}"))?;
+        .block_on(registry.exclusively(registry::lease::GC, registry.retention(&rules, args.dry_run)))
+        .map_err(|e| format!("retention failed: {e}"))
+        .and_then(ran)?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     for (repo, tag) in &tags {
         println!("{verb} {repo}:{tag}");
@@ -173,10 +174,22 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
     };
     let (rt, registry) = open_offline(&args.store, "gc", RegistryConfig::default())?;
     let report = rt
-        .block_on(registry.gc(&opts))
-        .map_err(|e| format!("garbage collection failed: {e}"))?;
+        .block_on(registry.exclusively(registry::lease::GC, registry.gc(&opts)))
+        .map_err(|e| format!("garbage collection failed: {e}"))
+        .and_then(ran)?;
     println!("{report}");
     Ok(())
+}
+
+/// What an offline run under the GC lease did: with metadata shared by
+/// serving nodes, one of them may be collecting (it holds the lease).
+fn ran<T>(outcome: Exclusive<T>) -> Result<T, String> {
+    match outcome {
+        Exclusive::Ran(v) => Ok(v),
+        Exclusive::Busy { holder } => Err(format!(
+            "node {holder} is collecting garbage or applying retention now (it holds the GC lease); try again later"
+        )),
+    }
 }
 
 /// Opens the registry of a data directory for an offline command (`berth

@@ -507,17 +507,19 @@ async fn pushes_through_round_robin_nginx_survive_a_node_killed_mid_push() {
 }
 
 /// A chunked upload that hops between nodes: POST on one, ten PATCHes of
-/// 10 MiB alternating, PUT on the other. The blob is right, and the time it
-/// took is printed beside the same upload on one node (docs/BENCHMARKS.md;
-/// no time is asserted).
+/// 10 MiB alternating, PUT on the other. The blob is right; the time it took
+/// is printed beside the same upload on one node, in alternating rounds, each
+/// of a blob not stored yet (docs/BENCHMARKS.md; no time is asserted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_upload_alternating_nodes_commits_the_right_blob() {
     let Some(f) = fleet("chunks", 2, &[]).await else { return };
     let c = client();
-    let data = bytes(42, 100 << 20);
-    let digest = sha256(&data);
-    let mut took = Vec::new();
-    for (label, hops) in [("one node", [0, 0]), ("alternating", [0, 1])] {
+    let mut data = bytes(42, 100 << 20);
+    let mut took: Vec<(&str, u128)> = Vec::new();
+    for round in 0..6u8 {
+        let (label, hops) = if round % 2 == 0 { ("one node", [0, 0]) } else { ("alternating", [0, 1]) };
+        data[0] = round;
+        let digest = sha256(&data);
         let repo = format!("multi/{}", label.replace(' ', "-"));
         let node = |i: usize| &f.nodes[hops[i % 2]];
         let started = Instant::now();
@@ -548,7 +550,7 @@ async fn a_chunked_upload_alternating_nodes_commits_the_right_blob() {
             .await
             .unwrap();
         assert_eq!(r.status(), 201, "{label}: {}", r.text().await.unwrap_or_default());
-        took.push((label, started.elapsed()));
+        took.push((label, started.elapsed().as_millis()));
         let blob = c
             .get(f.nodes[1].url(&format!("/v2/{repo}/blobs/{digest}")))
             .send()
@@ -559,8 +561,10 @@ async fn a_chunked_upload_alternating_nodes_commits_the_right_blob() {
             .unwrap();
         assert!(blob == data, "{label}: the blob's bytes");
     }
-    for (label, t) in took {
-        eprintln!("100 MiB in 10 chunks, {label}: {} ms", t.as_millis());
+    for label in ["one node", "alternating"] {
+        let mut ms: Vec<u128> = took.iter().filter(|(l, _)| *l == label).map(|(_, t)| *t).collect();
+        ms.sort_unstable();
+        eprintln!("100 MiB in 10 chunks, {label}: {ms:?} ms, median {} ms", ms[ms.len() / 2]);
     }
 }
 
@@ -605,23 +609,29 @@ async fn gc_runs_on_one_node_at_a_time() {
     for d in &loose {
         assert!(gone(d).await, "{d} was collected");
     }
+    let skips: Vec<Vec<String>> = f
+        .nodes
+        .iter()
+        .map(|n| {
+            n.log_text()
+                .lines()
+                .filter(|l| l.contains("garbage collection skipped"))
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    assert!(skips.iter().any(|s| !s.is_empty()), "a node skipped while the other collected");
     let ids: Vec<String> = f.nodes.iter().map(node_id).collect();
-    let mut skips = 0;
-    for (i, n) in f.nodes.iter().enumerate() {
-        for line in n
-            .log_text()
-            .lines()
-            .filter(|l| l.contains("garbage collection skipped"))
-        {
-            skips += 1;
+    for (i, lines) in skips.iter().enumerate() {
+        for line in lines {
             assert!(line.contains(&ids[1 - i]), "a node skips for the other: {line}");
         }
     }
-    assert!(skips > 0, "a node skipped while the other collected");
 }
 
 /// A webhook configured on two nodes gets each event once: one node (the
-/// lease holder) delivers, whichever node recorded the event.
+/// lease holder) delivers, whichever node recorded the event. The receiver
+/// is slow, so a second deliverer would find each event not yet done with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_delivered_once_by_one_node() {
     let got: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -634,6 +644,7 @@ async fn webhooks_are_delivered_once_by_one_node() {
             sink.lock()
                 .unwrap()
                 .push(serde_json::from_str(&body).unwrap_or(Value::Null));
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             "ok"
         }
     });
@@ -662,7 +673,7 @@ async fn webhooks_are_delivered_once_by_one_node() {
             .filter_map(|v| v["data"]["digest"].as_str().map(str::to_string))
             .collect()
     };
-    for _ in 0..300 {
+    for _ in 0..600 {
         if digests(&got).len() >= pushed.len() {
             break;
         }

@@ -30,8 +30,10 @@ pub(crate) const CHANNEL: &str = "berth_changes";
 
 /// How long a ping may take before the connection is given up on.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause before connecting again after the feed was lost.
+/// Pause before connecting again after the feed was lost, doubled after
+/// each failed attempt up to `MAX_RECONNECT`.
 const RECONNECT: Duration = Duration::from_secs(1);
+const MAX_RECONNECT: Duration = Duration::from_secs(16);
 
 /// Announces, in the caller's transaction, that `repo`'s manifests or tags
 /// change; listeners hear it when (and only if) the transaction commits.
@@ -52,16 +54,24 @@ enum FeedError {
     Timeout(Duration),
 }
 
-/// Follows the feed until the process ends, reconnecting after each loss.
+/// Follows the feed until the process ends, reconnecting after each loss
+/// (at once, then less and less often while PostgreSQL stays away).
 pub(crate) async fn follow(config: &tokio_postgres::Config, sink: Arc<dyn ChangeSink>) {
+    let mut pause = RECONNECT;
     loop {
+        let started = Instant::now();
         let e = follow_once(config, sink.as_ref()).await;
         sink.reset();
+        if started.elapsed() > MAX_RECONNECT {
+            pause = RECONNECT;
+        }
         tracing::warn!(
             error = %crate::error_chain(&e),
-            "lost the PostgreSQL change feed: caches of manifests and tags are off until it is back; reconnecting"
+            retry_in_ms = pause.as_millis() as u64,
+            "lost the PostgreSQL change feed: caches of manifests and tags are off until it is back"
         );
-        tokio::time::sleep(RECONNECT).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RECONNECT);
     }
 }
 

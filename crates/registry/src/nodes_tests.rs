@@ -243,27 +243,24 @@ async fn appends_from_two_nodes_to_one_upload_never_interleave() {
     let Some(n) = nodes("busy").await else { return };
     let r = repo("p/app");
     let id = n.a.reg.upload_start(&r, None, Algorithm::Sha256).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    // One chunk in flight at most: once the second is taken, A's append has
+    // read the first, so it is under way (and holds the lease).
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(1);
     let slow: ByteStream = Box::pin(tokio_stream_of(rx));
     let writer = tokio::spawn({
         let (reg, r, id) = (n.a.reg.clone(), r.clone(), id.clone());
         async move { reg.upload_append(&r, &id, None, Some(0), slow).await }
     });
     tx.send(Ok(Bytes::from(vec![b'a'; 3000]))).await.unwrap();
-    // A holds the lease once its first bytes are stored.
-    for _ in 0..400 {
-        if n.a.blobs.upload_size(&id).await.unwrap() == Some(3000) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let err =
-        n.b.reg
-            .upload_append(&r, &id, None, Some(3000), body(vec![b'b'; 1000]))
-            .await
-            .unwrap_err();
+    tx.send(Ok(Bytes::from(vec![b'a'; 1000]))).await.unwrap();
+    // A streamed PATCH (no Content-Range) would append wherever the upload
+    // ends: without the lease it would write beside A's.
+    let err = n.b.reg
+        .upload_append(&r, &id, None, None, body(vec![b'b'; 1000]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::RangeInvalid, "{}", err.message);
-    tx.send(Ok(Bytes::from(vec![b'a'; 2000]))).await.unwrap();
+    tx.send(Ok(Bytes::from(vec![b'a'; 1000]))).await.unwrap();
     drop(tx);
     assert_eq!(writer.await.unwrap().unwrap(), 5000);
     let d = Digest::sha256(&[b'a'; 5000]);

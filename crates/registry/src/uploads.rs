@@ -147,14 +147,13 @@ struct Held {
 
 impl Registry {
     /// Takes upload `id`'s write lease, waiting up to `BUSY_WAIT` for
-    /// another node's (`wait: false`: not at all), and checks that it is an
-    /// upload of `repo` by `owner`. Anything else is "unknown", so ids do
-    /// not leak.
-    async fn hold(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>, wait: bool) -> Result<Held> {
+    /// another node's, and checks that it is an upload of `repo` by
+    /// `owner`. Anything else is "unknown", so ids do not leak.
+    async fn hold(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<Held> {
         let mut waited = Duration::ZERO;
         let leased = loop {
             match self.meta.lease_upload(id, &self.node, LEASE_TTL).await {
-                Err(MetaError::Conflict(Conflict::UploadBusy(_))) if wait && waited < BUSY_WAIT => {
+                Err(MetaError::Conflict(Conflict::UploadBusy(_))) if waited < BUSY_WAIT => {
                     tokio::time::sleep(BUSY_POLL).await;
                     waited += BUSY_POLL;
                 }
@@ -373,7 +372,7 @@ impl Registry {
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let held = self.hold(repo, id, owner, true).await?;
+        let held = self.hold(repo, id, owner).await?;
         let appended = async {
             check_start(start, held.size)?;
             let hasher = self.resume_hash(id, state.take(), &held).await;
@@ -401,7 +400,7 @@ impl Registry {
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let held = self.hold(repo, id, owner, true).await?;
+        let held = self.hold(repo, id, owner).await?;
         let verified = async {
             check_start(start, held.size)?;
             let mut size = held.size;
@@ -448,10 +447,12 @@ impl Registry {
         };
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
-            Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
             Err(e) => {
                 self.unhold(id, state.as_ref()).await;
-                return Err(e.into());
+                return Err(match e {
+                    storage::StorageError::NotFound => upload_unknown(id),
+                    e => e.into(),
+                });
             }
         };
         let recorded = self.meta.add_blob(repo, digest, size, admission).await;
@@ -528,7 +529,7 @@ impl Registry {
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
         let _guard = slot.state.lock().await;
-        self.hold(repo, id, owner, true).await?;
+        self.hold(repo, id, owner).await?;
         self.discard(id).await;
         Ok(())
     }
