@@ -517,7 +517,11 @@ async fn a_chunked_upload_alternating_nodes_commits_the_right_blob() {
     let mut data = bytes(42, 100 << 20);
     let mut took: Vec<(&str, u128)> = Vec::new();
     for round in 0..6u8 {
-        let (label, hops) = if round % 2 == 0 { ("one node", [0, 0]) } else { ("alternating", [0, 1]) };
+        let (label, hops) = if round % 2 == 0 {
+            ("one node", [0, 0])
+        } else {
+            ("alternating", [0, 1])
+        };
         data[0] = round;
         let digest = sha256(&data);
         let repo = format!("multi/{}", label.replace(' ', "-"));
@@ -564,7 +568,10 @@ async fn a_chunked_upload_alternating_nodes_commits_the_right_blob() {
     for label in ["one node", "alternating"] {
         let mut ms: Vec<u128> = took.iter().filter(|(l, _)| *l == label).map(|(_, t)| *t).collect();
         ms.sort_unstable();
-        eprintln!("100 MiB in 10 chunks, {label}: {ms:?} ms, median {} ms", ms[ms.len() / 2]);
+        eprintln!(
+            "100 MiB in 10 chunks, {label}: {ms:?} ms, median {} ms",
+            ms[ms.len() / 2]
+        );
     }
 }
 
@@ -620,7 +627,10 @@ async fn gc_runs_on_one_node_at_a_time() {
                 .collect()
         })
         .collect();
-    assert!(skips.iter().any(|s| !s.is_empty()), "a node skipped while the other collected");
+    assert!(
+        skips.iter().any(|s| !s.is_empty()),
+        "a node skipped while the other collected"
+    );
     let ids: Vec<String> = f.nodes.iter().map(node_id).collect();
     for (i, lines) in skips.iter().enumerate() {
         for line in lines {

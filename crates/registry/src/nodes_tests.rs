@@ -160,6 +160,8 @@ async fn a_write_on_one_node_is_never_served_stale_by_another() {
     let Some(n) = nodes("cache").await else { return };
     let r = repo("p/app");
     let m1 = push(&n.a.reg, &r, b"cfg1", &[b"layer1"], Some("t")).await;
+    // Else the push's own notification could drop what B caches next.
+    caught_up(&n.b.reg, Instant::now()).await;
     assert_eq!(digest_of(&n.b.reg, &r, "t").await, Ok(m1.clone()));
     assert_eq!(n.b.reg.catalog(None, None).await.unwrap().items, ["p/app"]);
     // Cached on B now (a second read is a hit).
@@ -255,10 +257,11 @@ async fn appends_from_two_nodes_to_one_upload_never_interleave() {
     tx.send(Ok(Bytes::from(vec![b'a'; 1000]))).await.unwrap();
     // A streamed PATCH (no Content-Range) would append wherever the upload
     // ends: without the lease it would write beside A's.
-    let err = n.b.reg
-        .upload_append(&r, &id, None, None, body(vec![b'b'; 1000]))
-        .await
-        .unwrap_err();
+    let err =
+        n.b.reg
+            .upload_append(&r, &id, None, None, body(vec![b'b'; 1000]))
+            .await
+            .unwrap_err();
     assert_eq!(err.code, ErrorCode::RangeInvalid, "{}", err.message);
     tx.send(Ok(Bytes::from(vec![b'a'; 1000]))).await.unwrap();
     drop(tx);

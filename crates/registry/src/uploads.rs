@@ -130,6 +130,11 @@ fn upload_busy(id: &UploadId) -> RegistryError {
     .with_detail(id.to_string())
 }
 
+/// The hash state, if it has seen exactly the upload's `size` bytes.
+fn in_step(state: &Option<Hasher>, size: u64) -> Option<&Hasher> {
+    state.as_ref().filter(|h| h.len() == size)
+}
+
 fn algorithm_of(rec: &UploadRecord) -> Algorithm {
     rec.algorithm
         .as_deref()
@@ -379,7 +384,10 @@ impl Registry {
             self.append(id, &mut state, hasher, data).await
         }
         .await;
-        self.unhold(id, state.as_ref()).await;
+        // Saved only when it is this append's: a failed one leaves the
+        // state saved before, which the next node brings up to date.
+        let fresh = appended.as_ref().ok().and_then(|n| in_step(&state, *n));
+        self.unhold(id, fresh).await;
         appended
     }
 
@@ -416,7 +424,7 @@ impl Registry {
         let (actual, size) = match verified {
             Ok(v) => v,
             Err(e) => {
-                self.unhold(id, state.as_ref()).await;
+                self.unhold(id, None).await;
                 return Err(e);
             }
         };
@@ -441,14 +449,14 @@ impl Registry {
         admission.fence = match self.byte_fence(digest).await {
             Ok(f) => Some(f),
             Err(e) => {
-                self.unhold(id, state.as_ref()).await;
+                self.unhold(id, in_step(&state, size)).await;
                 return Err(e);
             }
         };
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
             Err(e) => {
-                self.unhold(id, state.as_ref()).await;
+                self.unhold(id, in_step(&state, size)).await;
                 return Err(match e {
                     storage::StorageError::NotFound => upload_unknown(id),
                     e => e.into(),
