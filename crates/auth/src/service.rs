@@ -84,7 +84,9 @@ pub struct Auth {
     /// Failed logins per client address.
     clients: Limiter,
     counters: Arc<AuthCounters>,
-    /// user -> (sha256 of the password, when verified).
+    /// user -> (sha256 of the password and of the stored hash it was
+    /// verified against, when). The stored hash is read from the store on
+    /// every login, so a password changed on any node (a new hash) misses.
     verified: Mutex<HashMap<String, ([u8; 32], Instant)>>,
     pub audit: AuditLog,
 }
@@ -172,13 +174,13 @@ impl Auth {
     }
 
     async fn check_secret(&self, name: &str, secret: &str) -> Result<Option<Principal>, AuthError> {
-        let fingerprint: [u8; 32] = sha2::Sha256::digest(secret.as_bytes()).into();
         let Some((hash, principal)) = self.account(name).await? else {
             // The same argon2 work as for a real account, so the time taken
             // does not tell which names exist.
             self.verify(secret, DUMMY_HASH.clone()).await?;
             return Ok(None);
         };
+        let fingerprint = fingerprint(secret, &hash);
         let cached = {
             let map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
             map.get(name)
@@ -410,6 +412,16 @@ impl Auth {
     }
 }
 
+/// What the credential cache keeps of a verified secret: a hash of it and
+/// of the stored hash it matched (never the secret itself).
+fn fingerprint(secret: &str, stored_hash: &str) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(secret.as_bytes());
+    h.update([0u8]);
+    h.update(stored_hash.as_bytes());
+    h.finalize().into()
+}
+
 /// A `Retry-After` in whole seconds, never 0.
 pub fn retry_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -424,4 +436,40 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
 
 fn token_error(e: TokenError) -> AuthError {
     AuthError::Unauthorized(format!("invalid token: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes (two `Auth`s) on one store: a password changed through one
+    /// ends, at once, the other's cached acceptance of the old one.
+    #[tokio::test]
+    async fn a_password_changed_on_one_node_stops_working_on_every_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn IdentityStore> = Arc::new(metadata::RedbMetadata::open(&dir.path().join("m.redb")).unwrap());
+        crate::admin::create_user(store.as_ref(), "alice", "first password", false)
+            .await
+            .unwrap();
+        let node = |n: &str| {
+            let audit = AuditLog::open(dir.path().join(format!("audit-{n}.log"))).unwrap();
+            Auth::new(
+                store.clone(),
+                TokenKey::from_seed([7; 32]),
+                AuthConfig::default(),
+                audit,
+            )
+        };
+        let (a, b) = (node("a"), node("b"));
+        assert!(a.login("alice", "first password", "10.0.0.1").await.is_ok());
+        // Now cached on A.
+        crate::admin::set_password(store.as_ref(), "alice", "second password")
+            .await
+            .unwrap();
+        b.forget("alice");
+        let old = a.login("alice", "first password", "10.0.0.1").await;
+        assert!(matches!(old, Err(AuthError::Unauthorized(_))), "{old:?}");
+        assert!(a.login("alice", "second password", "10.0.0.1").await.is_ok());
+        assert!(b.login("alice", "second password", "10.0.0.1").await.is_ok());
+    }
 }

@@ -114,8 +114,13 @@ impl TokenKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = TokenKey::generate()?;
                 let hex: String = key.signing.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
-                write_private(path, &hex).map_err(|e| format!("cannot write token key {}: {e}", path.display()))?;
-                Ok(key)
+                match publish_private(path, &hex) {
+                    Ok(()) => Ok(key),
+                    // Another node sharing the directory made one first:
+                    // every node must sign with the same key, so use it.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => TokenKey::load_or_create(path),
+                    Err(e) => Err(format!("cannot write token key {}: {e}", path.display())),
+                }
             }
             Err(e) => Err(format!("cannot read token key {}: {e}", path.display())),
         }
@@ -188,8 +193,22 @@ impl TokenKey {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Creates `path` holding `text`, mode 0600, whole or not at all: written
+/// and synced under a temporary name, then linked into place, which fails
+/// (`AlreadyExists`) if another process published it first. So a reader
+/// never sees a key half written, and processes starting at once on a
+/// shared directory all end up with the same key.
+fn publish_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -197,9 +216,18 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -277,6 +305,30 @@ mod tests {
         }
         std::fs::write(&path, "zz").unwrap();
         assert!(TokenKey::load_or_create(&path).is_err());
+    }
+
+    /// Nodes starting at once on a shared directory with no key yet: each
+    /// gets a key, and it is the same one.
+    #[test]
+    fn processes_creating_the_key_at_once_agree_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let kids: Vec<String> = (0..8)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    TokenKey::load_or_create(&path).map(|k| k.kid().to_string())
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert!(kids.iter().all(|k| *k == kids[0]), "{kids:?}");
+        // Nothing but the key is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     proptest::proptest! {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use registry::lease::Exclusive;
 use registry::{GcOptions, Registry, RegistryConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -138,8 +139,9 @@ pub fn retention(args: RetentionArgs) -> Result<(), BoxError> {
     };
     let (rt, registry) = open_offline(&args.store, &args.storage, "retention", config)?;
     let tags = rt
-        .block_on(registry.retention(&rules, args.dry_run))
-        .map_err(|e| format!("retention failed: {e}"))?;
+        .block_on(registry.exclusively(registry::lease::GC, registry.retention(&rules, args.dry_run)))
+        .map_err(|e| format!("retention failed: {e}"))
+        .and_then(ran)?;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
     for (repo, tag) in &tags {
         println!("{verb} {repo}:{tag}");
@@ -176,10 +178,22 @@ pub fn run(args: GcArgs) -> Result<(), BoxError> {
     };
     let (rt, registry) = open_offline(&args.store, &args.storage, "gc", RegistryConfig::default())?;
     let report = rt
-        .block_on(registry.gc(&opts))
-        .map_err(|e| format!("garbage collection failed: {e}"))?;
+        .block_on(registry.exclusively(registry::lease::GC, registry.gc(&opts)))
+        .map_err(|e| format!("garbage collection failed: {e}"))
+        .and_then(ran)?;
     println!("{report}");
     Ok(())
+}
+
+/// What an offline run under the GC lease did: with metadata shared by
+/// serving nodes, one of them may be collecting (it holds the lease).
+fn ran<T>(outcome: Exclusive<T>) -> Result<T, String> {
+    match outcome {
+        Exclusive::Ran(v) => Ok(v),
+        Exclusive::Busy { holder } => Err(format!(
+            "node {holder} is collecting garbage or applying retention now (it holds the GC lease); try again later"
+        )),
+    }
 }
 
 /// Opens the registry of a data directory for an offline command (`berth
@@ -215,7 +229,9 @@ pub fn open_offline(
 }
 
 /// Runs GC every `interval` until the process ends. A failed run is logged
-/// and the next one tries again.
+/// and the next one tries again. With metadata shared by several nodes,
+/// retention and GC run on one node at a time: the one holding the GC lease
+/// (`registry::lease`); the others skip the interval and say so.
 pub async fn schedule(
     app: Arc<api::App>,
     interval: Duration,
@@ -228,29 +244,47 @@ pub async fn schedule(
     tick.tick().await;
     loop {
         tick.tick().await;
-        // Pull times reach the store once per interval, off the request path.
+        // Pull times reach the store once per interval, off the request
+        // path, on every node: each knows only its own pulls.
         if let Err(e) = app.registry.flush_pulls().await {
             tracing::warn!(error = %e, "could not record tag pull times; they are kept for the next interval");
         }
-        // Retention first, so the manifests it untags can go in this run.
-        if !retention.is_empty() {
-            match app.registry.retention(&retention, false).await {
-                Ok(tags) => tracing::info!(tags_deleted = tags.len(), "scheduled retention"),
-                Err(e) => tracing::error!(error = %e, "scheduled retention failed; it runs again at the next interval"),
-            }
-        }
         let started = std::time::Instant::now();
-        match app.registry.gc(&opts).await {
-            Ok(report) => tracing::info!(
+        match app
+            .registry
+            .exclusively(registry::lease::GC, maintain(&app.registry, &opts, &retention))
+            .await
+        {
+            Ok(Exclusive::Ran(report)) => tracing::info!(
                 bytes_freed = report.bytes_freed(),
                 objects_freed = report.objects_freed(),
                 untagged_manifests = report.manifests,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "scheduled garbage collection: {report}"
             ),
+            Ok(Exclusive::Busy { holder }) => tracing::info!(
+                holder = %holder,
+                "scheduled garbage collection skipped: another node holds the GC lease and is collecting"
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "scheduled garbage collection failed; it runs again at the next interval")
             }
         }
     }
+}
+
+/// One scheduled round: retention first, so the manifests it untags can go
+/// in the same GC run.
+async fn maintain(
+    registry: &Registry,
+    opts: &GcOptions,
+    retention: &[registry::RetentionRule],
+) -> registry::Result<registry::GcReport> {
+    if !retention.is_empty() {
+        match registry.retention(retention, false).await {
+            Ok(tags) => tracing::info!(tags_deleted = tags.len(), "scheduled retention"),
+            Err(e) => tracing::error!(error = %e, "scheduled retention failed; it runs again at the next interval"),
+        }
+    }
+    registry.gc(opts).await
 }

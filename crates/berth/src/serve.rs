@@ -102,7 +102,13 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
         registry = registry.with_events(recorder);
     }
     // With no webhooks this only prunes what an earlier configuration left.
-    events::start(meta.clone(), cfg.webhooks.clone(), metrics.clone(), wake)?;
+    events::start(
+        meta.clone(),
+        cfg.webhooks.clone(),
+        metrics.clone(),
+        wake,
+        registry.node_id(),
+    )?;
     tokio::spawn(observe::health::run(
         Checks {
             blobs,
@@ -135,6 +141,10 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
         None
     };
     let registry = Arc::new(registry);
+    // With metadata in PostgreSQL, the other nodes' writes reach this
+    // node's caches through the store's change feed (returns at once with
+    // redb, which only this process writes).
+    tokio::spawn(registry.clone().follow_changes());
     let mut app = api::App::new(registry.clone(), auth);
     app.body_idle_timeout = Duration::from_secs(cfg.client_timeout);
     if !cfg.signature_policies.is_empty() {
@@ -164,6 +174,7 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
         app.proxy = Some(proxy);
     }
     let app = Arc::new(app);
+    let app_registry = app.registry.clone();
     if cfg.gc_interval > 0 {
         maintenance.spawn(crate::gc::schedule(
             app.clone(),
@@ -212,6 +223,7 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     }
     tracing::info!(
         listen = %addr,
+        node = %app_registry.node_id(),
         tls = tls.is_some(),
         external_url = %external_url,
         data_dir = %cfg.data_dir.display(),
@@ -246,6 +258,10 @@ async fn serve(cfg: ServeConfig, maintenance: tokio::runtime::Handle) -> Result<
     };
     tracing::info!(max_connections = limits.max_connections, "connection limit");
     crate::server::serve(listener, app, tls, limits, conns, shutdown, drain).await?;
+    // The other nodes need not wait for the lease to expire.
+    if cfg.gc_interval > 0 {
+        app_registry.release_lease(registry::lease::GC).await;
+    }
     tracing::info!("berth stopped");
     Ok(())
 }
@@ -344,10 +360,16 @@ async fn bootstrap_admin(meta: &dyn IdentityStore, data_dir: &std::path::Path) -
     }
     match std::env::var("BERTH_INITIAL_ADMIN_PASSWORD") {
         Ok(pw) if !pw.is_empty() => {
-            auth::admin::create_user(meta, "admin", &pw, true)
-                .await
-                .map_err(|e| format!("cannot create the initial admin from BERTH_INITIAL_ADMIN_PASSWORD: {e}"))?;
-            tracing::info!("created system administrator 'admin' from BERTH_INITIAL_ADMIN_PASSWORD");
+            match auth::admin::create_user(meta, "admin", &pw, true).await {
+                Ok(_) => tracing::info!("created system administrator 'admin' from BERTH_INITIAL_ADMIN_PASSWORD"),
+                // Another node sharing the database, starting at once, made it.
+                Err(auth::admin::AdminError::Conflict(_)) => {}
+                Err(e) => {
+                    return Err(
+                        format!("cannot create the initial admin from BERTH_INITIAL_ADMIN_PASSWORD: {e}").into(),
+                    )
+                }
+            }
         }
         _ => tracing::warn!(
             "access control is on but there are no users yet. Create the first administrator: stop berth and run \

@@ -27,12 +27,12 @@ async fn migrate_applies_the_schema_once_and_says_so() {
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "schema at version 1: applied 1 (initial schema)"
+        "schema at version 2: applied 1 (initial schema), 2 (leases)"
     );
     let again = berth(&["migrate", "--metadata", &url]);
     assert_eq!(
         String::from_utf8_lossy(&again.stdout).trim(),
-        "schema at version 1: already up to date"
+        "schema at version 2: already up to date"
     );
     // Without a PostgreSQL URL there is nothing to migrate, and it says why.
     let none = berth(&["migrate"]);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metadata::{DeadLetter, MetadataStore, OutboxEvent};
+use metadata::{DeadLetter, Lease, MetadataStore, OutboxEvent};
 use observe::Metrics;
 use registry::events::EventKind;
 use tokio::sync::watch;
@@ -17,14 +17,24 @@ const PAGE: usize = 64;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often the pruner runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// With metadata shared by several nodes, one node at a time delivers to an
+/// endpoint (two would deliver its events twice and out of order): the one
+/// holding the endpoint's lease, which lasts `LEASE_TTL` unrenewed and is
+/// renewed every `LEASE_RENEW`; the others ask again every `LEASE_POLL`,
+/// so a dead node's endpoints are taken over within `LEASE_TTL` plus that.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+const LEASE_POLL: Duration = Duration::from_secs(5);
 
 /// Starts one delivery task per endpoint and the pruner. `committed` is
-/// updated by the recorder after each outbox write.
+/// updated by the recorder after each outbox write; `node` names this
+/// process in the endpoints' leases.
 pub fn start(
     meta: Arc<dyn MetadataStore>,
     endpoints: Vec<Endpoint>,
     metrics: Arc<Metrics>,
     committed: watch::Receiver<u64>,
+    node: &str,
 ) -> Result<(), String> {
     let names: Vec<String> = endpoints.iter().map(|e| e.name.clone()).collect();
     for ep in endpoints {
@@ -39,6 +49,7 @@ pub fn start(
             client,
             metrics.clone(),
             committed.clone(),
+            node.to_string(),
         ));
     }
     tokio::spawn(prune(meta, names));
@@ -63,13 +74,69 @@ where
     }
 }
 
+/// Waits until this node holds `lease`.
+async fn take_lease(meta: &dyn MetadataStore, lease: &str, node: &str) {
+    let mut said = false;
+    loop {
+        match meta.take_lease(lease, node, LEASE_TTL).await {
+            Ok(Lease::Held) => return,
+            Ok(Lease::Busy { holder }) if !said => {
+                tracing::info!(lease, holder = %holder, "another node delivers this webhook's events; standing by");
+                said = true;
+            }
+            Ok(Lease::Busy { .. }) => {}
+            Err(e) => {
+                tracing::warn!(lease, error = %metadata::error_chain(&e), "event delivery: taking the endpoint's lease failed; retrying")
+            }
+        }
+        tokio::time::sleep(LEASE_POLL).await;
+    }
+}
+
+/// Renews `lease` until another node has it; returns that node.
+async fn keep_lease(meta: &dyn MetadataStore, lease: &str, node: &str) -> String {
+    loop {
+        tokio::time::sleep(LEASE_RENEW).await;
+        match meta.take_lease(lease, node, LEASE_TTL).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::Busy { holder }) => return holder,
+            // Still ours until it expires; nobody can take it meanwhile.
+            Err(e) => {
+                tracing::warn!(lease, error = %metadata::error_chain(&e), "event delivery: renewing the endpoint's lease failed")
+            }
+        }
+    }
+}
+
+/// Delivers `ep`'s events while this node holds its lease, forever.
 async fn run_endpoint(
     meta: Arc<dyn MetadataStore>,
     ep: Endpoint,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     mut committed: watch::Receiver<u64>,
+    node: String,
 ) {
+    let lease = format!("webhook:{}", ep.name);
+    loop {
+        take_lease(meta.as_ref(), &lease, &node).await;
+        // An event cut short here was not acknowledged: the cursor has not
+        // moved past it, and the new holder delivers it again.
+        let holder = tokio::select! {
+            never = deliver_all(meta.as_ref(), &ep, &client, &metrics, &mut committed) => match never {},
+            holder = keep_lease(meta.as_ref(), &lease, &node) => holder,
+        };
+        tracing::warn!(endpoint = %ep.name, holder = %holder, "another node took over this webhook's delivery");
+    }
+}
+
+async fn deliver_all(
+    meta: &dyn MetadataStore,
+    ep: &Endpoint,
+    client: &reqwest::Client,
+    metrics: &Metrics,
+    committed: &mut watch::Receiver<u64>,
+) -> std::convert::Infallible {
     let name = ep.name.clone();
     loop {
         let cursor = retry("reading the cursor", || meta.outbox_cursor(&name)).await;
@@ -78,7 +145,7 @@ async fn run_endpoint(
         let page = retry("reading the outbox", || meta.outbox_read(cursor, PAGE)).await;
         if page.is_empty() {
             // Wait for the recorder, but not forever: a missed wake-up
-            // must not strand events.
+            // (or an event another node recorded) must not strand events.
             let _ = tokio::time::timeout(IDLE_POLL, committed.changed()).await;
             continue;
         }
@@ -86,11 +153,11 @@ async fn run_endpoint(
         // cursor catches up with them before the next delivery.
         let mut skipped = None;
         for ev in page {
-            if !wanted(&ep, &ev) {
+            if !wanted(ep, &ev) {
                 skipped = Some(ev.seq);
                 continue;
             }
-            let dead = deliver(meta.as_ref(), &ep, &client, &metrics, &ev).await.err();
+            let dead = deliver(meta, ep, client, metrics, &ev).await.err();
             retry("moving the cursor", || meta.outbox_advance(&name, ev.seq, dead.clone())).await;
             skipped = None;
         }

@@ -12,6 +12,8 @@
 //!   pruning, so a delivery cursor can never skip or repeat an event.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use oci::{Descriptor, Digest, RepoName, Tag, UploadId};
@@ -20,6 +22,8 @@ use serde::{Deserialize, Serialize};
 pub mod gc;
 pub mod identity;
 pub mod identity_testsuite;
+#[cfg(feature = "postgres")]
+mod pg_changes;
 #[cfg(feature = "postgres")]
 pub mod pg_cluster;
 #[cfg(feature = "postgres")]
@@ -106,6 +110,43 @@ pub enum Conflict {
     /// `byte_fence`: the bytes it wrote may be gone; write them again.
     #[error("garbage collection is removing {0}")]
     Fenced(Digest),
+    /// Another node holds the upload's write lease (`lease_upload`).
+    #[error("another node is writing to upload {0}")]
+    UploadBusy(UploadId),
+}
+
+/// What `MetadataStore::take_lease` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// The caller holds the lease now.
+    Held,
+    /// Another holder's lease has not expired.
+    Busy { holder: String },
+}
+
+/// An upload session's record, with the hash state the last append saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedUpload {
+    pub record: UploadRecord,
+    /// `oci::Hasher::save` of a hash of the upload's first bytes (how many,
+    /// the state says), saved by `release_upload`.
+    pub hash_state: Option<Vec<u8>>,
+}
+
+/// How often a shared store's change feed confirms that it is caught up
+/// (`ChangeSink::caught_up`); a cache may trust it for a few times this.
+pub const CHANGES_CONFIRMED_EVERY: Duration = Duration::from_millis(500);
+
+/// What a node's caches hear of the manifest and tag changes every node
+/// makes to a shared store (`MetadataStore::follow_changes`).
+pub trait ChangeSink: Send + Sync {
+    /// A manifest or tag of `repo` was written or removed, on any node.
+    fn changed(&self, repo: &str);
+    /// Every change committed before `at` has been passed to `changed`.
+    fn caught_up(&self, at: Instant);
+    /// Changes may have been missed (the feed starts, or was lost): forget
+    /// everything, and trust nothing until the next `caught_up`.
+    fn reset(&self);
 }
 
 /// What a write that records new content checks in its own transaction, so
@@ -229,6 +270,58 @@ pub struct DeadLetter {
 
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
+    /// Whether other processes (other berth nodes) may write this store
+    /// while this one does. Then caches of its manifests and tags must
+    /// follow `follow_changes`, and the leases below exclude other nodes.
+    /// A store one process opens exclusively (redb) is not shared: its own
+    /// writes are the only ones, and its in-process locks are enough.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Tells `sink` of every manifest and tag change any node commits,
+    /// until the process ends. A store that is not shared returns at once.
+    async fn follow_changes(&self, sink: Arc<dyn ChangeSink>) {
+        let _ = sink;
+    }
+
+    /// Takes lease `name` for `holder` until `ttl` from now (or renews it),
+    /// unless another holder's has not expired. The expiry is on the store's
+    /// clock, so a node that dies loses the lease after `ttl`. A store that
+    /// is not shared has no other node to exclude, and grants every lease.
+    async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+        let _ = (name, holder, ttl);
+        Ok(Lease::Held)
+    }
+
+    /// Gives up `holder`'s lease `name`, if it holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let _ = (name, holder);
+        Ok(())
+    }
+
+    /// Upload `id`'s record and saved hash state, with its write lease
+    /// taken (or renewed) for `holder` until `ttl` from now; `None` if there
+    /// is no such upload. Fails with `Conflict::UploadBusy` while another
+    /// holder's lease has not expired. A store that is not shared keeps no
+    /// lease (the caller's in-process lock serializes its writers) and no
+    /// hash state (the process keeps its own).
+    async fn lease_upload(&self, id: &UploadId, holder: &str, ttl: Duration) -> Result<Option<LeasedUpload>> {
+        let _ = (holder, ttl);
+        Ok(self.get_upload(id).await?.map(|record| LeasedUpload {
+            record,
+            hash_state: None,
+        }))
+    }
+
+    /// Ends `holder`'s lease of upload `id` and, with `hash_state`, saves
+    /// it for whoever appends next. Does nothing if `holder` lost the lease
+    /// meanwhile. Returns whether it held it.
+    async fn release_upload(&self, id: &UploadId, holder: &str, hash_state: Option<&[u8]>) -> Result<bool> {
+        let _ = (id, holder, hash_state);
+        Ok(true)
+    }
+
     /// Records that blob `digest` of `size` bytes is committed in the blob
     /// store, and links it into `repo`, if `admission` allows. Idempotent.
     async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64, admission: Admission) -> Result<()>;

@@ -370,5 +370,6 @@ async fn sweep_one(
         )
         .await?;
     }
+    crate::pg_changes::notify(tx, r).await?;
     Ok(Some(record.size))
 }

@@ -11,7 +11,7 @@
 const MIGRATION_LOCK: i64 = 0x6265_7274_685f_6d67; // "berth_mg"
 
 /// (version, name, SQL). Append only: a released migration never changes.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial schema", V1)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial schema", V1), (2, "leases", V2)];
 
 const V1: &str = r#"
 CREATE TABLE blobs (
@@ -121,6 +121,20 @@ CREATE INDEX members_by_member ON members (member);
 CREATE TABLE robots (
     name TEXT COLLATE "C" PRIMARY KEY,
     record BYTEA NOT NULL
+);
+"#;
+
+/// Several nodes: leases (one node at a time runs GC, writes to an upload),
+/// and the hash state an upload's last append saved for the next node.
+const V2: &str = r#"
+ALTER TABLE uploads
+    ADD COLUMN holder TEXT,
+    ADD COLUMN lease_until TIMESTAMPTZ,
+    ADD COLUMN hash_state BYTEA;
+CREATE TABLE leases (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires TIMESTAMPTZ NOT NULL
 );
 "#;
 

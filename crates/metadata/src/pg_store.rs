@@ -29,10 +29,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::pg_changes::notify;
 use crate::pg_schema::{migrate, MigrateError, Migrated};
 use crate::{
-    Admission, Conflict, DeadLetter, Events, ManifestHead, ManifestRecord, MetaError, MetadataStore, Missing,
-    NewManifest, OutboxEvent, Result, StoreStats, UploadRecord,
+    Admission, ChangeSink, Conflict, DeadLetter, Events, Lease, LeasedUpload, ManifestHead, ManifestRecord, MetaError,
+    MetadataStore, Missing, NewManifest, OutboxEvent, Result, StoreStats, UploadRecord,
 };
 
 /// Connections per node. Each request holds one for one statement or one
@@ -48,6 +49,8 @@ const MAX_ATTEMPTS: u32 = 8;
 pub struct PostgresMetadata {
     pub(crate) pool: Pool,
     schema: Migrated,
+    /// For the change feed's own connection (`pg_changes`).
+    config: tokio_postgres::Config,
 }
 
 /// Why `PostgresMetadata::connect` failed.
@@ -115,7 +118,7 @@ impl PostgresMetadata {
         }
         let target = describe(&cfg);
         let manager = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -135,7 +138,11 @@ impl PostgresMetadata {
             .map_err(|source| OpenError::Connect { target, source })?;
         let schema = migrate(&mut client).await?;
         drop(client);
-        Ok(PostgresMetadata { pool, schema })
+        Ok(PostgresMetadata {
+            pool,
+            schema,
+            config: cfg,
+        })
     }
 
     /// The schema version, and what `connect` migrated.
@@ -449,8 +456,82 @@ async fn upsert_link(tx: &Transaction<'_>, repo: &str, digest: &str, size: i64) 
     .map(|_| ())
 }
 
+/// A duration as PostgreSQL's interval arithmetic wants it: seconds.
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
 #[async_trait]
 impl MetadataStore for PostgresMetadata {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn follow_changes(&self, sink: std::sync::Arc<dyn ChangeSink>) {
+        crate::pg_changes::follow(&self.config, sink).await
+    }
+
+    async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+        // Taken if free, expired or already ours; the expiry is on the
+        // database's clock, the one clock every node shares.
+        let row = self
+            .row(
+                "INSERT INTO leases (name, holder, expires) VALUES ($1, $2, now() + make_interval(secs => $3)) \
+                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires = EXCLUDED.expires \
+                 WHERE leases.holder = EXCLUDED.holder OR leases.expires < now() \
+                 RETURNING holder",
+                &[&name, &holder, &secs(ttl)],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(Lease::Held);
+        }
+        let holder = self
+            .row("SELECT holder FROM leases WHERE name = $1", &[&name])
+            .await?
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default();
+        Ok(Lease::Busy { holder })
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.rows("DELETE FROM leases WHERE name = $1 AND holder = $2", &[&name, &holder])
+            .await
+            .map(|_| ())
+    }
+
+    async fn lease_upload(&self, id: &UploadId, holder: &str, ttl: Duration) -> Result<Option<LeasedUpload>> {
+        let row = self
+            .row(
+                "UPDATE uploads SET holder = $2, lease_until = now() + make_interval(secs => $3) \
+                 WHERE id = $1 AND (holder IS NULL OR holder = $2 OR lease_until < now()) \
+                 RETURNING record, hash_state",
+                &[&id.as_str(), &holder, &secs(ttl)],
+            )
+            .await?;
+        match row {
+            Some(r) => Ok(Some(LeasedUpload {
+                record: serde_json::from_slice(r.get::<_, &[u8]>(0)).map_err(be)?,
+                hash_state: r.get(1),
+            })),
+            None => match self.get_upload(id).await? {
+                Some(_) => Err(Conflict::UploadBusy(id.clone()).into()),
+                None => Ok(None),
+            },
+        }
+    }
+
+    async fn release_upload(&self, id: &UploadId, holder: &str, hash_state: Option<&[u8]>) -> Result<bool> {
+        let rows = self
+            .rows(
+                "UPDATE uploads SET holder = NULL, lease_until = NULL, hash_state = COALESCE($3, hash_state) \
+                 WHERE id = $1 AND holder = $2 RETURNING 1",
+                &[&id.as_str(), &holder, &hash_state],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
     async fn add_blob(&self, repo: &RepoName, digest: &Digest, size: u64, admission: Admission) -> Result<()> {
         let (r, d, sz) = (repo.as_str(), digest.as_str(), int(size));
         in_tx!(self, |tx| {
@@ -647,6 +728,7 @@ impl MetadataStore for PostgresMetadata {
                 .chain(m.record.children.iter().map(String::as_str))
                 .collect();
             crate::pg_gc::touch(tx, &touched).await?;
+            notify(tx, r).await?;
             append_outbox(tx, &m.events).await?;
         })
     }
@@ -733,6 +815,7 @@ impl MetadataStore for PostgresMetadata {
                 )
                 .await?;
             }
+            notify(tx, r).await?;
             append_outbox(tx, &events).await?;
             true
         })
@@ -743,6 +826,7 @@ impl MetadataStore for PostgresMetadata {
         in_tx!(self, |tx| {
             let n = x(tx, "DELETE FROM tags WHERE repo = $1 AND tag = $2", &[&r, &t]).await?;
             if n > 0 {
+                notify(tx, r).await?;
                 append_outbox(tx, &events).await?;
             }
             n > 0
@@ -965,7 +1049,7 @@ mod tests {
         let Some(cluster) = TestCluster::start() else { return };
         let url = cluster.create_database("suite").await;
         let store = PostgresMetadata::connect(&url).await.unwrap();
-        assert_eq!(store.schema().applied, vec![1]);
+        assert_eq!(store.schema().applied, vec![1, 2]);
         crate::testsuite::run_all(&store).await;
         crate::identity_testsuite::run_all(&store).await;
     }
@@ -986,7 +1070,7 @@ mod tests {
             .map(|s| &s.schema().applied)
             .filter(|a| !a.is_empty())
             .collect();
-        assert_eq!(applied, vec![&vec![1]], "exactly one start migrated");
+        assert_eq!(applied, vec![&vec![1, 2]], "exactly one start migrated");
         let rows = stores[0]
             .rows("SELECT version FROM schema_migrations", &[])
             .await
@@ -994,7 +1078,7 @@ mod tests {
         assert_eq!(rows.len(), crate::pg_schema::MIGRATIONS.len());
         let again = PostgresMetadata::connect(&url).await.unwrap();
         assert!(again.schema().applied.is_empty());
-        assert_eq!(again.schema().version, 1);
+        assert_eq!(again.schema().version, 2);
         // A schema from a newer berth is refused, not written to.
         again
             .rows(
@@ -1007,7 +1091,7 @@ mod tests {
             panic!("a newer schema must be refused")
         };
         assert!(
-            matches!(e, OpenError::Migrate(MigrateError::TooNew { found: 999, known: 1 })),
+            matches!(e, OpenError::Migrate(MigrateError::TooNew { found: 999, known: 2 })),
             "{e:?}"
         );
     }
@@ -1133,6 +1217,111 @@ mod tests {
         }
         assert_eq!(seen.len() as u64, 2 * EACH, "every event, once");
         assert_eq!(cursor, 2 * EACH);
+    }
+
+    /// What a change feed told its sink.
+    #[derive(Default)]
+    struct Heard {
+        changed: std::sync::Mutex<Vec<String>>,
+        caught_up: std::sync::Mutex<Option<std::time::Instant>>,
+        resets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ChangeSink for Heard {
+        fn changed(&self, repo: &str) {
+            self.changed.lock().unwrap().push(repo.to_string());
+        }
+        fn caught_up(&self, at: std::time::Instant) {
+            *self.caught_up.lock().unwrap() = Some(at);
+        }
+        fn reset(&self) {
+            self.resets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            *self.caught_up.lock().unwrap() = None;
+        }
+    }
+
+    impl Heard {
+        /// Waits (boundedly) for a proof that every change committed before
+        /// `t` was heard, and returns what was heard.
+        async fn after(&self, t: std::time::Instant) -> Vec<String> {
+            for _ in 0..400 {
+                if self.caught_up.lock().unwrap().is_some_and(|at| at > t) {
+                    return std::mem::take(&mut *self.changed.lock().unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("the feed never caught up");
+        }
+    }
+
+    fn manifest(seed: &str, tag: &str) -> NewManifest {
+        NewManifest {
+            digest: Digest::sha256(seed.as_bytes()),
+            record: ManifestRecord {
+                media_type: oci::media::OCI_MANIFEST.into(),
+                size: 10,
+                artifact_type: None,
+                subject: None,
+                annotations: None,
+                blobs: vec![],
+                children: vec![],
+                created: 1,
+                cached_from: None,
+            },
+            required_blobs: vec![],
+            required_manifests: vec![],
+            tags: vec![tag.parse().unwrap()],
+            fixed_tags: vec![],
+            admission: Admission::default(),
+            events: vec![],
+        }
+    }
+
+    /// One node follows the feed while another writes: once the feed
+    /// says it caught up with a moment, every change committed before that
+    /// moment was heard, puts and deletes alike, also after the feed's
+    /// connection was killed under it (it says so with a reset first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_change_feed_proves_it_heard_every_change_before_a_moment() {
+        let Some(cluster) = TestCluster::start() else { return };
+        let url = cluster.create_database("feed").await;
+        let a = std::sync::Arc::new(PostgresMetadata::connect(&url).await.unwrap());
+        let b = PostgresMetadata::connect(&url).await.unwrap();
+        let heard = std::sync::Arc::new(Heard::default());
+        let feed = tokio::spawn({
+            let (a, heard) = (a.clone(), heard.clone());
+            async move { a.follow_changes(heard).await }
+        });
+        heard.after(std::time::Instant::now()).await;
+        let repo: RepoName = "feed/app".parse().unwrap();
+        let m = manifest("feed-1", "v1");
+        b.put_manifest(&repo, m.clone()).await.unwrap();
+        assert_eq!(heard.after(std::time::Instant::now()).await, ["feed/app"]);
+        // Nothing changed, nothing heard.
+        assert!(heard.after(std::time::Instant::now()).await.is_empty());
+        b.delete_tag(&repo, &"v1".parse().unwrap(), vec![]).await.unwrap();
+        // A delete of nothing changes nothing.
+        b.delete_tag(&repo, &"v1".parse().unwrap(), vec![]).await.unwrap();
+        assert_eq!(heard.after(std::time::Instant::now()).await, ["feed/app"]);
+
+        let resets = heard.resets.load(std::sync::atomic::Ordering::SeqCst);
+        let killed = b
+            .rows(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE query LIKE 'SELECT pg_notify($1, $2)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(killed.len(), 1, "the feed's connection");
+        // Written while the feed may be down: either heard, or covered by
+        // the reset the feed makes before it proves anything again.
+        b.delete_manifest(&repo, &m.digest, None, vec![]).await.unwrap();
+        heard.after(std::time::Instant::now()).await;
+        assert!(heard.resets.load(std::sync::atomic::Ordering::SeqCst) > resets);
+        b.put_manifest(&repo, manifest("feed-2", "v2")).await.unwrap();
+        assert_eq!(heard.after(std::time::Instant::now()).await, ["feed/app"]);
+        feed.abort();
     }
 
     #[tokio::test]

@@ -3,9 +3,11 @@
 
 use oci::{Digest, RepoName, Tag, UploadId};
 
+use std::time::Duration;
+
 use crate::{
-    Admission, Conflict, DeadLetter, ManifestRecord, ManifestSweep, MetaError, MetadataStore, Missing, NewManifest,
-    SweepGuard, UploadRecord,
+    Admission, Conflict, DeadLetter, Lease, ManifestRecord, ManifestSweep, MetaError, MetadataStore, Missing,
+    NewManifest, SweepGuard, UploadRecord,
 };
 
 fn repo(s: &str) -> RepoName {
@@ -56,6 +58,7 @@ pub async fn run_all(store: &dyn MetadataStore) {
     referrers_index(store).await;
     pagination(store).await;
     uploads(store).await;
+    leases(store).await;
     stats(store).await;
     outbox(store).await;
     gc_sweeps(store).await;
@@ -236,6 +239,67 @@ pub async fn uploads(store: &dyn MetadataStore) {
     assert_eq!(store.get_upload(&id).await.unwrap(), Some(rec));
     store.delete_upload(&id).await.unwrap();
     assert_eq!(store.get_upload(&id).await.unwrap(), None);
+}
+
+/// Leases exclude other holders until released or expired; a store that is
+/// not shared grants every one (there is no other node), and keeps no
+/// upload hash state.
+pub async fn leases(store: &dyn MetadataStore) {
+    let long = Duration::from_secs(60);
+    assert_eq!(store.take_lease("gc", "a", long).await.unwrap(), Lease::Held);
+    assert_eq!(store.take_lease("gc", "a", long).await.unwrap(), Lease::Held, "renewed");
+    if store.shared() {
+        let busy = Lease::Busy { holder: "a".into() };
+        assert_eq!(store.take_lease("gc", "b", long).await.unwrap(), busy);
+        // Only the holder releases.
+        store.release_lease("gc", "b").await.unwrap();
+        assert_eq!(store.take_lease("gc", "b", long).await.unwrap(), busy);
+        // Another name is another lease.
+        assert_eq!(store.take_lease("other", "b", long).await.unwrap(), Lease::Held);
+    }
+    store.release_lease("gc", "a").await.unwrap();
+    assert_eq!(store.take_lease("gc", "b", long).await.unwrap(), Lease::Held);
+    store.release_lease("gc", "b").await.unwrap();
+    // A lease its holder stopped renewing (it died) goes to the next asker.
+    assert_eq!(
+        store.take_lease("short", "a", Duration::from_millis(1)).await.unwrap(),
+        Lease::Held
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.take_lease("short", "b", long).await.unwrap(), Lease::Held);
+
+    let id: UploadId = "0b7f6f1e-leased".parse().unwrap();
+    assert_eq!(store.lease_upload(&id, "a", long).await.unwrap(), None);
+    let rec = UploadRecord {
+        repo: "up/app".into(),
+        owner: None,
+        created: 42,
+        algorithm: None,
+    };
+    store.put_upload(&id, &rec).await.unwrap();
+    let leased = store.lease_upload(&id, "a", long).await.unwrap().expect("leased");
+    assert_eq!((leased.record, leased.hash_state), (rec.clone(), None));
+    if store.shared() {
+        let busy = store.lease_upload(&id, "b", long).await.unwrap_err();
+        assert!(
+            matches!(busy, MetaError::Conflict(Conflict::UploadBusy(ref i)) if *i == id),
+            "{busy:?}"
+        );
+        assert!(!store.release_upload(&id, "b", Some(b"not b's")).await.unwrap());
+        assert!(store.release_upload(&id, "a", Some(b"state 1")).await.unwrap());
+        let next = store.lease_upload(&id, "b", long).await.unwrap().expect("free again");
+        assert_eq!(next.hash_state.as_deref(), Some(&b"state 1"[..]));
+        // Released without a state: the saved one stays for the next.
+        assert!(store.release_upload(&id, "b", None).await.unwrap());
+        let again = store.lease_upload(&id, "a", Duration::from_millis(1)).await.unwrap();
+        assert_eq!(again.and_then(|l| l.hash_state).as_deref(), Some(&b"state 1"[..]));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(store.lease_upload(&id, "b", long).await.unwrap().is_some(), "expired");
+    } else {
+        assert!(store.release_upload(&id, "a", Some(b"state")).await.unwrap());
+    }
+    store.delete_upload(&id).await.unwrap();
+    assert_eq!(store.lease_upload(&id, "a", long).await.unwrap(), None);
 }
 
 pub async fn stats(store: &dyn MetadataStore) {

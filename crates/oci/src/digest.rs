@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sha2::Digest as _;
+use crate::hash::Hasher;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Algorithm {
@@ -30,8 +30,7 @@ impl Algorithm {
 
     pub fn hasher(self) -> Hasher {
         match self {
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+            Algorithm::Sha256 | Algorithm::Sha512 => Hasher::new(self),
         }
     }
 }
@@ -95,6 +94,18 @@ impl Digest {
         &self.text
     }
 
+    /// The digest whose encoding is `bytes` in lowercase hex.
+    pub(crate) fn from_raw(algorithm: Algorithm, bytes: &[u8]) -> Digest {
+        let mut text = String::with_capacity(algorithm.as_str().len() + 1 + bytes.len() * 2);
+        text.push_str(algorithm.as_str());
+        text.push(':');
+        for b in bytes {
+            text.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            text.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+        }
+        Digest { algorithm, text }
+    }
+
     /// The sha256 digest of `data`.
     pub fn sha256(data: &[u8]) -> Digest {
         let mut h = Algorithm::Sha256.hasher();
@@ -147,46 +158,6 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({})", self.text)
-    }
-}
-
-/// A streaming hasher for one of the supported algorithms. sha2 picks the
-/// CPU's SHA extensions at run time when they exist.
-#[derive(Clone)]
-pub enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    pub fn update(&mut self, data: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-        }
-    }
-
-    pub fn algorithm(&self) -> Algorithm {
-        match self {
-            Hasher::Sha256(_) => Algorithm::Sha256,
-            Hasher::Sha512(_) => Algorithm::Sha512,
-        }
-    }
-
-    pub fn finish(self) -> Digest {
-        let algorithm = self.algorithm();
-        let bytes: Vec<u8> = match self {
-            Hasher::Sha256(h) => h.finalize().to_vec(),
-            Hasher::Sha512(h) => h.finalize().to_vec(),
-        };
-        let mut text = String::with_capacity(algorithm.as_str().len() + 1 + bytes.len() * 2);
-        text.push_str(algorithm.as_str());
-        text.push(':');
-        for b in bytes {
-            text.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            text.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
-        }
-        Digest { algorithm, text }
     }
 }
 

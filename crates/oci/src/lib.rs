@@ -7,12 +7,14 @@
 pub mod challenge;
 pub mod digest;
 pub mod error;
+pub mod hash;
 pub mod manifest;
 pub mod media;
 pub mod name;
 
-pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use digest::{Algorithm, Digest, DigestError};
 pub use error::ErrorCode;
+pub use hash::{Hasher, StateError};
 pub use manifest::{Descriptor, Manifest, ManifestError};
 pub use name::{NameError, Reference, RepoName, Tag, UploadId};
 

@@ -9,12 +9,23 @@
 //!   and inserts only if no write happened meanwhile. Without that, a read
 //!   racing a write could put the old value back after the write dropped it.
 //!
+//! With a store other nodes write (`MetadataStore::shared`), their writes
+//! arrive through the store's change feed (`Registry` is its
+//! `ChangeSink`), which drops the repository's entries the same way. A
+//! notification can be late or lost, so the cache answers only within
+//! `FRESH_FOR` of the feed's last proof that it had heard every change
+//! committed before a moment (`caught_up`): a hit is never older than that
+//! bound, whatever happened to the feed, and a hit costs no round trip.
+//! Without such a proof (the feed is down) every read goes to the store.
+//!
 //! The bound is on manifest bytes; when it is exceeded, whole repositories
 //! are dropped, oldest first (FIFO: cheap, and hot repositories come back
 //! on their next read).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use foldhash::HashMap;
@@ -47,6 +58,26 @@ struct Inner {
 pub struct ManifestCache {
     inner: Mutex<Inner>,
     max_bytes: usize,
+    /// With a shared store: until when hits may be served.
+    fresh: Option<Freshness>,
+}
+
+/// How long after the change feed's last proof (`caught_up`) the cache of a
+/// shared store may answer: the most a hit can lag a write another node
+/// acknowledged. The feed proves itself every `CHANGES_CONFIRMED_EVERY`,
+/// so a feed working normally keeps the cache on all the time.
+pub const FRESH_FOR: Duration = Duration::from_secs(2);
+
+/// The deadline of hits, as nanoseconds after `base` (0: none).
+struct Freshness {
+    base: Instant,
+    until: AtomicU64,
+}
+
+impl Freshness {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Manifests larger than this are not cached: they are rare, and would
@@ -56,11 +87,57 @@ pub(crate) const MAX_ENTRY: usize = 256 * 1024;
 const OVERHEAD: usize = 256;
 
 impl ManifestCache {
-    pub fn new(max_bytes: usize) -> ManifestCache {
+    /// `shared`: other nodes write the store; hits are then served only
+    /// while the change feed keeps proving it is caught up.
+    pub fn new(max_bytes: usize, shared: bool) -> ManifestCache {
         ManifestCache {
             inner: Mutex::new(Inner::default()),
             max_bytes,
+            fresh: shared.then(|| Freshness {
+                base: Instant::now(),
+                until: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// Whether hits may be served now (always, with a store only this
+    /// process writes).
+    pub fn fresh(&self) -> bool {
+        match &self.fresh {
+            None => true,
+            Some(f) => f.now() < f.until.load(Ordering::Acquire),
+        }
+    }
+
+    /// The change feed heard every change committed before `at`.
+    pub fn caught_up(&self, at: Instant) {
+        if let Some(f) = &self.fresh {
+            let deadline = (at + FRESH_FOR).saturating_duration_since(f.base);
+            f.until
+                .fetch_max(u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX), Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the feed proved it heard every change committed before `t`.
+    #[cfg(test)]
+    pub(crate) fn caught_up_after(&self, t: Instant) -> bool {
+        self.fresh.as_ref().is_some_and(|f| {
+            let after = (t + FRESH_FOR).saturating_duration_since(f.base);
+            u128::from(f.until.load(Ordering::Acquire)) > after.as_nanos()
+        })
+    }
+
+    /// Changes may have been missed: drops everything, and serves nothing
+    /// until the next `caught_up`.
+    pub fn reset(&self) {
+        if let Some(f) = &self.fresh {
+            f.until.store(0, Ordering::Release);
+        }
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.repos.clear();
+        inner.order.clear();
+        inner.bytes = 0;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -73,10 +150,16 @@ impl ManifestCache {
     }
 
     pub fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<Digest> {
+        if !self.fresh() {
+            return None;
+        }
         self.lock().repos.get(repo)?.tags.get(tag).cloned()
     }
 
     pub fn manifest(&self, repo: &RepoName, digest: &Digest) -> Option<Arc<Cached>> {
+        if !self.fresh() {
+            return None;
+        }
         self.lock().repos.get(repo)?.manifests.get(digest).cloned()
     }
 
@@ -150,7 +233,7 @@ mod tests {
 
     #[test]
     fn hit_after_insert_and_miss_after_invalidate() {
-        let c = ManifestCache::new(1 << 20);
+        let c = ManifestCache::new(1 << 20, false);
         let (repo, tag, d) = names();
         let g = c.generation();
         c.insert(g, &repo, Some(&tag), &d, m(b"m1"));
@@ -163,7 +246,7 @@ mod tests {
 
     #[test]
     fn a_read_that_raced_a_write_is_not_cached() {
-        let c = ManifestCache::new(1 << 20);
+        let c = ManifestCache::new(1 << 20, false);
         let (repo, tag, d) = names();
         let before = c.generation();
         // A write commits and invalidates while the reader is in the store.
@@ -172,9 +255,34 @@ mod tests {
         assert_eq!(c.tag(&repo, &tag), None);
     }
 
+    /// With a shared store nothing is served before the feed's first
+    /// proof, within `FRESH_FOR` of the last one, or after a reset.
+    #[test]
+    fn a_shared_store_s_cache_answers_only_while_the_feed_proves_itself() {
+        let c = ManifestCache::new(1 << 20, true);
+        let (repo, tag, d) = names();
+        c.insert(c.generation(), &repo, Some(&tag), &d, m(b"m1"));
+        assert_eq!(c.tag(&repo, &tag), None, "no proof yet");
+        c.caught_up(Instant::now());
+        assert_eq!(c.tag(&repo, &tag), Some(d.clone()));
+        assert!(c.manifest(&repo, &d).is_some());
+        // A proof older than the bound is no proof.
+        let c2 = ManifestCache::new(1 << 20, true);
+        c2.insert(c2.generation(), &repo, Some(&tag), &d, m(b"m1"));
+        c2.caught_up(Instant::now().checked_sub(FRESH_FOR).unwrap_or_else(Instant::now));
+        assert_eq!(c2.tag(&repo, &tag), None);
+        // A reset forgets, and needs a new proof.
+        c.reset();
+        assert_eq!(c.tag(&repo, &tag), None);
+        c.insert(c.generation(), &repo, Some(&tag), &d, m(b"m1"));
+        assert_eq!(c.tag(&repo, &tag), None);
+        c.caught_up(Instant::now());
+        assert_eq!(c.tag(&repo, &tag), Some(d));
+    }
+
     #[test]
     fn stays_within_its_bound() {
-        let c = ManifestCache::new(10 * (1000 + 2 * OVERHEAD));
+        let c = ManifestCache::new(10 * (1000 + 2 * OVERHEAD), false);
         for i in 0..100 {
             let repo: RepoName = format!("r{i}").parse().unwrap();
             let d = Digest::sha256(format!("{i}").as_bytes());

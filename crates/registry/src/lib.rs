@@ -24,8 +24,11 @@ pub mod fsck;
 pub mod gc;
 pub mod immutable;
 mod in_flight;
+pub mod lease;
 pub mod listing;
 pub mod manifests;
+#[cfg(all(test, feature = "postgres"))]
+mod nodes_tests;
 pub mod proxied;
 mod pulls;
 pub mod quota;
@@ -77,6 +80,10 @@ pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetadataStore>,
     config: RegistryConfig,
+    /// Whether other nodes write the metadata store (`MetadataStore::shared`).
+    shared: bool,
+    /// This process among the nodes: the holder of its leases.
+    node: String,
     uploads: uploads::Sessions,
     cache: cache::ManifestCache,
     /// Uncached manifest bodies being sent: one buffer per manifest.
@@ -90,10 +97,13 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetadataStore>, config: RegistryConfig) -> Registry {
+        let shared = meta.shared();
         Registry {
             blobs,
             meta,
-            cache: cache::ManifestCache::new(config.manifest_cache_bytes),
+            shared,
+            node: uuid::Uuid::new_v4().to_string(),
+            cache: cache::ManifestCache::new(config.manifest_cache_bytes, shared),
             in_flight: in_flight::InFlight::default(),
             catalog_cache: listing::CatalogCache::default(),
             config,
@@ -110,6 +120,20 @@ impl Registry {
     pub(crate) fn manifests_changed(&self, repo: &oci::RepoName) {
         self.cache.invalidate(repo);
         self.catalog_cache.invalidate();
+    }
+
+    /// Follows the changes other nodes make to a shared store, until the
+    /// process ends, so the caches drop what they change (see `cache`).
+    /// Until it runs, a shared store's caches serve nothing. Returns at
+    /// once for a store only this process writes.
+    pub async fn follow_changes(self: Arc<Self>) {
+        let meta = self.meta.clone();
+        meta.follow_changes(self).await;
+    }
+
+    /// This node's name in the leases it takes (unique per process).
+    pub fn node_id(&self) -> &str {
+        &self.node
     }
 
     /// Records push, pull, delete, mount and tag events with `recorder`.
@@ -147,6 +171,27 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+}
+
+/// The change feed of a shared store: another node's write, or a gap in
+/// what was heard.
+impl metadata::ChangeSink for Registry {
+    fn changed(&self, repo: &str) {
+        match repo.parse::<oci::RepoName>() {
+            Ok(r) => self.manifests_changed(&r),
+            // Only berth writes the feed; anything else is dropped whole.
+            Err(_) => self.reset(),
+        }
+    }
+
+    fn caught_up(&self, at: std::time::Instant) {
+        self.cache.caught_up(at);
+    }
+
+    fn reset(&self) {
+        self.cache.reset();
+        self.catalog_cache.invalidate();
     }
 }
 

@@ -7,7 +7,10 @@
 //! was read at the current generation, and a reader notes the generation
 //! before reading the store, so a page read before a write is never served
 //! after that write returns. One reader at a time refills, so a burst of
-//! requests after a change costs one store read, not one each.
+//! requests after a change costs one store read, not one each. With a
+//! shared store, other nodes' changes arrive through the change feed and
+//! bump the generation the same way; pages are served only while the
+//! manifest cache is fresh (see `cache`), within the same bound.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,11 +89,13 @@ impl Registry {
         if last.is_some() {
             return Ok(Arc::new(page(self.meta.list_repos(last, n + 1).await?, n)));
         }
-        if let Some(p) = self.catalog_cache.get(n) {
+        // Other nodes' changes reach the catalog as they reach manifests.
+        let fresh = || self.cache.fresh();
+        if let Some(p) = self.catalog_cache.get(n).filter(|_| fresh()) {
             return Ok(p);
         }
         let _fill = self.catalog_cache.fill.lock().await;
-        if let Some(p) = self.catalog_cache.get(n) {
+        if let Some(p) = self.catalog_cache.get(n).filter(|_| fresh()) {
             return Ok(p);
         }
         let generation = self.catalog_cache.generation.load(Ordering::SeqCst);

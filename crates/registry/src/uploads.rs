@@ -3,35 +3,57 @@
 //! Bytes are hashed (sha256, or the algorithm the upload was started with)
 //! while they stream to the backend
 //! (`BlobStore::upload_append_hashing`, which hashes beside the write). The
-//! hash state lives in memory beside a count of the bytes it has seen. It is
-//! taken out of its slot for each append and put back only when the append
-//! succeeded whole, so it never counts bytes that are not stored; whenever the
-//! count disagrees with the upload's real size (after a restart, a failed
-//! append, or a sha512 digest) the commit re-reads the upload and hashes it
-//! again, so a commit is always verified against what is stored.
+//! hash state (`oci::Hasher`, which counts the bytes it has seen) lives in
+//! memory, taken out of its slot for each append and put back only when the
+//! append succeeded whole, so it never counts bytes that are not stored;
+//! whenever its count disagrees with the upload's real size (after a
+//! restart, a failed append, or a sha512 digest) it is not used, and the
+//! commit re-reads the upload and hashes it again, so a commit is always
+//! verified against what is stored.
+//!
+//! With a shared store any node may continue an upload another started:
+//! - each append and the commit hold the upload's write lease in the store
+//!   (`MetadataStore::lease_upload`), renewed while a long chunk streams, so
+//!   appends from two nodes are serialized; one that finds another node's
+//!   lease waits `BUSY_WAIT` for it, then is refused with `RANGE_INVALID`
+//!   (the client asks for the offset and continues from there);
+//! - releasing the lease saves the hash state with the upload
+//!   (`release_upload`), so the next node continues the hash instead of
+//!   reading the upload back. A saved state that counts fewer bytes than
+//!   the upload holds (its node died after appending) is brought up to date
+//!   from the stored bytes, which an append never changes.
+//!
+//! The lease cannot stop a node that stalls for longer than its TTL in the
+//! middle of writing a chunk (the storage has no fencing): if another node
+//! appends meanwhile, the upload's bytes are wrong, and the commit's digest
+//! check refuses them. Nothing unverified is ever committed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use metadata::{MetaError, Missing, UploadRecord};
+use metadata::{Conflict, LeasedUpload, MetaError, Missing, UploadRecord};
 use oci::{Algorithm, Digest, ErrorCode, Hasher, RepoName, UploadId};
 use storage::ByteStream;
 
 use crate::{now, Registry, RegistryError, Result};
 
-struct HashState {
-    hasher: Hasher,
-    /// Bytes fed to `hasher`, from the start of the upload.
-    hashed: u64,
-}
+/// How long an upload's write lease lasts unrenewed: how long the upload is
+/// stuck when the node writing to it dies.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often a long append renews it.
+const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// How long a request waits for another node's append to the same upload.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+const BUSY_POLL: Duration = Duration::from_millis(20);
 
 /// One upload's in-memory state.
 struct Slot {
-    /// Serializes appends and the commit of one upload, and holds the
-    /// upload's hash state: `None` once it is lost (out of step with the
-    /// bytes stored), for good.
-    state: tokio::sync::Mutex<Option<HashState>>,
+    /// Serializes appends and the commit of one upload in this process,
+    /// and holds the upload's hash state: `None` once it is lost (out of
+    /// step with the bytes stored).
+    state: tokio::sync::Mutex<Option<Hasher>>,
 }
 
 #[derive(Default)]
@@ -43,10 +65,7 @@ impl Sessions {
     /// The slot of a new upload, hashing with `alg` from its first byte.
     fn start(&self, id: &UploadId, alg: Algorithm) {
         let slot = Arc::new(Slot {
-            state: tokio::sync::Mutex::new(Some(HashState {
-                hasher: alg.hasher(),
-                hashed: 0,
-            })),
+            state: tokio::sync::Mutex::new(Some(alg.hasher())),
         });
         self.slots
             .lock()
@@ -55,19 +74,15 @@ impl Sessions {
     }
 
     /// The upload's slot. One made here (the upload was started before a
-    /// restart, or on another node) hashes sha256 from byte 0: if the upload
-    /// already holds bytes, or its digest is another algorithm's, the commit
-    /// finds the state out of step and reads the upload back instead.
+    /// restart, or on another node) has no hash state: the saved one, if
+    /// any, is used, else the commit reads the upload back.
     fn slot(&self, id: &UploadId) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .entry(id.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    state: tokio::sync::Mutex::new(Some(HashState {
-                        hasher: Algorithm::Sha256.hasher(),
-                        hashed: 0,
-                    })),
+                    state: tokio::sync::Mutex::new(None),
                 })
             })
             .clone()
@@ -107,24 +122,177 @@ fn upload_unknown(id: &UploadId) -> RegistryError {
     .with_detail(id.to_string())
 }
 
+fn upload_busy(id: &UploadId) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::RangeInvalid,
+        "another request is writing to this upload; ask for its offset (GET the upload) and continue from there",
+    )
+    .with_detail(id.to_string())
+}
+
+/// The hash state, if it has seen exactly the upload's `size` bytes.
+fn in_step(state: &Option<Hasher>, size: u64) -> Option<&Hasher> {
+    state.as_ref().filter(|h| h.len() == size)
+}
+
+fn algorithm_of(rec: &UploadRecord) -> Algorithm {
+    rec.algorithm
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(Algorithm::Sha256)
+}
+
+/// An upload this node writes to: its record and size, under its lease.
+struct Held {
+    size: u64,
+    algorithm: Algorithm,
+    /// The hash state the last append saved (shared stores only).
+    saved: Option<Vec<u8>>,
+}
+
 impl Registry {
-    /// Appends `data` to upload `id` of `size` bytes, hashing it when the hash
-    /// state is in step with those bytes. The state goes back into `state`
-    /// only if the whole append succeeded.
+    /// Takes upload `id`'s write lease, waiting up to `BUSY_WAIT` for
+    /// another node's, and checks that it is an upload of `repo` by
+    /// `owner`. Anything else is "unknown", so ids do not leak.
+    async fn hold(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<Held> {
+        let mut waited = Duration::ZERO;
+        let leased = loop {
+            match self.meta.lease_upload(id, &self.node, LEASE_TTL).await {
+                Err(MetaError::Conflict(Conflict::UploadBusy(_))) if waited < BUSY_WAIT => {
+                    tokio::time::sleep(BUSY_POLL).await;
+                    waited += BUSY_POLL;
+                }
+                Err(MetaError::Conflict(Conflict::UploadBusy(_))) => return Err(upload_busy(id)),
+                other => break other?,
+            }
+        };
+        let found = match leased {
+            Some(LeasedUpload { record, hash_state })
+                if record.repo == repo.as_str() && record.owner.as_deref() == owner =>
+            {
+                match self.blobs.upload_size(id).await {
+                    Ok(Some(size)) => Some(Held {
+                        size,
+                        algorithm: algorithm_of(&record),
+                        saved: hash_state,
+                    }),
+                    Ok(None) => None,
+                    Err(e) => {
+                        self.unhold(id, None).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
+        };
+        match found {
+            Some(held) => Ok(held),
+            None => {
+                self.unhold(id, None).await;
+                // Drop any in-memory slot a request for this id created.
+                self.uploads.remove(id);
+                Err(upload_unknown(id))
+            }
+        }
+    }
+
+    /// Releases the write lease of upload `id`, saving `state` for the next
+    /// node (shared stores only; a store only this process writes keeps
+    /// neither).
+    async fn unhold(&self, id: &UploadId, state: Option<&Hasher>) {
+        if !self.shared {
+            return;
+        }
+        let saved = state.map(Hasher::save);
+        if let Err(e) = self.meta.release_upload(id, &self.node, saved.as_deref()).await {
+            tracing::warn!(upload = %id, error = %metadata::error_chain(&e), "could not release an upload's lease; it expires by itself");
+        }
+    }
+
+    /// The hash state to continue upload `id` of `size` bytes with: this
+    /// node's own if it is in step, else the one the last append saved,
+    /// brought up to date from the stored bytes if it counts fewer; `None`
+    /// when neither can be had (the commit then reads the upload back).
+    async fn resume_hash(&self, id: &UploadId, mine: Option<Hasher>, held: &Held) -> Option<Hasher> {
+        let in_step = |h: &Hasher| h.algorithm() == held.algorithm && h.len() <= held.size;
+        if let Some(h) = mine.filter(|h| in_step(h) && h.len() == held.size) {
+            return Some(h);
+        }
+        let saved = held.saved.as_deref().and_then(|s| Hasher::resume(s).ok());
+        let mut h = match saved.filter(in_step) {
+            Some(h) => h,
+            None if held.size == 0 => return Some(held.algorithm.hasher()),
+            None => return None,
+        };
+        if h.len() < held.size {
+            // Bytes appended after the state was saved: the stored bytes
+            // before them never change, so hashing the rest is enough.
+            let mut stream = self.blobs.upload_read_at(id, h.len()).await.ok()?;
+            while let Some(chunk) = stream.next().await {
+                h.update(&chunk.ok()?);
+            }
+        }
+        (h.len() == held.size).then_some(h)
+    }
+
+    /// Appends `data` to upload `id`, hashing it with `hasher` if there is
+    /// one (in step with the upload's bytes). `state` gets the hash state
+    /// only if the whole append succeeded. With a shared store the lease is
+    /// renewed while the bytes stream; if another node took it meanwhile,
+    /// the append stops.
     async fn append(
         &self,
         id: &UploadId,
-        state: &mut Option<HashState>,
-        size: u64,
+        state: &mut Option<Hasher>,
+        hasher: Option<Hasher>,
         data: ByteStream,
-    ) -> storage::Result<u64> {
-        match state.take().filter(|h| h.hashed == size) {
-            Some(h) => {
-                let (n, hasher) = self.blobs.upload_append_hashing(id, data, h.hasher).await?;
-                *state = Some(HashState { hasher, hashed: n });
+    ) -> Result<u64> {
+        *state = None;
+        let work = async {
+            match hasher {
+                Some(h) => self
+                    .blobs
+                    .upload_append_hashing(id, data, h)
+                    .await
+                    .map(|(n, h)| (n, Some(h))),
+                None => self.blobs.upload_append(id, data).await.map(|n| (n, None)),
+            }
+        };
+        let appended = if self.shared {
+            self.renewing_upload(id, work).await?
+        } else {
+            work.await
+        };
+        match appended {
+            Ok((n, h)) => {
+                *state = h.filter(|h| h.len() == n);
                 Ok(n)
             }
-            None => self.blobs.upload_append(id, data).await,
+            Err(storage::StorageError::NotFound) => Err(upload_unknown(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs `work` while renewing upload `id`'s lease every `LEASE_RENEW`.
+    async fn renewing_upload<T>(&self, id: &UploadId, work: impl std::future::Future<Output = T>) -> Result<T> {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(LEASE_RENEW);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = tick.tick() => match self.meta.lease_upload(id, &self.node, LEASE_TTL).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(upload_unknown(id)),
+                    Err(MetaError::Conflict(Conflict::UploadBusy(_))) => {
+                        tracing::warn!(upload = %id, "another node took over this upload while a chunk streamed; stopped");
+                        return Err(upload_busy(id));
+                    }
+                    // Still ours until it expires; nobody can take it while
+                    // the store is away.
+                    Err(e) => tracing::warn!(upload = %id, error = %metadata::error_chain(&e), "could not renew an upload's lease"),
+                },
+            }
         }
     }
 }
@@ -177,28 +345,16 @@ impl Registry {
     /// returns its size and algorithm. Anything else is "unknown", so ids do
     /// not leak.
     pub async fn upload_status(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<UploadProgress> {
-        let (rec, size) = self.upload_checked(repo, id, owner).await?;
-        let algorithm = rec
-            .algorithm
-            .as_deref()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(Algorithm::Sha256);
-        Ok(UploadProgress { size, algorithm })
-    }
-
-    /// The upload's record and size, if it is `repo`'s and `owner`'s.
-    async fn upload_checked(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<(UploadRecord, u64)> {
         let found = match self.meta.get_upload(id).await? {
             Some(rec) if rec.repo == repo.as_str() && rec.owner.as_deref() == owner => {
-                self.blobs.upload_size(id).await?.map(|size| (rec, size))
+                self.blobs.upload_size(id).await?.map(|size| UploadProgress {
+                    size,
+                    algorithm: algorithm_of(&rec),
+                })
             }
             _ => None,
         };
-        found.ok_or_else(|| {
-            // Drop any in-memory slot a request for this id created.
-            self.uploads.remove(id);
-            upload_unknown(id)
-        })
+        found.ok_or_else(|| upload_unknown(id))
     }
 
     /// Appends a chunk. With `start`, the chunk must begin exactly at the
@@ -214,13 +370,18 @@ impl Registry {
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let (_, size) = self.upload_checked(repo, id, owner).await?;
-        check_start(start, size)?;
-        match self.append(id, &mut state, size, data).await {
-            Ok(n) => Ok(n),
-            Err(storage::StorageError::NotFound) => Err(upload_unknown(id)),
-            Err(e) => Err(e.into()),
+        let held = self.hold(repo, id, owner).await?;
+        let appended = async {
+            check_start(start, held.size)?;
+            let hasher = self.resume_hash(id, state.take(), &held).await;
+            self.append(id, &mut state, hasher, data).await
         }
+        .await;
+        // Saved only when it is this append's: a failed one leaves the
+        // state saved before, which the next node brings up to date.
+        let fresh = appended.as_ref().ok().and_then(|n| in_step(&state, *n));
+        self.unhold(id, fresh).await;
+        appended
     }
 
     /// Completes an upload: appends the last chunk, verifies the digest,
@@ -240,16 +401,26 @@ impl Registry {
     ) -> Result<u64> {
         let slot = self.uploads.slot(id);
         let mut state = slot.state.lock().await;
-        let (_, mut size) = self.upload_checked(repo, id, owner).await?;
-        check_start(start, size)?;
-        if let Some(data) = last_chunk {
-            size = match self.append(id, &mut state, size, data).await {
-                Ok(n) => n,
-                Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
-                Err(e) => return Err(e.into()),
-            };
+        let held = self.hold(repo, id, owner).await?;
+        let verified = async {
+            check_start(start, held.size)?;
+            let mut size = held.size;
+            let hasher = self.resume_hash(id, state.take(), &held).await;
+            match last_chunk {
+                Some(data) => size = self.append(id, &mut state, hasher, data).await?,
+                None => *state = hasher,
+            }
+            let actual = self.upload_digest(id, state.as_ref(), size, digest.algorithm()).await?;
+            Ok((actual, size))
         }
-        let actual = self.upload_digest(id, state.as_ref(), size, digest.algorithm()).await?;
+        .await;
+        let (actual, size) = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.unhold(id, None).await;
+                return Err(e);
+            }
+        };
         if actual != *digest {
             self.discard(id).await;
             return Err(RegistryError::new(
@@ -268,11 +439,22 @@ impl Registry {
         };
         // Read before the bytes land under their digest: the record is
         // refused if GC claimed the digest since (see `gc`).
-        admission.fence = Some(self.byte_fence(digest).await?);
+        admission.fence = match self.byte_fence(digest).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                self.unhold(id, in_step(&state, size)).await;
+                return Err(e);
+            }
+        };
         let size = match self.blobs.upload_commit(id, digest).await {
             Ok(n) => n,
-            Err(storage::StorageError::NotFound) => return Err(upload_unknown(id)),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.unhold(id, in_step(&state, size)).await;
+                return Err(match e {
+                    storage::StorageError::NotFound => upload_unknown(id),
+                    e => e.into(),
+                });
+            }
         };
         let recorded = self.meta.add_blob(repo, digest, size, admission).await;
         // The commit consumed the upload, whether or not the store took it.
@@ -295,21 +477,15 @@ impl Registry {
         let state = slot.state.lock().await;
         let size = self.blobs.upload_size(id).await.ok()??;
         let h = state.as_ref()?;
-        (h.hashed == size).then(|| h.hasher.clone().finish())
+        (h.len() == size).then(|| h.clone().finish())
     }
 
     /// The digest of the upload's `size` bytes: from the streaming hash when
     /// it is in step, else by reading the upload back.
-    async fn upload_digest(
-        &self,
-        id: &UploadId,
-        state: Option<&HashState>,
-        size: u64,
-        alg: Algorithm,
-    ) -> Result<Digest> {
+    async fn upload_digest(&self, id: &UploadId, state: Option<&Hasher>, size: u64, alg: Algorithm) -> Result<Digest> {
         if let Some(h) = state {
-            if h.hashed == size && h.hasher.algorithm() == alg {
-                return Ok(h.hasher.clone().finish());
+            if h.len() == size && h.algorithm() == alg {
+                return Ok(h.clone().finish());
             }
         }
         let mut hasher = alg.hasher();
@@ -331,12 +507,17 @@ impl Registry {
     }
 
     /// Removes an abandoned upload session (GC). Returns its size, or `None`
-    /// if it was completed or cancelled meanwhile. Takes the upload's lock,
-    /// so it never removes an upload under an append in flight.
+    /// if it was completed or cancelled meanwhile, or is being written to
+    /// (on any node). Takes the upload's lock and lease, so it never
+    /// removes an upload under an append in flight.
     pub(crate) async fn upload_expire(&self, id: &UploadId) -> Result<Option<u64>> {
         let slot = self.uploads.slot(id);
         let _guard = slot.state.lock().await;
-        if self.meta.get_upload(id).await?.is_none() {
+        let leased = match self.meta.lease_upload(id, &self.node, LEASE_TTL).await {
+            Err(MetaError::Conflict(Conflict::UploadBusy(_))) => return Ok(None),
+            other => other?,
+        };
+        if leased.is_none() {
             self.uploads.remove(id);
             return Ok(None);
         }
@@ -349,7 +530,7 @@ impl Registry {
     pub async fn upload_cancel(&self, repo: &RepoName, id: &UploadId, owner: Option<&str>) -> Result<()> {
         let slot = self.uploads.slot(id);
         let _guard = slot.state.lock().await;
-        self.upload_checked(repo, id, owner).await?;
+        self.hold(repo, id, owner).await?;
         self.discard(id).await;
         Ok(())
     }

@@ -48,6 +48,23 @@ impl Server {
         s
     }
 
+    /// Starts berth on `data_dir`, which other nodes may share (with
+    /// metadata in PostgreSQL); its log goes to a file of its own.
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            log: tmp.path().join("berth.log"),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
+            _tmp: Some(tmp),
+        };
+        s.spawn("127.0.0.1:0");
+        s
+    }
+
     /// Starts berth and waits for the address it reports.
     fn spawn(&mut self, listen: &str) {
         // BERTH_TEST_BIN runs a test against another build (say, main's),
