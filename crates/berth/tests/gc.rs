@@ -122,8 +122,12 @@ async fn serve_collects_on_its_schedule() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(logged, "no log line of the scheduled run:
-{}", s.log_text());
+    assert!(
+        logged,
+        "no log line of the scheduled run:
+{}",
+        s.log_text()
+    );
 }
 
 #[tokio::test]
