@@ -510,13 +510,15 @@ fn the_guard_rolls_back_a_deployment_whose_pods_start_failing() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let history = loop {
-        let (_, h, _) = f.watch(&["history", "k8s-guard"]);
-        if h.contains("#3 rollback") && h.contains("-> success") || std::time::Instant::now() > deadline {
-            break h;
+    // Done when v1 is active again (the rollback has finished, not just begun).
+    loop {
+        let (_, st, _) = f.watch(&["status"]);
+        if st.contains("k8s-guard: active v1") || std::time::Instant::now() > deadline {
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    }
+    let (_, history, _) = f.watch(&["history", "k8s-guard"]);
     let _ = guard.kill();
     let _ = guard.wait();
     assert!(history.contains(&format!("#3 rollback {V1} ")), "{history}");
