@@ -19,7 +19,6 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 
 use crate::classify::{classify_pull_message, Cause, Failure};
-use crate::notify::Priority;
 use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Kubernetes, OnFailure, Spec};
 use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
@@ -649,20 +648,8 @@ impl Guard {
             c if c.is_pull() => "BerthWatchPullFailed",
             _ => "BerthWatchDeployFailed",
         };
-        self.alert(spec, name, Priority::P1, summary, &f).await;
-        let effect = match rolled_back {
-            Some(_) => Effect::RolledBack {
-                from: self.recorded_digest(d).await,
-            },
-            None => Effect::Nothing,
-        };
-        let state = self
-            .store
-            .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), effect)
-            .await?;
-        self.after_failure(spec, &state, before).await;
-        self.finished(&spec.name, d.id).await
+        self.end_failed(spec, d, before, outcome, &f, rolled_back.is_some(), (name, summary))
+            .await
     }
 
     /// Restores the pod template of the ReplicaSet at revision `prev` (or,

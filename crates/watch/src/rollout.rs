@@ -694,17 +694,37 @@ impl Guard {
                 format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
             ),
         };
-        self.alert(spec, name, Priority::P1, summary, &f).await;
-        let effect = match restored {
-            Some(_) => Effect::RolledBack {
+        self.end_failed(spec, d, before, result, &f, restored.is_some(), (name, summary))
+            .await
+    }
+
+    /// How every backend's failed deployment ends: its alert, its record
+    /// in the history (a rollback leaves the release it went back from
+    /// behind, `Effect::RolledBack`), and the pause alert if this failure
+    /// paused the service.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn end_failed(
+        &self,
+        spec: &Spec,
+        d: &Deployment,
+        before: &ServiceState,
+        outcome: Outcome,
+        f: &Failure,
+        rolled_back: bool,
+        (name, summary): (&'static str, String),
+    ) -> Result<Deployment, WatchError> {
+        self.alert(spec, name, Priority::P1, summary, f).await;
+        let effect = if rolled_back {
+            Effect::RolledBack {
                 from: self.recorded_digest(d).await,
-            },
-            None => Effect::Nothing,
+            }
+        } else {
+            Effect::Nothing
         };
         let state = self
             .store
             .bg()
-            .finish(&spec.name, d.id, result, Some(&f), effect)
+            .finish(&spec.name, d.id, outcome, Some(f), effect)
             .await?;
         self.after_failure(spec, &state, before).await;
         self.finished(&spec.name, d.id).await

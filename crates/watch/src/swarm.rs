@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use crate::classify::{classify_pull_message, Cause, Failure};
 use crate::engine::{EngineError, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_SERVICE};
 use crate::health::{self, Check};
-use crate::notify::Priority;
 use crate::rollout::{Begun, Guard, WatchError};
 use crate::spec::{self, Spec, Swarm};
 use crate::store::{Deployment, Effect, Outcome, Release, ServiceState};
@@ -723,18 +722,8 @@ impl Guard {
                 format!("{}: deployment of {} failed: {c}", spec.name, spec.image),
             ),
         };
-        self.alert(spec, name, Priority::P1, summary, &f).await;
-        let effect = match rolled_back {
-            Some(_) => Effect::RolledBack { from: digest },
-            None => Effect::Nothing,
-        };
-        let state = self
-            .store
-            .bg()
-            .finish(&spec.name, d.id, outcome, Some(&f), effect)
-            .await?;
-        self.after_failure(spec, &state, before).await;
-        self.finished(&spec.name, d.id).await
+        self.end_failed(spec, d, before, outcome, &f, rolled_back.is_some(), (name, summary))
+            .await
     }
 
     /// Swarm's server-side rollback to the spec before berth's update
