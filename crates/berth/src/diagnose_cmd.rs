@@ -71,6 +71,19 @@ fn options(a: &DiagnoseArgs) -> Result<diagnose::Options, String> {
     Ok(o)
 }
 
+/// Runs `f` on a runtime of this thread: both commands are a few
+/// requests one after the other. `Err` (said on stderr) when no runtime
+/// can be made.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, ()> {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => Ok(rt.block_on(f)),
+        Err(e) => {
+            eprintln!("berth: error: cannot start the async runtime: {e}");
+            Err(())
+        }
+    }
+}
+
 fn humantime(s: &str) -> Result<std::time::Duration, String> {
     observe::time::parse_duration(s).map_err(|e| format!("--timeout {s:?}: {e}"))
 }
@@ -83,14 +96,9 @@ pub fn run(a: DiagnoseArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth: error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Ok(report) = block_on(diagnose::run(&opts)) else {
+        return ExitCode::FAILURE;
     };
-    let report = rt.block_on(diagnose::run(&opts));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
@@ -163,14 +171,10 @@ pub fn verify(a: VerifyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth: error: {e}");
-            return ExitCode::from(3);
-        }
+    let Ok(result) = block_on(diagnose::verify::run(&opts, keys, a.threshold)) else {
+        return ExitCode::from(3);
     };
-    match rt.block_on(diagnose::verify::run(&opts, keys, a.threshold)) {
+    match result {
         Ok(r) => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
