@@ -13,7 +13,7 @@ use crate::{hv, Ctx};
 
 pub async fn get(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, with_body: bool) -> ApiResult {
     let m = ctx.reg().manifest_get(name, r, with_body).await?;
-    crate::signed::check(ctx, name, r, &m.digest).await?;
+    crate::signed::check(ctx, name, r, &m).await?;
     Ok(send(ctx, name, r, m, with_body))
 }
 

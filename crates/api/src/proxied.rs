@@ -40,7 +40,7 @@ pub async fn intercept(ctx: &Ctx<'_>, proxy: &Proxy, route: &Route, m: &Method, 
     let with_body = m == Method::GET;
     Some(match route {
         Route::Manifest(name, r) => match proxy.manifest(cache, name, r, with_body).await {
-            Ok(body) => match crate::signed::check(ctx, name, r, &body.digest).await {
+            Ok(body) => match crate::signed::check(ctx, name, r, &body).await {
                 Ok(()) => Ok(manifests::send(ctx, name, r, body, with_body)),
                 Err(e) => Err(e),
             },

@@ -14,9 +14,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use oci::{Digest, ErrorCode, Reference, RepoName};
-use signature::{simple, Mode, Policy, Verdict};
+use signature::{bundle, simple, Mode, Policy, Verdict};
 
 use crate::access::{self, Caller};
+use registry::{ManifestBody, RegistryError};
+
 use crate::error::ApiError;
 use crate::Ctx;
 
@@ -35,9 +37,14 @@ pub struct Rule {
     pub exempt_pushers: bool,
 }
 
-/// A decision for (repository, digest), with the write generation it was
-/// taken at.
-type Decisions = HashMap<(RepoName, Digest), (u64, Arc<Verdict>)>;
+/// Decisions by repository and digest, each with the write generation it
+/// was taken at; nested so a lookup borrows the request's names instead of
+/// copying them.
+#[derive(Default)]
+struct Decisions {
+    by_repo: HashMap<RepoName, HashMap<Digest, (u64, Arc<Verdict>)>>,
+    len: usize,
+}
 
 /// Decisions kept; beyond it the cache starts afresh (bounded memory).
 const MAX_DECISIONS: usize = 10_000;
@@ -53,7 +60,7 @@ impl Policies {
         Policies {
             rules,
             metrics,
-            decisions: Mutex::new(HashMap::new()),
+            decisions: Mutex::new(Decisions::default()),
         }
     }
 
@@ -65,17 +72,26 @@ impl Policies {
 
     fn cached(&self, repo: &RepoName, digest: &Digest, generation: u64) -> Option<Arc<Verdict>> {
         let d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        d.get(&(repo.clone(), digest.clone()))
+        d.by_repo
+            .get(repo)?
+            .get(digest)
             .filter(|(g, _)| *g == generation)
             .map(|(_, v)| v.clone())
     }
 
     fn keep(&self, repo: &RepoName, digest: &Digest, generation: u64, v: Arc<Verdict>) {
         let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        if d.len() >= MAX_DECISIONS {
-            d.clear();
+        if d.len >= MAX_DECISIONS {
+            *d = Decisions::default();
         }
-        d.insert((repo.clone(), digest.clone()), (generation, v));
+        let old = d
+            .by_repo
+            .entry(repo.clone())
+            .or_default()
+            .insert(digest.clone(), (generation, v));
+        if old.is_none() {
+            d.len += 1;
+        }
     }
 }
 
@@ -83,14 +99,12 @@ impl Policies {
 /// referrers fallback index (`sha256-<hex>`): a signer reads them before it
 /// writes, so no policy applies to them.
 fn is_signature_tag(t: &str) -> bool {
-    simple::is_sig_tag(t)
-        || t.split_once('-')
-            .is_some_and(|(alg, hex)| alg == "sha256" && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    simple::is_sig_tag(t) || bundle::is_referrers_tag(t)
 }
 
-/// Checks manifest `digest` of `name`, pulled as `r`, against the policy
-/// that covers the repository, if any.
-pub(crate) async fn check(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, digest: &Digest) -> Result<(), ApiError> {
+/// Checks manifest `m` of `name`, pulled as `r`, against the policy that
+/// covers the repository, if any.
+pub(crate) async fn check(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, m: &ManifestBody) -> Result<(), ApiError> {
     let Some(policies) = ctx.app.signatures.as_deref() else {
         return Ok(());
     };
@@ -102,20 +116,31 @@ pub(crate) async fn check(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, digest:
         Reference::Digest(_) if !rule.by_digest => return Ok(()),
         _ => {}
     }
+    let (reg, digest) = (ctx.reg(), &m.digest);
+    // Taken before reading, so a write while we read makes the decision
+    // stale; `None` when nothing read from the store may be reused.
+    let generation = reg.write_generation();
+    let cached = generation.and_then(|g| policies.cached(name, digest, g));
+    // The common case, a cached pass, asks nothing of access control.
+    if cached.as_ref().is_some_and(|v| v.allowed) {
+        return Ok(());
+    }
     if rule.exempt_pushers
         && !matches!(ctx.caller, Caller::Open)
         && access::can_push(ctx.auth(), &ctx.caller, name).await
     {
         return Ok(());
     }
-    let reg = ctx.reg();
-    // Taken before reading, so a write while we read makes the decision stale.
-    let generation = reg.write_generation();
-    let verdict = match policies.cached(name, digest, generation) {
+    let verdict = match cached {
         Some(v) => v,
         None => {
             let found = reg.signature_candidates(name, digest).await?;
-            let bytes = reg.manifest_bytes(name, digest).await?;
+            // A message signature is over the manifest's bytes: a GET has
+            // them; a HEAD reads them.
+            let bytes = match &m.bytes {
+                Some(b) => b.clone(),
+                None => reg.manifest_bytes(name, digest).await?,
+            };
             let v = Arc::new(signature::decide(&rule.policy, digest, &bytes, &found));
             let enforce = rule.policy.mode == Mode::Enforce;
             policies.metrics.signature_decision(v.result, enforce);
@@ -123,7 +148,9 @@ pub(crate) async fn check(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, digest:
                 tracing::warn!(repository = %name, %digest, policy = %rule.policy.name, result = v.result,
                     mode = if enforce { "enforce" } else { "warn" }, "signature policy: {}", v.reason);
             }
-            policies.keep(name, digest, generation, v.clone());
+            if let Some(g) = generation {
+                policies.keep(name, digest, g, v.clone());
+            }
             v
         }
     };
@@ -136,9 +163,12 @@ pub(crate) async fn check(ctx: &Ctx<'_>, name: &RepoName, r: &Reference, digest:
         return Ok(());
     }
     ctx.audit("pull", &resource, "denied", &verdict.reason);
-    Err(ApiError::new(ErrorCode::Denied, verdict.reason.clone()))
+    // The digest in the detail, as for every error about one: `berth
+    // verify` checks a refused tag by it.
+    Err(RegistryError::new(ErrorCode::Denied, verdict.reason.clone())
+        .with_detail(digest.to_string())
+        .into())
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,8 +214,8 @@ fn finding(f: &Finding) -> String {
 }
 
 /// The digest of the image. A tag the registry's own signature policy
-/// refuses still names its digest in berth's message, so the image can be
-/// checked by digest.
+/// refuses still names its digest: berth's refusal carries it in the
+/// error's `detail`, so the image can be checked by digest.
 async fn resolve(c: &mut Client, repo: &str, r: &Reference) -> Result<Digest, VerifyError> {
     if let Reference::Digest(d) = r {
         return Ok(d.clone());
@@ -235,18 +235,13 @@ async fn resolve(c: &mut Client, repo: &str, r: &Reference) -> Result<Digest, Ve
         return Ok(Digest::sha256(&b));
     }
     let v: serde_json::Value = resp.json().await.unwrap_or_default();
-    let msg = v["errors"][0]["message"].as_str().unwrap_or("");
-    if let Some(d) = msg
-        .split_once(" refuses ")
-        .and_then(|(_, rest)| {
-            rest.split(':')
-                .take(2)
-                .collect::<Vec<_>>()
-                .join(":")
-                .parse::<Digest>()
-                .ok()
-        })
-        .filter(|_| msg.starts_with("signature policy "))
+    let e = &v["errors"][0];
+    let msg = e["message"].as_str().unwrap_or("");
+    let refused_by_policy = status == StatusCode::FORBIDDEN && msg.starts_with("signature policy ");
+    if let Some(d) = e["detail"]
+        .as_str()
+        .and_then(|d| d.parse::<Digest>().ok())
+        .filter(|_| refused_by_policy)
     {
         return Ok(d);
     }
@@ -286,7 +281,7 @@ async fn gather(c: &mut Client, repo: &str, digest: &Digest) -> (Vec<Candidate>,
         // No referrers API: the fallback tag.
         _ => c
             .small(
-                &format!("/v2/{repo}/manifests/{}", digest.to_string().replacen(':', "-", 1)),
+                &format!("/v2/{repo}/manifests/{}", bundle::referrers_tag(digest)),
                 Some(ACCEPT),
             )
             .await

@@ -586,6 +586,9 @@ impl MetadataStore for PostgresMetadata {
             let n = x(tx, "DELETE FROM links WHERE repo = $1 AND digest = $2", &[&r, &d]).await?;
             if n > 0 {
                 append_outbox(tx, &events).await?;
+                // A link can be a signature's payload: other nodes' policy
+                // decisions about the repository are taken again.
+                notify(tx, r).await?;
             }
             n > 0
         })

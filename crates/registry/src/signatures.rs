@@ -19,10 +19,13 @@ const MAX_CANDIDATES: usize = 64;
 
 impl Registry {
     /// A counter that changes with every write that can change a
-    /// manifest, a tag or a referrer: a decision taken at one value holds
-    /// while it stays the same.
-    pub fn write_generation(&self) -> u64 {
-        self.cache.generation()
+    /// manifest, a tag, a referrer or a blob link, this node's or (with a
+    /// shared store) another's: a decision taken at one value holds while
+    /// it stays the same. `None` while the manifest cache may not answer
+    /// (a shared store whose change feed has not proved itself lately):
+    /// then nothing derived from the store may be reused either.
+    pub fn write_generation(&self) -> Option<u64> {
+        self.cache.fresh().then(|| self.cache.generation())
     }
 
     /// Every signature stored in `repo` for manifest `digest`.
@@ -43,8 +46,7 @@ impl Registry {
             .filter(|d| d.artifact_type.as_deref().is_some_and(bundle::is_bundle_type))
             .map(|d| d.digest)
             .collect();
-        let fallback = digest.to_string().replacen(':', "-", 1);
-        if let Some(index) = self.manifest_by_tag(repo, &fallback).await? {
+        if let Some(index) = self.manifest_by_tag(repo, &bundle::referrers_tag(digest)).await? {
             for d in index.manifests {
                 if d.artifact_type.as_deref().is_some_and(bundle::is_bundle_type) && !artifacts.contains(&d.digest) {
                     artifacts.push(d.digest);

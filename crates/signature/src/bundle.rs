@@ -20,6 +20,18 @@ pub fn is_bundle_type(t: &str) -> bool {
     t.starts_with(BUNDLE_PREFIX)
 }
 
+/// The referrers tag scheme's tag (`sha256-<hex>`): the index of `digest`'s
+/// referrers that clients write to registries without the referrers API.
+pub fn referrers_tag(digest: &oci::Digest) -> String {
+    digest.to_string().replacen(':', "-", 1)
+}
+
+/// Whether `tag` is such a tag.
+pub fn is_referrers_tag(tag: &str) -> bool {
+    tag.split_once('-')
+        .is_some_and(|(alg, hex)| alg == "sha256" && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Bundle {

@@ -16,7 +16,7 @@ pub const COSIGN_TYPE: &str = "cosign container image signature";
 
 /// The tag that holds the signatures of `digest`.
 pub fn sig_tag(digest: &Digest) -> String {
-    format!("{}.sig", digest.to_string().replacen(':', "-", 1))
+    format!("{}.sig", crate::bundle::referrers_tag(digest))
 }
 
 /// Whether `tag` is a signature tag (`<alg>-<hex>.sig`).
