@@ -47,16 +47,18 @@ impl std::fmt::Display for TagRule {
 
 /// Glob match with `*` (any run, possibly empty) and `?` (one character).
 /// Iterative with one backtrack point, so it is linear-ish and cannot blow
-/// up on patterns with many stars.
+/// up on patterns with many stars. On bytes, without allocating: it runs
+/// on the pull path (signature policies), and what it matches, repository
+/// names and tags, is ASCII by the spec's grammar.
 pub fn glob(pattern: &str, s: &str) -> bool {
-    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), s.chars().collect());
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
     let (mut pi, mut si) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while si < s.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
             pi += 1;
             si += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, si));
             pi += 1;
         } else if let Some((sp, ss)) = star {
@@ -67,7 +69,7 @@ pub fn glob(pattern: &str, s: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    p[pi..].iter().all(|c| *c == b'*')
 }
 
 /// The first rule that makes `tag` of `repo` immutable.
